@@ -1,0 +1,50 @@
+"""The shared shape of every ``scripts/*.py`` entry point: Hydra config in, a validated run and a device out,
+and bad input turned into a one-line error instead of a traceback."""
+
+from __future__ import annotations
+
+import errno
+import functools
+import sys
+from typing import Callable
+
+import torch
+
+from .checkpoints import CheckpointError
+from .config import CONF_DIR, ConfigError, Run, from_hydra
+from .data import DataError
+from .train import TrainingError
+
+# Errors whose message already names the problem and the fix.
+_EXPECTED = (ConfigError, DataError, CheckpointError, TrainingError)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"job.device={name} but no CUDA device is visible; use job.device=cpu")
+    return torch.device(name)
+
+
+def entry(task: Callable[[Run, torch.device], None]) -> Callable[[], None]:
+    """Wrap ``task(run, device)`` as a Hydra main over ``conf/``."""
+    import hydra
+
+    @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
+    @functools.wraps(task)
+    def main(cfg) -> None:
+        try:
+            run = from_hydra(cfg)
+            if run.cfg.job.threads > 0:
+                torch.set_num_threads(run.cfg.job.threads)
+            task(run, pick_device(run.cfg.job.device))
+        except _EXPECTED as e:
+            sys.exit(f"error: {e}")
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                sys.exit(f"error: disk full while writing {e.filename or 'an output'}; nothing partial was kept. "
+                         "Free space or point results_dir= at a larger disk, then rerun.")
+            raise
+
+    return main

@@ -1,0 +1,43 @@
+"""Reproducible per-example Gaussian noise: every noise tensor in the project is a function of an integer seed."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+
+def noise_from_seeds(seeds: Sequence[int] | torch.Tensor, shape: Sequence[int], dtype=torch.float32) -> torch.Tensor:
+    """Stack of standard normal tensors of ``shape``, the i-th drawn from a CPU generator seeded with ``seeds[i]``.
+
+    The noise depends on the seed alone (not on batch composition or device), so the replay log can rebuild the
+    exact noise an example saw during training.
+    """
+    seeds = [int(s) for s in (seeds.tolist() if isinstance(seeds, torch.Tensor) else seeds)]
+    gen = torch.Generator(device="cpu")
+    out = torch.empty((len(seeds), *shape), dtype=torch.float32)
+    for i, seed in enumerate(seeds):
+        gen.manual_seed(seed)
+        out[i] = torch.randn(tuple(shape), generator=gen)
+    return out.to(dtype)
+
+
+def derive_seeds(base_seed: int, *keys: torch.Tensor | np.ndarray | int) -> torch.Tensor:
+    """Deterministic 62-bit seeds from a base seed and integer keys (e.g. sample id, timestep), element-wise.
+
+    Used for the fixed noise of a (sample, timestep) pair, so that it never depends on the order of evaluation.
+    Mixing is splitmix64's finaliser applied after each key.
+    """
+    with np.errstate(over="ignore"):
+        h = np.uint64(base_seed & 0xFFFFFFFFFFFFFFFF)
+        for key in keys:
+            k = np.asarray(key.numpy() if isinstance(key, torch.Tensor) else key).astype(np.uint64)
+            h = _splitmix64(h ^ _splitmix64(k + np.uint64(0x9E3779B97F4A7C15)))
+    return torch.from_numpy(np.asarray(h >> np.uint64(2)).astype(np.int64))
+
+
+def _splitmix64(x):
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))

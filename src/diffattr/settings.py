@@ -1,0 +1,90 @@
+"""Typed schema of the Hydra configuration.
+
+The YAML files in ``conf/`` give the values; these dataclasses give the keys and types, so that a typo or a wrong
+type in an override is rejected before any work starts (``diffattr.config.validate``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+
+@dataclass
+class DataSettings:
+    name: str = "digits"  # digits | cifar10 | cifar_mnist
+    resolution: int = 16  # images are area-resized to resolution x resolution
+    channels: int = 1  # 1 for digits, 3 for the CIFAR-based sets
+    classes: Optional[List[str]] = None  # class names to keep (None: all)
+    per_class: Optional[int] = None  # training images kept per class (None: all)
+    test_per_class: Optional[int] = None  # held-out images kept per class (None: all)
+    test_fraction: float = 0.2  # digits only: the bundled set has no official split
+    seed: int = 0  # which images a per-class limit keeps
+    # CIFAR-10 archive (cifar10 and cifar_mnist)
+    archive: Optional[str] = None  # local cifar-10-python.tar.gz; None: download to cache_dir
+    url: str = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+    md5: str = "c58f30108f718f92721af3b95e74349a"
+    verify_checksum: bool = True
+    cache_dir: str = "~/.cache/diffattr"
+    download: bool = False  # the default run never touches the network
+    # cifar_mnist: planted outliers (handwritten zeros) among one CIFAR-10 class
+    n_outliers: int = 0
+    outlier_digit: int = 0
+
+
+@dataclass
+class ModelSettings:
+    name: str = "tiny"
+    # keyword arguments of diffusers.UNet2DModel (sample_size and channels come from the data)
+    unet: Dict[str, Any] = field(default_factory=dict)
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "linear"
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+
+
+@dataclass
+class TrainSettings:
+    epochs: int = 8
+    batch_size: int = 64
+    lr: float = 2e-4
+    optimizer: str = "adamw"  # adam | adamw
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float = 1.0  # 0 disables clipping
+    loss: str = "l2"  # l2 | l1
+    ema_decay: float = 0.0  # 0 disables EMA
+    checkpoint_every: int = 2  # epochs between checkpoints
+    seed: int = 0
+    threads: int = 2
+
+
+@dataclass
+class SampleSettings:
+    n: int = 16  # images generated per checkpoint
+    seed: int = 0  # image j uses seed + j
+    num_inference_steps: Optional[int] = None  # None: all T steps
+    checkpoints: str = "last"  # last | all
+    batch_size: int = 64
+    use_ema: bool = True  # sample from the EMA weights when training kept them
+
+
+@dataclass
+class JobSettings:
+    """Per-job knobs set by the DAG (shard index, ...); never part of a run's name."""
+
+    shard: int = 0
+    threads: int = 0  # torch threads; the DAG passes the rule's `threads` (0: torch's default)
+    checkpoint: str = ""  # which checkpoint a per-checkpoint job works on (e.g. epoch_0005)
+    device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:N
+
+
+@dataclass
+class Settings:
+    experiment: str = "digits"
+    results_dir: str = "results"
+    data: DataSettings = field(default_factory=DataSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    sample: SampleSettings = field(default_factory=SampleSettings)
+    job: JobSettings = field(default_factory=JobSettings)

@@ -1,0 +1,177 @@
+"""DDPM training with a replay log and resumable, bit-reproducible checkpoints.
+
+Every random choice of a step (batch order, timesteps, noise, dropout) is a function of ``(train.seed, step)``
+alone, so the replay log can rebuild what each example saw, and a run resumed from a checkpoint continues exactly
+as an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from .atomic import write_parquet
+from .checkpoints import (CheckpointState, checkpoint_epochs, checkpoint_name, load_checkpoint_unet, read_state,
+                          save_checkpoint, write_index)
+from .data import ImageSet
+from .models import build_scheduler, build_unet
+from .noise import derive_seeds, noise_from_seeds
+
+# Streams of derive_seeds(train.seed, STREAM, ...): independent randomness for each purpose.
+_ORDER, _TIMESTEP, _NOISE, _DROPOUT = 1, 2, 3, 4
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the message names the last good checkpoint."""
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """Hash of what determines the weights: data, model and training settings."""
+    keys = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("data", "model", "train")}
+    keys["train"].pop("threads", None)
+    return hashlib.sha1(repr(keys).encode()).hexdigest()[:16]
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(int(derive_seeds(seed, _ORDER, epoch)))
+    return torch.randperm(n, generator=gen)
+
+
+def step_timesteps(seed: int, step: int, n: int, num_train_timesteps: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(int(derive_seeds(seed, _TIMESTEP, step)))
+    return torch.randint(0, num_train_timesteps, (n,), generator=gen)
+
+
+def step_noise_seeds(seed: int, step: int, sample_ids: torch.Tensor) -> torch.Tensor:
+    return derive_seeds(seed, _NOISE, step, sample_ids)
+
+
+def learning_rate(cfg_train: DictConfig, step: int) -> float:
+    """Constant learning rate after a linear warmup over ``warmup_steps`` (DDPM's schedule)."""
+    if cfg_train.warmup_steps > 0:
+        return float(cfg_train.lr) * min(1.0, (step + 1) / cfg_train.warmup_steps)
+    return float(cfg_train.lr)
+
+
+def diffusion_loss(pred: torch.Tensor, noise: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-example loss: mean over pixels of the squared (l2) or absolute (l1) noise-prediction error."""
+    err = pred - noise
+    per_pixel = err.square() if kind == "l2" else err.abs()
+    return per_pixel.flatten(1).mean(1)
+
+
+def train(cfg: DictConfig, run_dir: Path, train_set: ImageSet, device: torch.device) -> list[CheckpointState]:
+    """Train (or resume) the run's model; write checkpoints, ``train_log.parquet`` and ``checkpoints/index.json``."""
+    t = cfg.train
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    n = len(train_set)
+    schedule = checkpoint_epochs(t.epochs, t.checkpoint_every)
+    chash = config_hash(cfg)
+    steps_per_epoch = math.ceil(n / t.batch_size)
+
+    torch.manual_seed(t.seed)
+    unet = build_unet(cfg.model, cfg.data.resolution, cfg.data.channels).to(device)
+    scheduler = build_scheduler(cfg.model)
+    opt_cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
+    optimizer = opt_cls(unet.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    ema = None
+    if t.ema_decay > 0:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(unet.parameters(), decay=t.ema_decay)
+
+    states, start_epoch = _resume(ckpt_dir, schedule, chash, unet, optimizer, ema, device)
+    images = train_set.images.to(device)
+    ids = train_set.ids
+
+    replay_rows: list[pd.DataFrame] = []
+    losses: list[float] = []
+    bar = tqdm(range(start_epoch + 1, t.epochs + 1), desc="train", unit="epoch", initial=start_epoch,
+               total=t.epochs)
+    for epoch in bar:
+        tic, seen = time.perf_counter(), 0
+        order = epoch_order(t.seed, epoch, n)
+        unet.train()
+        for b in range(steps_per_epoch):
+            step = (epoch - 1) * steps_per_epoch + b
+            rows = order[b * t.batch_size:(b + 1) * t.batch_size]
+            sample_ids = ids[rows]
+            timesteps = step_timesteps(t.seed, step, len(rows), scheduler.config.num_train_timesteps)
+            seeds = step_noise_seeds(t.seed, step, sample_ids)
+            noise = noise_from_seeds(seeds, images.shape[1:]).to(device)
+            x0 = images[rows.to(device)]
+            x_t = scheduler.add_noise(x0, noise, timesteps.to(device))
+            lr = learning_rate(t, step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            torch.manual_seed(int(derive_seeds(t.seed, _DROPOUT, step)))
+            per_example = diffusion_loss(unet(x_t, timesteps.to(device)).sample, noise, t.loss)
+            loss = per_example.mean()
+            if not torch.isfinite(loss):
+                last = states[-1].name if states else "none (no checkpoint saved yet)"
+                raise TrainingError(f"non-finite loss ({loss.item()}) at step {step}, epoch {epoch}; last good "
+                                    f"checkpoint: {last}. Lower train.lr or enable train.grad_clip, then rerun.")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if t.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(unet.parameters(), t.grad_clip)
+            optimizer.step()
+            if ema is not None:
+                ema.step(unet.parameters())
+            losses.append(loss.item())
+            seen += len(rows)
+            replay_rows.append(pd.DataFrame({
+                "step": step, "epoch": epoch, "lr": lr, "batch_size": t.batch_size,
+                "sample_id": sample_ids.numpy(), "timestep": timesteps.numpy(), "noise_seed": seeds.numpy(),
+                "loss": per_example.detach().cpu().numpy(),
+            }))
+        bar.set_postfix(loss=f"{np.mean(losses[-steps_per_epoch:]):.4f}",
+                        samples_per_s=f"{seen / (time.perf_counter() - tic):.1f}")
+        if epoch in schedule:
+            previous = states[-1].epoch if states else 0
+            replay = pd.concat(replay_rows, ignore_index=True)
+            state = CheckpointState(name=checkpoint_name(epoch), epoch=epoch, step=step, lr=lr,
+                                    batch_size=t.batch_size, n_train=n, epochs_since_previous=epoch - previous,
+                                    config_hash=chash, mean_loss=float(np.mean(losses)))
+            save_checkpoint(ckpt_dir / state.name, state, unet, optimizer, ema, replay)
+            states.append(state)
+            replay_rows, losses = [], []
+
+    log = pd.concat([pd.read_parquet(ckpt_dir / s.name / "replay.parquet") for s in states], ignore_index=True)
+    write_parquet(log, Path(run_dir) / "train_log.parquet")
+    write_index(ckpt_dir, states)
+    return states
+
+
+def _resume(ckpt_dir: Path, schedule: list[int], chash: str, unet, optimizer, ema, device):
+    """Load the latest complete checkpoint of this configuration; discard checkpoints of another configuration."""
+    states: list[CheckpointState] = []
+    for epoch in schedule:
+        path = ckpt_dir / checkpoint_name(epoch)
+        if not path.exists():
+            break
+        state = read_state(path)
+        if state.config_hash != chash:
+            # Written by an earlier version of this run's settings (e.g. changed defaults): start afresh.
+            shutil.rmtree(ckpt_dir)
+            return [], 0
+        states.append(state)
+    if not states:
+        return [], 0
+    last = ckpt_dir / states[-1].name
+    unet.load_state_dict(load_checkpoint_unet(last).state_dict())
+    unet.to(device)
+    optimizer.load_state_dict(torch.load(last / "optimizer.pt", map_location=device, weights_only=True))
+    if ema is not None:
+        ema.load_state_dict(torch.load(last / "ema.pt", weights_only=True))
+        ema.to(device)
+    return states, states[-1].epoch

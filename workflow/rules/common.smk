@@ -1,0 +1,30 @@
+# Helpers shared by the rules: the run (composed and validated by Hydra before any job starts) and its paths.
+import shlex
+import sys
+
+from diffattr.checkpoints import checkpoint_epochs, checkpoint_name
+from diffattr.config import compose, resolved_yaml
+
+EXPERIMENT = str(config.get("experiment", "digits"))
+OVERRIDES = [str(o) for o in config.get("overrides", [])]
+RUN = compose(EXPERIMENT, OVERRIDES)
+CFG = RUN.cfg
+R = str(RUN.dir)
+CHECKPOINTS = [checkpoint_name(e) for e in checkpoint_epochs(CFG.train.epochs, CFG.train.checkpoint_every)]
+# Compute rules use this many threads, so on a small machine Snakemake runs them one at a time.
+THREADS = CFG.train.threads
+
+
+def hydra_cmd(script, *job_overrides):
+    """Shell command running scripts/<script>.py on this run, plus per-job keys (job.*) that do not name the run."""
+    args = [f"experiment={EXPERIMENT}", *OVERRIDES, *job_overrides]
+    path = f"{workflow.basedir}/scripts/{script}.py"
+    return " ".join(shlex.quote(a) for a in [sys.executable, path, *args])
+
+
+def sample_checkpoints():
+    return CHECKPOINTS if CFG.sample.checkpoints == "all" else CHECKPOINTS[-1:]
+
+
+def sample_outputs():
+    return expand(f"{R}/samples/{{ckpt}}.{{ext}}", ckpt=sample_checkpoints(), ext=["safetensors", "png"])
