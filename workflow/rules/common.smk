@@ -11,6 +11,8 @@ RUN = compose(EXPERIMENT, OVERRIDES)
 CFG = RUN.cfg
 R = str(RUN.dir)
 CHECKPOINTS = [checkpoint_name(e) for e in checkpoint_epochs(CFG.train.epochs, CFG.train.checkpoint_every)]
+# Used with --use-conda: the one environment of the project.
+ENV = f"{workflow.basedir}/environment.yml"
 # Compute rules use this many threads, so on a small machine Snakemake runs them one at a time.
 THREADS = CFG.train.threads
 

@@ -5,6 +5,8 @@ rule resolve_config:
         # rerun (and so everything downstream) when the resolved settings change
         resolved=resolved_yaml(CFG),
         cmd=hydra_cmd("resolve_config"),
+    conda:
+        ENV
     log:
         f"{R}/logs/resolve_config.log",
     shell:
@@ -19,6 +21,8 @@ rule prepare_data:
         test=directory(f"{R}/data/test"),
     params:
         cmd=hydra_cmd("prepare_data"),
+    conda:
+        ENV
     log:
         f"{R}/logs/prepare_data.log",
     shell:

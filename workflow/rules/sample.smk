@@ -11,6 +11,8 @@ rule sample:
         gpu=1,
     params:
         cmd=lambda wc, threads: hydra_cmd("sample", f"job.checkpoint={wc.ckpt}", f"job.threads={threads}"),
+    conda:
+        ENV
     log:
         f"{R}/logs/sample_{{ckpt}}.log",
     shell:

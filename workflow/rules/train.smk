@@ -12,6 +12,8 @@ rule train:
         gpu=1,
     params:
         cmd=lambda wc, threads: hydra_cmd("train", f"job.threads={threads}"),
+    conda:
+        ENV
     log:
         f"{R}/logs/train.log",
     shell:

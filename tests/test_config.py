@@ -1,0 +1,58 @@
+import pytest
+
+from diffattr.config import ConfigError, compose, run_name
+
+
+def test_every_experiment_composes_and_validates():
+    for experiment in ["smoke", "digits", "cifar2", "cifar_mnist", "cifar10_paper"]:
+        run = compose(experiment)
+        assert run.cfg.experiment == experiment
+        assert run.dir.parts[-2:] == (experiment, "default")
+
+
+def test_cifar2_is_automobile_and_horse():
+    assert list(compose("cifar2").cfg.data.classes) == ["automobile", "horse"]
+
+
+def test_run_dir_is_named_by_overrides_and_ignores_job_keys():
+    a = compose("digits", ["train.epochs=3"])
+    b = compose("digits", ["train.epochs=3", "job.threads=1", "job.shard=2"])
+    c = compose("digits", ["train.epochs=4"])
+    assert a.dir == b.dir
+    assert a.dir != c.dir
+    assert a.dir.name == "train.epochs=3"
+
+
+def test_run_name_is_order_independent_and_injective():
+    assert run_name(["a=1", "b=2"]) == run_name(["b=2", "a=1"])
+    # both sanitise to the same readable text; the hash keeps them apart
+    assert run_name(["data.classes=[a,b]"]) != run_name(["data.classes=(a,b)"])
+    assert run_name([]) == "default"
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("train.epoch=3", ["train.epoch", "epochs"]),
+        ("+train.epoch=3", ["train.epoch", "epochs"]),
+        ("train.epochs=abc", ["train.epochs", "abc"]),
+        ("model=tinyy", ["model/tinyy", "ddpm_cifar10", "micro", "tiny"]),
+        ("train.loss=l3", ["train.loss", "l2", "l1"]),
+        ("data.name=imagenet", ["data.name", "cifar10"]),
+    ],
+)
+def test_bad_override_names_key_and_valid_choices(override, expected):
+    with pytest.raises(ConfigError) as err:
+        compose("digits", [override])
+    for word in expected:
+        assert word in str(err.value)
+
+
+def test_unknown_experiment_lists_experiments():
+    with pytest.raises(ConfigError, match="cifar_mnist"):
+        compose("cifar3")
+
+
+def test_model_unet_accepts_any_diffusers_argument():
+    run = compose("digits", ["model.unet.dropout=0.1"])
+    assert run.cfg.model.unet.dropout == 0.1

@@ -1,0 +1,83 @@
+"""The DAG as a user runs it: Snakemake on the smoke experiment in a temporary directory."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENTS = ["smoke", "digits", "cifar2", "cifar_mnist", "cifar10_paper"]
+
+
+def snakemake(*args, cwd):
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), *args]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("smoke")
+    proc = snakemake("--cores", "2", "--config", "experiment=smoke", cwd=work)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return work, work / "results" / "smoke" / "default"
+
+
+def test_smoke_pipeline_leaves_every_artifact(smoke_run):
+    _, run = smoke_run
+    assert (run / "config.yaml").read_text().startswith("experiment: smoke")
+    for split in ("train", "test"):
+        index = pd.read_parquet(run / "data" / split / "index.parquet")
+        assert len(index) > 0 and index.sample_id.is_unique
+    for ckpt in ("epoch_0001", "epoch_0002"):
+        assert (run / "checkpoints" / ckpt / "unet" / "config.json").exists()
+        assert (run / "checkpoints" / ckpt / "unet" / "diffusion_pytorch_model.safetensors").exists()
+        samples = load_file(str(run / "samples" / f"{ckpt}.safetensors"))
+        assert samples["images"].shape == (4, 1, 8, 8)
+        assert samples["seeds"].tolist() == [0, 1, 2, 3]
+        assert (run / "samples" / f"{ckpt}.png").stat().st_size > 0
+    log = pd.read_parquet(run / "train_log.parquet")
+    assert log.epoch.max() == 2
+    assert not list(run.rglob("*.tmp"))
+
+
+def test_second_run_has_nothing_to_do(smoke_run):
+    work, _ = smoke_run
+    proc = snakemake("-n", "--cores", "2", "--config", "experiment=smoke", cwd=work)
+    assert proc.returncode == 0
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_dry_run_of_every_experiment(experiment, tmp_path):
+    proc = snakemake("-n", "--cores", "2", "--config", f"experiment={experiment}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "train" in proc.stdout
+
+
+def test_dry_run_with_slurm_profile(tmp_path):
+    proc = snakemake("-n", "--profile", str(REPO / "profiles" / "slurm"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_lint_is_clean():
+    proc = snakemake("--lint", cwd=REPO)
+    assert proc.returncode == 0
+    assert "Congratulations" in proc.stdout + proc.stderr
+
+
+def test_override_typo_fails_before_any_work(tmp_path):
+    proc = snakemake("--cores", "2", "--config", "experiment=smoke", "overrides=[train.epoch=3]", cwd=tmp_path)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "train.epoch" in out and "epochs" in out
+    assert not (tmp_path / "results").exists()
+
+
+def test_overrides_reach_their_own_run_directory(tmp_path):
+    proc = snakemake("-n", "--cores", "2", "--config", "experiment=smoke", "overrides=[train.epochs=3]",
+                     cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "results/smoke/train.epochs=3/checkpoints/index.json" in proc.stdout
