@@ -1,0 +1,62 @@
+"""Datasets as ``ImageSet``s: images in [-1, 1], labels, stable sample ids and outlier flags.
+
+``load_dataset(cfg.data, "train")`` dispatches on ``data.name``: ``digits`` (scikit-learn's bundled digits, offline
+default), ``cifar10`` (the official python archive) or ``cifar_mnist`` (one CIFAR-10 class plus planted digits).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+from diffattr.data import cifar10, cifar_mnist, digits
+from diffattr.data.imageset import DataError, ImageSet
+from diffattr.settings import DataSettings
+
+__all__ = ["DataError", "ImageSet", "LOADERS", "SPLITS", "data_settings", "load_dataset"]
+
+SPLITS = ("train", "test")
+LOADERS: dict[str, Callable[[DataSettings, str], ImageSet]] = {
+    "digits": digits.load,
+    "cifar10": cifar10.load,
+    "cifar_mnist": cifar_mnist.load,
+}
+
+
+def load_dataset(data_cfg: Mapping[str, Any] | DataSettings, split: str) -> ImageSet:
+    """The ``split`` ("train" or "test") of the dataset that ``data_cfg`` (the ``data`` config group) describes."""
+    cfg = data_settings(data_cfg)
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; use one of {list(SPLITS)}")
+    if cfg.name not in LOADERS:
+        raise DataError(f"unknown dataset data.name={cfg.name}; choose one of {sorted(LOADERS)}")
+    if cfg.n_outliers and cfg.name != "cifar_mnist":
+        raise DataError(f"data.n_outliers={cfg.n_outliers} applies only to data.name=cifar_mnist; set it to 0")
+    if cfg.resolution < 1:
+        raise DataError(f"data.resolution must be a positive number of pixels, got {cfg.resolution}")
+    images = LOADERS[cfg.name](cfg, split)
+    if len(images) == 0:
+        raise DataError(f"the {split} split of {cfg.name} is empty with data.classes={cfg.classes}, "
+                        f"data.per_class={cfg.per_class}, data.test_per_class={cfg.test_per_class}; widen the selection")
+    return images
+
+
+def data_settings(data_cfg: Mapping[str, Any] | DataSettings) -> DataSettings:
+    """``DataSettings`` from a DictConfig or mapping; missing keys take their defaults, unknown keys are errors."""
+    if isinstance(data_cfg, DataSettings):
+        return data_cfg
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(data_cfg, DictConfig):
+            data_cfg = OmegaConf.to_container(data_cfg, resolve=True)
+    except ImportError:
+        pass
+    known = {f.name for f in dataclasses.fields(DataSettings)}
+    unknown = sorted(set(data_cfg) - known)
+    if unknown:
+        raise DataError(f"unknown data config key(s) {unknown}; valid keys: {sorted(known)}")
+    values = dict(data_cfg)
+    if values.get("classes") is not None:
+        values["classes"] = list(values["classes"])
+    return DataSettings(**values)
