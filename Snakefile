@@ -11,9 +11,12 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/sample.smk"
+include: "workflow/rules/grads.smk"
 
 
 rule all:
     input:
         sample_outputs(),
+        f"{R}/figures/norm_vs_timestep.png",
+        f"{R}/figures/norm_at_recorded_timestep.png",
     default_target: True

@@ -61,7 +61,7 @@ def test_replay_log_reproduces_the_training_loss(reference, train_set):
     rows = [train_set.ids.tolist().index(i) for i in first.sample_id]
     x0 = train_set.images[rows]
     noise = noise_from_seeds(first.noise_seed.to_numpy(), x0.shape[1:])
-    t = torch.as_tensor(first.timestep.to_numpy())
+    t = torch.as_tensor(first.timestep.to_numpy().copy())
     unet.train()
     torch.manual_seed(int(train_mod.derive_seeds(run.cfg.train.seed, train_mod._DROPOUT, 0)))
     with torch.no_grad():

@@ -81,3 +81,60 @@ def test_overrides_reach_their_own_run_directory(tmp_path):
                      cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "results/smoke/train.epochs=3/checkpoints/index.json" in proc.stdout
+
+
+def test_norm_tables_and_figures(smoke_run):
+    _, run = smoke_run
+    grid = pd.read_parquet(run / "tables" / "grad_norms.parquet")
+    assert {"checkpoint", "sample_id", "timestep", "norm", "loss", "label", "loss_type"} <= set(grid.columns)
+    # smoke: 6 examples x 5 timesteps x 2 checkpoints x 2 losses
+    assert len(grid) == 6 * 5 * 2 * 2 and (grid.norm > 0).all()
+    assert sorted(grid.timestep.unique()) == [0, 250, 500, 749, 999]
+    recorded = pd.read_parquet(run / "tables" / "grad_norms_recorded.parquet")
+    log = pd.read_parquet(run / "train_log.parquet")
+    for ckpt, epoch in (("epoch_0001", 1), ("epoch_0002", 2)):
+        rec = recorded[(recorded.checkpoint == ckpt) & (recorded.loss_type == "l2")].sort_values("sample_id")
+        drawn = log[log.epoch == epoch].sort_values("sample_id")
+        assert rec.sample_id.tolist() == drawn.sample_id.tolist()
+        assert rec.timestep.tolist() == drawn.timestep.tolist()
+    for name in ("norm_vs_timestep.png", "norm_at_recorded_timestep.png"):
+        assert (run / "figures" / name).stat().st_size > 10_000
+
+
+def test_recorded_norm_is_the_gradient_of_the_logged_training_example(smoke_run):
+    import torch
+
+    from diffattr.checkpoints import load_checkpoint_unet
+    from diffattr.config import compose
+    from diffattr.data import ImageSet
+    from diffattr.models import build_scheduler
+    from diffattr.noise import noise_from_seeds
+
+    _, run = smoke_run
+    recorded = pd.read_parquet(run / "tables" / "grad_norms_recorded.parquet")
+    row = recorded[(recorded.checkpoint == "epoch_0002") & (recorded.loss_type == "l2")].iloc[3]
+    train = ImageSet.load(run / "data" / "train")
+    x0 = train.images[train.ids.tolist().index(row.sample_id)][None]
+    noise = noise_from_seeds([row.noise_seed], x0.shape[1:])
+    t = torch.tensor([row.timestep])
+    unet = load_checkpoint_unet(run / "checkpoints" / "epoch_0002")
+    sched = build_scheduler(compose("smoke").cfg.model)
+    loss = (unet(sched.add_noise(x0, noise, t), t).sample - noise).square().mean()
+    grads = torch.autograd.grad(loss, [p for p in unet.parameters()])
+    norm = torch.sqrt(sum(g.square().sum() for g in grads))
+    assert abs(norm.item() - row.norm) <= 1e-4 * norm.item()
+    assert abs(loss.item() - row.loss) <= 1e-5
+
+
+def test_norm_tables_do_not_depend_on_the_shard_count(smoke_run):
+    import torch
+
+    from diffattr.config import compose
+    from diffattr.gradnorms import compute_shard, merge_shards
+
+    work, run = smoke_run
+    cfg = compose("smoke", ["grads.shards=1"]).cfg
+    compute_shard(cfg, run, 0, torch.device("cpu"))
+    for kind, table in (("grid", "grad_norms"), ("recorded", "grad_norms_recorded")):
+        one = merge_shards([run / "grads" / f"{kind}_shard_0_of_1.parquet"], work / f"{kind}_1.parquet")
+        pd.testing.assert_frame_equal(one, pd.read_parquet(run / "tables" / f"{table}.parquet"))

@@ -108,7 +108,10 @@ def _check_choices(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise ConfigError(f"invalid configuration at '{key}': {value!r} is not one of {', '.join(allowed)}")
-    positive = ("train.epochs", "train.batch_size", "train.checkpoint_every", "data.resolution", "sample.batch_size")
+    for loss in cfg.grads.losses:
+        if loss not in ("l2", "l1"):
+            raise ConfigError(f"invalid configuration at 'grads.losses': {loss!r} is not one of l2, l1")
+    positive = ("grads.shards", "grads.batch_size", "grads.n_timesteps", "train.epochs", "train.batch_size", "train.checkpoint_every", "data.resolution", "sample.batch_size")
     for key in positive:
         if OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"invalid configuration at '{key}': must be >= 1")

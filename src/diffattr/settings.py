@@ -70,6 +70,18 @@ class SampleSettings:
 
 
 @dataclass
+class GradsSettings:
+    """The norm-vs-timestep study (Diffusion-TracIn, Xie et al. 2024, Fig. 1-2) and the sharding of gradient work."""
+
+    n_examples: int = 256  # training examples in the timestep-grid study
+    n_timesteps: int = 100  # evenly spaced timesteps in [0, T-1]
+    losses: List[str] = field(default_factory=lambda: ["l2"])  # l2 and/or l1: one figure panel each
+    seed: int = 0  # which examples are studied and their fixed noise per (example, timestep)
+    shards: int = 1  # independent jobs over the training set, merged identically for any count
+    batch_size: int = 64  # examples per gradient chunk (results do not depend on it)
+
+
+@dataclass
 class JobSettings:
     """Per-job knobs set by the DAG (shard index, ...); never part of a run's name."""
 
@@ -87,4 +99,5 @@ class Settings:
     model: ModelSettings = field(default_factory=ModelSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
     sample: SampleSettings = field(default_factory=SampleSettings)
+    grads: GradsSettings = field(default_factory=GradsSettings)
     job: JobSettings = field(default_factory=JobSettings)
