@@ -12,6 +12,7 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/sample.smk"
 include: "workflow/rules/grads.smk"
+include: "workflow/rules/attribution.smk"
 
 
 rule all:
@@ -19,4 +20,5 @@ rule all:
         sample_outputs(),
         f"{R}/figures/norm_vs_timestep.png",
         f"{R}/figures/norm_at_recorded_timestep.png",
+        rules.attribution_report.output,
     default_target: True

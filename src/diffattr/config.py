@@ -111,7 +111,16 @@ def _check_choices(cfg: DictConfig) -> None:
     for loss in cfg.grads.losses:
         if loss not in ("l2", "l1"):
             raise ConfigError(f"invalid configuration at 'grads.losses': {loss!r} is not one of l2, l1")
-    positive = ("grads.shards", "grads.batch_size", "grads.n_timesteps", "train.epochs", "train.batch_size", "train.checkpoint_every", "data.resolution", "sample.batch_size")
+    from .attribution import METHODS
+
+    for method in cfg.attribution.methods:
+        if method not in METHODS:
+            raise ConfigError(f"invalid configuration at 'attribution.methods': unknown method {method!r}; "
+                              f"choose from {', '.join(METHODS)}")
+    if cfg.attribution.projector not in ("countsketch", "rademacher", "gaussian"):
+        raise ConfigError("invalid configuration at 'attribution.projector': use countsketch, rademacher or gaussian")
+    positive = ("attribution.test_timesteps", "attribution.test_noises", "attribution.proj_dim",
+                "attribution.trak_checkpoints", "attribution.topk", "grads.shards", "grads.batch_size", "grads.n_timesteps", "train.epochs", "train.batch_size", "train.checkpoint_every", "data.resolution", "sample.batch_size")
     for key in positive:
         if OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"invalid configuration at '{key}': must be >= 1")

@@ -101,4 +101,6 @@ def elbo_weight(scheduler, t: Tensor, like: Tensor) -> Tensor:
     betas = scheduler.betas.to(torch.float64)
     alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
     table = betas / (2.0 * (1.0 - betas) * (1.0 - alphas_cumprod))
-    return table.to(device=like.device, dtype=like.dtype)[t.to(like.device)]
+    # index_select rather than table[t]: that indexing is data-dependent control flow under torch.func.vmap
+    index = t.to(like.device).reshape(-1)
+    return table.to(device=like.device, dtype=like.dtype).index_select(0, index).reshape(t.shape)

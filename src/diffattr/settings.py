@@ -82,11 +82,43 @@ class GradsSettings:
 
 
 @dataclass
+class AttributionSettings:
+    """Queries, methods and their knobs (METHODS.md §2-4, §7). Defaults are the papers' values where they exist."""
+
+    methods: List[str] = field(default_factory=lambda: [
+        "tracin", "retrac", "retrac_train_only", "retrac_test_only", "trak", "dtrak", "journey_trak"])
+    n_train_queries: int = 64  # training images as queries (image tracing)
+    n_test_queries: int = 64  # held-out images of the same classes
+    n_generated_queries: int = 16  # the run's samples at its last checkpoint
+    heldout_fraction: float = 0.25  # labelled queries kept aside to choose TRAK's lambda; never reported
+    seed: int = 0  # query choice and every attribution noise
+    # Diffusion-TracIn / ReTrac (Xie et al. 2024)
+    test_timesteps: int = 100  # S, evenly spaced
+    test_noises: int = 16  # R noise draws per test timestep (authors: 16)
+    expectation_timesteps: int = 10  # K of the *_expectation variants (train side averaged over a grid)
+    # TRAK family (Park et al. 2023; Georgiev et al. 2023; Zheng et al. 2024)
+    projector: str = "countsketch"  # countsketch | rademacher | gaussian
+    proj_dim: int = 4096  # k
+    trak_timesteps: int = 100  # K evenly spaced timesteps, one noise each (TRAK and D-TRAK features)
+    trak_checkpoints: int = 1  # ensemble over the last M checkpoints (D-TRAK: the final one)
+    dtrak_output: str = "square"  # D-TRAK's best output function, L_Square
+    journey_train_timesteps: int = 20  # Journey-TRAK train features: loss summed over K random timesteps
+    journey_steps: int = 10  # sampling steps attributed per generated image
+    journey_noises: int = 20  # noises averaged per step target
+    lambda_grid: List[float] = field(default_factory=lambda: [0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0])
+    # reporting
+    topk: int = 10
+    thresholds: List[float] = field(default_factory=lambda: [0.1, 0.25])
+    block_size: int = 64  # training rows per gradient block (results do not depend on it)
+
+
+@dataclass
 class JobSettings:
     """Per-job knobs set by the DAG (shard index, ...); never part of a run's name."""
 
     shard: int = 0
     threads: int = 0  # torch threads; the DAG passes the rule's `threads` (0: torch's default)
+    method: str = ""  # which method a per-method job computes (trak | dtrak)
     checkpoint: str = ""  # which checkpoint a per-checkpoint job works on (e.g. epoch_0005)
     device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:N
 
@@ -100,4 +132,5 @@ class Settings:
     train: TrainSettings = field(default_factory=TrainSettings)
     sample: SampleSettings = field(default_factory=SampleSettings)
     grads: GradsSettings = field(default_factory=GradsSettings)
+    attribution: AttributionSettings = field(default_factory=AttributionSettings)
     job: JobSettings = field(default_factory=JobSettings)

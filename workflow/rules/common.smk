@@ -2,6 +2,7 @@
 import shlex
 import sys
 
+from diffattr.attribution import tracin_sides
 from diffattr.checkpoints import checkpoint_epochs, checkpoint_name
 from diffattr.config import compose, resolved_yaml
 
@@ -30,3 +31,14 @@ def sample_checkpoints():
 
 def sample_outputs():
     return expand(f"{R}/samples/{{ckpt}}.{{ext}}", ckpt=sample_checkpoints(), ext=["safetensors", "png"])
+
+
+def attribution_extras():
+    """Outputs of the report that exist only for some runs."""
+    out = []
+    if "tracin" in CFG.attribution.methods or "tracin_expectation" in CFG.attribution.methods:
+        out.append(report(f"{R}/figures/score_vs_grad_norm.png", caption="../report/score_vs_grad_norm.rst",
+                          category="Attribution"))
+    if CFG.data.name == "cifar_mnist" and CFG.data.n_outliers > 0:
+        out.append(report(f"{R}/tables/outliers.csv", caption="../report/outliers.rst", category="Tables"))
+    return out

@@ -1,0 +1,320 @@
+"""Diffusion-TracIn and Diffusion-ReTrac (Xie et al., TMLR 2024, arXiv 2401.09031): exact gradient dot products.
+
+``I(z, z') = sum_c w_c g_train(c, z) . g_test(c, z')`` over checkpoints c, on every trainable parameter.
+
+- Train side ``recorded`` (the authors' code): one gradient per checkpoint, at the timestep and noise with which z was
+  last drawn before checkpoint c (the replay log); ``expectation``: the mean over K evenly spaced timesteps, each
+  with noise fixed per (example, timestep).
+- Test side: ``(1/|S|) sum_t (1/R) sum_r grad l(theta_c; z', t, eps_r)``; ReTrac's version normalises each timestep's
+  noise-averaged gradient before the average over t.
+- Normalisations (all four come out of one pass over the gradients): ``none`` = TracIn, ``both`` = ReTrac,
+  ``train`` / ``test`` = one side only.
+
+Work is streamed over fixed blocks of training rows: the query gradients [Q, P] of one checkpoint stay in memory,
+a block's train gradients [B, P] are dotted with them and dropped. A shard is a set of whole blocks, so every row is
+computed in the same batch whatever the shard count and merged shards are bit-identical to one unsharded run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..noise import derive_seeds, noise_from_seeds
+
+NORMALIZATIONS = ("none", "both", "train", "test")  # TracIn, ReTrac, train side only, test side only
+TRAIN_SIDES = ("recorded", "expectation")
+# Streams of derive_seeds(seed, STREAM, ...) so that test-side and train-side noise never coincide.
+_QUERY_NOISE, _TRAIN_NOISE = 101, 102
+
+
+def evenly_spaced_timesteps(n: int, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """``n`` integer timesteps spread evenly over [0, T-1], both ends included (the papers' S and K grids)."""
+    if n < 1:
+        raise ValueError(f"need at least one timestep, got {n}")
+    return torch.linspace(0, num_train_timesteps - 1, n).round().long().unique()
+
+
+def tracin_weights(checkpoints: Sequence, batch_size: int, n_train: int) -> np.ndarray:
+    """``w_c = lr_c * batch_size * (epochs since the previous checkpoint) / N``, as in the authors' code.
+
+    ``checkpoints`` are objects with ``.epoch`` (epochs completed) and ``.lr`` (e.g. ``CheckpointState``), in
+    training order. The epoch gap is taken to the previous checkpoint *in the list* (the first from epoch 0), so a
+    subset of checkpoints still stands for the whole run.
+    """
+    weights, previous = [], 0
+    for ckpt in checkpoints:
+        gap = int(ckpt.epoch) - previous
+        if gap <= 0:
+            raise ValueError(f"checkpoints must be in increasing epoch order, got epoch {ckpt.epoch} after {previous}")
+        weights.append(float(ckpt.lr) * batch_size * gap / n_train)
+        previous = int(ckpt.epoch)
+    return np.asarray(weights, dtype=np.float64)
+
+
+def recorded_draws(replay: pd.DataFrame, checkpoints: Sequence) -> pd.DataFrame:
+    """For each checkpoint and training example, the last draw (timestep, noise seed) before the checkpoint.
+
+    A replay row belongs before checkpoint c when ``row.step <= c.step``: ``diffattr.train`` logs 0-based step
+    indices and stores in a checkpoint the index of its last step. In ordinary epoch training each example is drawn
+    once per epoch, so the last draw lies in the epoch just before the checkpoint; with several draws in the window
+    (several epochs between checkpoints, sampling with replacement) the latest wins, and within one step the later
+    replay row. ``in_window`` says whether that draw came after the previous checkpoint.
+    Returns columns ``checkpoint`` (position in ``checkpoints``), ``sample_id, step, epoch, timestep, noise_seed,
+    in_window``.
+    """
+    ordered = replay.reset_index(drop=True).sort_values("step", kind="stable")
+    tables, previous_step = [], -1
+    for c, ckpt in enumerate(checkpoints):
+        before = ordered[ordered["step"] <= int(ckpt.step)]
+        last = before.groupby("sample_id", sort=True).tail(1)
+        table = last[["sample_id", "step", "epoch", "timestep", "noise_seed"]].copy()
+        table.insert(0, "checkpoint", c)
+        table["in_window"] = table["step"] > previous_step
+        tables.append(table.sort_values("sample_id").reset_index(drop=True))
+        previous_step = int(ckpt.step)
+    return pd.concat(tables, ignore_index=True)
+
+
+@dataclass
+class QueryGradients:
+    """Test-side gradients of one checkpoint: [Q, P] each, float32."""
+
+    raw: torch.Tensor  # (1/|S|) sum_t (1/R) sum_r g  (TracIn)
+    normalized: torch.Tensor  # (1/|S|) sum_t g_t / ||g_t||, g_t the noise-averaged gradient at t  (ReTrac)
+    timestep_norms: torch.Tensor  # [Q, S] ||g_t||, the quantity ReTrac divides out
+    timesteps: torch.Tensor  # [S]
+    query_ids: torch.Tensor  # [Q]
+    output: str = "loss"
+
+    def as_tensors(self) -> dict[str, torch.Tensor]:
+        return {"raw": self.raw, "normalized": self.normalized, "timestep_norms": self.timestep_norms,
+                "timesteps": self.timesteps, "query_ids": self.query_ids}
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], output: str = "loss") -> "QueryGradients":
+        return cls(**{k: tensors[k] for k in ("raw", "normalized", "timestep_norms", "timesteps", "query_ids")},
+                   output=output)
+
+
+def query_gradients(model, scheduler, x0: torch.Tensor, query_ids: torch.Tensor, *,
+                    timesteps: torch.Tensor | None = None, n_noise: int = 16, seed: int = 0, output: str = "loss",
+                    rows_per_call: int = 256, batch_size: int | None = None) -> QueryGradients:
+    """Test-side gradients of queries ``x0`` [Q, C, H, W] at one checkpoint, raw and ReTrac-normalised.
+
+    ``timesteps`` defaults to 100 evenly spaced (the paper's S); ``n_noise`` is R (authors: 16). The noise of
+    (query, t, r) is ``noise_from_seeds(derive_seeds(seed, STREAM, query_id, t, r))``, independent of batching.
+    ``rows_per_call`` bounds the per-sample gradients held at once ([rows, P]).
+    """
+    from ..grads import per_sample_grads
+
+    T = scheduler.config.num_train_timesteps
+    timesteps = evenly_spaced_timesteps(100, T) if timesteps is None else torch.as_tensor(timesteps).long()
+    query_ids = torch.as_tensor(query_ids).long()
+    S, R = len(timesteps), int(n_noise)
+    per_call = max(1, rows_per_call // R)  # whole timesteps per call, so each noise average is complete
+    raws, normeds, norms = [], [], torch.empty(len(x0), S, dtype=torch.float64)
+    kwargs = {} if batch_size is None else {"batch_size": batch_size}
+    for q in range(len(x0)):
+        raw = normed = None
+        for start in range(0, S, per_call):
+            ts = timesteps[start:start + per_call]
+            t_rows = ts.repeat_interleave(R)
+            r_rows = torch.arange(R).repeat(len(ts))
+            seeds = derive_seeds(seed, _QUERY_NOISE, int(query_ids[q]), t_rows, r_rows)
+            noise = noise_from_seeds(seeds.reshape(-1), x0.shape[1:])
+            g = per_sample_grads(model, scheduler, x0[q:q + 1].expand(len(t_rows), *x0.shape[1:]), t_rows, noise,
+                                 output=output, **kwargs)
+            g_t = g.view(len(ts), R, -1).double().mean(1)
+            n_t = g_t.norm(dim=1)
+            norms[q, start:start + len(ts)] = n_t.cpu()
+            part_raw, part_norm = g_t.sum(0), (g_t / _safe(n_t)[:, None]).sum(0)
+            raw = part_raw if raw is None else raw + part_raw
+            normed = part_norm if normed is None else normed + part_norm
+        raws.append((raw / S).float().cpu())
+        normeds.append((normed / S).float().cpu())
+    return QueryGradients(torch.stack(raws), torch.stack(normeds), norms, timesteps, query_ids, output)
+
+
+@dataclass
+class TracInScores:
+    """Scores of Q queries against a set of training rows (one shard, or all after ``merge_shards``)."""
+
+    scores: dict[str, torch.Tensor]  # normalisation -> [Q, n] float64, summed over checkpoints with w_c
+    train_index: np.ndarray  # [n] positions of the rows in the full training set
+    train_ids: torch.Tensor  # [n]
+    query_ids: torch.Tensor  # [Q]
+    weights: np.ndarray  # [C] w_c
+    train_grad_norms: torch.Tensor  # [C, n] ||g_train(c, z)|| before normalisation (at the recorded timestep)
+    train_timesteps: torch.Tensor  # [C, n] the recorded timestep (-1 for the expectation train side)
+    self_influence: torch.Tensor  # [n] sum_c w_c ||g_train(c, z)||^2, TracIn self-influence (Pruthi et al.)
+    n_train: int  # size of the full training set
+    meta: dict = field(default_factory=dict)
+
+    def as_tensors(self) -> dict[str, torch.Tensor]:
+        """Flat tensors for ``diffattr.atomic.save_tensors``; ``from_tensors`` reads them back."""
+        out = {f"scores.{k}": v for k, v in self.scores.items()}
+        out.update(train_index=torch.from_numpy(self.train_index), train_ids=self.train_ids,
+                   query_ids=self.query_ids, weights=torch.from_numpy(self.weights),
+                   train_grad_norms=self.train_grad_norms, train_timesteps=self.train_timesteps,
+                   self_influence=self.self_influence, n_train=torch.tensor([self.n_train]))
+        return out
+
+    @classmethod
+    def from_tensors(cls, t: Mapping[str, torch.Tensor], meta: dict | None = None) -> "TracInScores":
+        return cls({k.split(".", 1)[1]: v for k, v in t.items() if k.startswith("scores.")},
+                   t["train_index"].numpy(), t["train_ids"], t["query_ids"], t["weights"].numpy(),
+                   t["train_grad_norms"], t["train_timesteps"], t["self_influence"], int(t["n_train"][0]),
+                   dict(meta or {}))
+
+
+def shard_blocks(n: int, shard: int = 0, n_shards: int = 1, block_size: int = 64,
+                 layout: str = "contiguous") -> list[np.ndarray]:
+    """Row indices of the blocks of shard ``shard`` of ``n_shards``; blocks are ``[b*block_size, (b+1)*block_size)``.
+
+    ``contiguous`` gives each shard a run of consecutive blocks, ``strided`` every ``n_shards``-th block.
+    """
+    if not 0 <= shard < n_shards:
+        raise ValueError(f"shard {shard} is not in 0..{n_shards - 1}")
+    n_blocks = -(-n // block_size)
+    if layout == "contiguous":
+        mine = np.array_split(np.arange(n_blocks), n_shards)[shard]
+    elif layout == "strided":
+        mine = np.arange(shard, n_blocks, n_shards)
+    else:
+        raise ValueError(f"unknown shard layout {layout!r} (contiguous | strided)")
+    return [np.arange(b * block_size, min(n, (b + 1) * block_size)) for b in mine]
+
+
+def tracin_shard(models: Iterable, query_grads: Iterable[QueryGradients], weights: Sequence[float], scheduler,
+                 train_images: torch.Tensor, train_ids: torch.Tensor, *, train_side: str = "recorded",
+                 draws: pd.DataFrame | None = None, n_timesteps: int = 10, seed: int = 0, output: str = "loss",
+                 shard: int = 0, n_shards: int = 1, layout: str = "contiguous", block_size: int = 64,
+                 batch_size: int | None = None) -> TracInScores:
+    """TracIn/ReTrac scores of every query against shard ``shard`` of ``n_shards`` of the training rows.
+
+    ``models``, ``query_grads`` and ``weights`` run over the same checkpoints in the same order (iterables are read
+    once, so models may be loaded lazily). ``draws`` (from ``recorded_draws``) is required for ``train_side=
+    "recorded"``; ``expectation`` averages K = ``n_timesteps`` evenly spaced timesteps with noise fixed by
+    ``derive_seeds(seed, STREAM, sample_id, t)`` and, for the normalised variants, normalises each timestep's
+    gradient before the average (the train-side analogue of ReTrac's test side).
+    All four normalisations are returned; merge shards with ``merge_shards``.
+    """
+    if train_side not in TRAIN_SIDES:
+        raise ValueError(f"unknown train side {train_side!r} ({' | '.join(TRAIN_SIDES)})")
+    if train_side == "recorded" and draws is None:
+        raise ValueError("train_side='recorded' needs the draws table (recorded_draws(replay, checkpoints))")
+    train_ids = torch.as_tensor(train_ids).long()
+    blocks = shard_blocks(len(train_ids), shard, n_shards, block_size, layout)
+    index = np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.int64)
+    weights = np.asarray(weights, dtype=np.float64)
+    scores: dict[str, torch.Tensor] = {}
+    norms, steps, query_ids = [], [], None
+    self_influence = torch.zeros(len(index), dtype=torch.float64)
+    n_ckpt = 0
+    for c, (model, qg) in enumerate(zip(models, query_grads, strict=True)):
+        if c >= len(weights):
+            raise ValueError(f"more checkpoints than the {len(weights)} weights")
+        if qg.output != output:
+            raise ValueError(f"query gradients of checkpoint {c} use output {qg.output!r}, train side {output!r}")
+        if query_ids is None:
+            query_ids = qg.query_ids
+            scores = {key: torch.zeros(len(query_ids), len(index), dtype=torch.float64) for key in NORMALIZATIONS}
+        if not torch.equal(query_ids, qg.query_ids):
+            raise ValueError(f"query gradients of checkpoint {c} are for other queries than checkpoint 0")
+        recorded = _draws_of(draws, c, train_ids[index]) if train_side == "recorded" else None
+        device = next(p for p in model.parameters() if p.requires_grad).device
+        tests = {"raw": qg.raw.to(device), "normalized": qg.normalized.to(device)}
+        c_norms, c_steps, pos = torch.empty(len(index), dtype=torch.float64), torch.full((len(index),), -1), 0
+        for rows in blocks:
+            sl = slice(pos, pos + len(rows))
+            if recorded is not None:
+                raw, unit, n = _recorded_block(model, scheduler, train_images[rows], recorded.iloc[sl], output,
+                                               batch_size)
+                c_steps[sl] = torch.tensor(recorded["timestep"].to_numpy()[sl])
+            else:
+                raw, unit, n = _expectation_block(model, scheduler, train_images[rows], train_ids[rows],
+                                                  n_timesteps, seed, output, batch_size)
+            c_norms[sl] = n.cpu()
+            for key in NORMALIZATIONS:
+                test = tests["raw"] if key in ("none", "train") else tests["normalized"]
+                train = raw if key in ("none", "test") else unit
+                scores[key][:, sl] += (test @ train.T).double().cpu() * weights[c]
+            pos += len(rows)
+        self_influence += weights[c] * c_norms.square()
+        norms.append(c_norms)
+        steps.append(c_steps)
+        n_ckpt += 1
+    if n_ckpt == 0 or n_ckpt != len(weights):
+        raise ValueError(f"{n_ckpt} checkpoints (models and query gradients) but {len(weights)} weights")
+    return TracInScores(scores, index, train_ids[index], query_ids, weights, torch.stack(norms), torch.stack(steps),
+                        self_influence, len(train_ids),
+                        {"train_side": train_side, "output": output, "n_timesteps": n_timesteps, "seed": seed})
+
+
+def merge_shards(parts: Sequence[TracInScores]) -> TracInScores:
+    """The shards of one run, in training-set order; fails unless they cover every row exactly once."""
+    first = parts[0]
+    for p in parts[1:]:
+        if p.n_train != first.n_train or not torch.equal(p.query_ids, first.query_ids) or \
+                not np.array_equal(p.weights, first.weights) or p.meta != first.meta:
+            raise ValueError("shards come from different runs (training set, queries, weights or settings differ)")
+    index = np.concatenate([p.train_index for p in parts])
+    order = np.argsort(index, kind="stable")
+    if not np.array_equal(index[order], np.arange(first.n_train)):
+        raise ValueError(f"shards cover {len(np.unique(index))} distinct of {first.n_train} rows "
+                         f"({len(index)} in all): a shard is missing or duplicated")
+    order_t = torch.from_numpy(order)
+
+    def cat(get, dim=-1):
+        return torch.cat([get(p) for p in parts], dim=dim).index_select(dim, order_t)
+
+    return TracInScores({k: cat(lambda p: p.scores[k]) for k in first.scores}, index[order],
+                        cat(lambda p: p.train_ids, 0), first.query_ids, first.weights,
+                        cat(lambda p: p.train_grad_norms), cat(lambda p: p.train_timesteps),
+                        cat(lambda p: p.self_influence, 0), first.n_train, dict(first.meta))
+
+
+def _safe(norms: torch.Tensor) -> torch.Tensor:
+    # An exactly zero gradient has no direction; leaving it zero (not NaN) keeps it out of every ranking's top.
+    return norms.clamp_min(torch.finfo(norms.dtype).tiny)
+
+
+def _draws_of(draws: pd.DataFrame, checkpoint: int, ids: torch.Tensor) -> pd.DataFrame:
+    table = draws[draws["checkpoint"] == checkpoint].set_index("sample_id")
+    wanted = ids.numpy()
+    missing = np.setdiff1d(wanted, table.index.to_numpy())
+    if len(missing):
+        raise ValueError(f"{len(missing)} training examples (e.g. ids {missing[:5].tolist()}) were never drawn before "
+                         f"checkpoint {checkpoint}; the replay log does not match this training set")
+    return table.loc[wanted].reset_index()
+
+
+def _recorded_block(model, scheduler, x0, draws, output, batch_size):
+    from ..grads import per_sample_grads
+
+    t = torch.tensor(draws["timestep"].to_numpy(), dtype=torch.long)
+    noise = noise_from_seeds(draws["noise_seed"].to_numpy(), x0.shape[1:])
+    g = per_sample_grads(model, scheduler, x0, t, noise, output=output,
+                         **({} if batch_size is None else {"batch_size": batch_size}))
+    n = g.double().norm(dim=1)
+    return g, g / _safe(n).float()[:, None], n
+
+
+def _expectation_block(model, scheduler, x0, ids, n_timesteps, seed, output, batch_size):
+    from ..grads import per_sample_grads
+
+    raw = unit = None
+    grid = evenly_spaced_timesteps(n_timesteps, scheduler.config.num_train_timesteps)
+    for t in grid.tolist():
+        noise = noise_from_seeds(derive_seeds(seed, _TRAIN_NOISE, ids, t).reshape(-1), x0.shape[1:])
+        g = per_sample_grads(model, scheduler, x0, torch.full((len(x0),), t, dtype=torch.long), noise,
+                             output=output, **({} if batch_size is None else {"batch_size": batch_size})).double()
+        u = g / _safe(g.norm(dim=1))[:, None]
+        raw, unit = (g, u) if raw is None else (raw + g, unit + u)
+    raw, unit = raw / len(grid), unit / len(grid)
+    return raw.float(), unit.float(), raw.norm(dim=1)

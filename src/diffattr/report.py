@@ -1,0 +1,108 @@
+"""Tables and figures of the attribution stage, from the dense score files of every method.
+
+Only the reported queries enter: the held-out ones that chose TRAK's lambda are left out for every method, so all
+methods are compared on the same queries.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig
+from safetensors.torch import load_file
+
+from . import influence
+from .atomic import write_csv, write_parquet
+from .attribution import TRACIN_FAMILY, load_queries, score_path
+from .data import ImageSet
+from .figures import influence as figs
+
+TOPK_FIGURE = 6  # the papers' layout: each query with its top-6 training images
+FIGURE_QUERIES_PER_KIND = 2
+
+
+def write_report(cfg: DictConfig, run_dir: Path) -> None:
+    a, run_dir = cfg.attribution, Path(run_dir)
+    queries, query_images = load_queries(run_dir)
+    train_set = ImageSet.load(run_dir / "data" / "train")
+    train_ids = train_set.ids.numpy()
+    reported = queries[~queries.heldout].set_index("query_id")
+
+    scores, topk, tracing, outliers, grouped = {}, [], [], [], {}
+    for method in a.methods:
+        dense = load_file(str(score_path(run_dir, method)))
+        assert np.array_equal(dense["train_ids"].numpy(), train_ids), f"{method}: training set mismatch"
+        ids = dense["query_ids"].numpy()
+        keep = np.isin(ids, reported.index)
+        s, ids = dense["scores"].numpy()[keep], ids[keep]
+        kinds = reported.loc[ids, "query_kind"].to_numpy()
+        scores[method] = dense
+        _write_long(run_dir / "scores" / f"{method}.parquet", s, ids, kinds, train_ids)
+        table = influence.topk_table(s, ids, train_ids, max(a.topk, TOPK_FIGURE))
+        topk.append(table.assign(method=method, query_kind=reported.loc[table.query_id, "query_kind"].to_numpy()))
+        grouped[method] = {kind: s[kinds == kind] for kind in pd.unique(kinds)}
+        is_train = kinds == "train"
+        if is_train.any():
+            rates = influence.self_retrieval_rates(s[is_train], ids[is_train], train_ids, ks=(1, 5))
+            tracing.append({"method": method, "n_queries": int(is_train.sum()), **rates})
+        if train_set.is_outlier.any():
+            outliers.append(_outlier_row(method, s, ids, kinds, reported, train_set))
+        _topk_figure(run_dir, method, table, reported, ids, kinds, queries, query_images, train_set)
+
+    write_parquet(pd.concat(topk, ignore_index=True)[["method", "query_id", "query_kind", "rank", "train_id",
+                                                       "score"]], run_dir / "tables" / "topk.parquet")
+    general = influence.general_influence_table(grouped, ks=[a.topk], thresholds=list(a.thresholds))
+    write_csv(general, run_dir / "tables" / "general_influence.csv")
+    write_csv(pd.DataFrame(tracing, columns=["method", "n_queries", "top1", "top5"]),
+              run_dir / "tables" / "tracing.csv")
+    if outliers:
+        write_csv(pd.DataFrame(outliers), run_dir / "tables" / "outliers.csv")
+    _general_influence_figures(run_dir, grouped, scores, a, train_set.is_outlier.numpy())
+
+
+def _write_long(path: Path, s: np.ndarray, ids, kinds, train_ids) -> None:
+    q, n = s.shape
+    write_parquet(pd.DataFrame({"query_id": np.repeat(ids, n), "query_kind": np.repeat(kinds, n),
+                                "train_id": np.tile(train_ids, q), "score": s.reshape(-1)}), path)
+
+
+def _outlier_row(method, s, ids, kinds, reported, train_set) -> dict:
+    """CIFAR-MNIST: outliers among the top-10 of in-class queries; self-influence AUROC over training queries."""
+    train_ids = train_set.ids.numpy()
+    outlier = train_set.is_outlier.numpy()
+    in_class = (reported.loc[ids, "label"].to_numpy() != -1) & ~np.isin(ids, train_ids[outlier])
+    row = {"method": method, "n_in_class_queries": int(in_class.sum()),
+           "outlier_fraction_top10": influence.outlier_topk_fraction(s, outlier, k=10, query_mask=in_class),
+           "outlier_fraction_in_train_set": float(outlier.mean())}
+    is_train = kinds == "train"
+    position = {int(i): p for p, i in enumerate(train_ids)}
+    flags = np.array([outlier[position[int(i)]] for i in ids[is_train]], dtype=bool)
+    row["n_outlier_queries"] = int(flags.sum())
+    row["self_influence_auroc"] = (influence.outlier_auroc(influence.self_scores(s[is_train], ids[is_train],
+                                                                                 train_ids), flags)
+                                   if 0 < flags.sum() < len(flags) else float("nan"))
+    return row
+
+
+def _topk_figure(run_dir, method, table, reported, ids, kinds, queries, query_images, train_set) -> None:
+    chosen = [i for kind in ("train", "test", "generated") for i in ids[kinds == kind][:FIGURE_QUERIES_PER_KIND]]
+    fig = figs.topk_figure(table[table.query_id.isin(chosen)], query_images, queries.query_id.to_numpy(),
+                           train_set.images, train_set.ids.numpy(), k=TOPK_FIGURE,
+                           title=f"{method}: top-{TOPK_FIGURE} training images per query")
+    figs.save(fig, Path(run_dir) / "figures" / f"topk_{method}.png")
+
+
+def _general_influence_figures(run_dir: Path, grouped, scores, a, is_outlier) -> None:
+    pooled = {m: np.concatenate(list(k.values())) for m, k in grouped.items()}
+    n_queries = next(iter(pooled.values())).shape[0]
+    counts = {m: influence.topk_counts(s, a.topk) for m, s in pooled.items()}
+    figs.save(figs.general_influence_histograms(counts, n_queries, a.topk, a.thresholds[0]),
+              run_dir / "figures" / "general_influence.png")
+    tracin = [m for m in ("tracin", "tracin_expectation") if m in scores]
+    if tracin:
+        # the cause of the bias: mean score against the train gradient norm at the recorded timestep
+        norms = scores[tracin[0]]["train_grad_norms"].numpy().mean(0)
+        mean_scores = {m: pooled[m].mean(0) for m in pooled if m in TRACIN_FAMILY}
+        figs.save(figs.score_vs_grad_norm(mean_scores, norms, is_outlier), run_dir / "figures" / "score_vs_grad_norm.png")
