@@ -43,6 +43,43 @@ def test_smoke_pipeline_leaves_every_artifact(smoke_run):
     assert not list(run.rglob("*.tmp"))
 
 
+def test_attribution_tables_and_figures(smoke_run):
+    _, run = smoke_run
+    methods = ["tracin", "retrac", "retrac_train_only", "retrac_test_only", "trak", "dtrak", "journey_trak"]
+    queries = pd.read_parquet(run / "attribution" / "queries" / "queries.parquet")
+    reported = queries[~queries.heldout]
+    assert set(queries.query_kind) == {"train", "test", "generated"} and queries.query_id.is_unique
+    n_train = len(pd.read_parquet(run / "data" / "train" / "index.parquet"))
+    for method in methods:
+        long = pd.read_parquet(run / "scores" / f"{method}.parquet")
+        assert list(long.columns) == ["query_id", "query_kind", "train_id", "score"]
+        expected = reported if method != "journey_trak" else reported[reported.query_kind == "generated"]
+        assert set(long.query_id) == set(expected.query_id)  # held-out queries are never reported
+        assert len(long) == len(expected) * n_train and long.score.notna().all()
+        assert (run / "figures" / f"topk_{method}.png").stat().st_size > 10_000
+    topk = pd.read_parquet(run / "tables" / "topk.parquet")
+    assert set(topk.method) == set(methods)
+    general = pd.read_csv(run / "tables" / "general_influence.csv")
+    assert list(general.columns[:6]) == ["method", "query_kind", "k", "threshold", "n_general", "n_distinct"]
+    assert "ratio_to_tracin" in general and set(general.query_kind) >= {"all", "train", "test", "generated"}
+    assert (general[general.method == "tracin"].ratio_to_tracin.dropna() == 1).all()
+    tracing = pd.read_csv(run / "tables" / "tracing.csv")
+    assert set(tracing.method) == set(methods) - {"journey_trak"}
+    assert tracing[["top1", "top5"]].apply(lambda c: c.between(0, 1)).all().all()
+    lam = pd.read_csv(run / "attribution" / "trak" / "lambda.csv")
+    assert lam.chosen.sum() == 1
+    for name in ("general_influence.png", "score_vs_grad_norm.png"):
+        assert (run / "figures" / name).stat().st_size > 10_000
+
+
+def test_snakemake_report_collects_figures(smoke_run):
+    work, _ = smoke_run
+    proc = snakemake("--cores", "2", "--config", "experiment=smoke", "--report", "report.html", cwd=work)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    html = (work / "report.html").read_text(errors="ignore")
+    assert "general_influence.png" in html and "norm_vs_timestep.png" in html
+
+
 def test_second_run_has_nothing_to_do(smoke_run):
     work, _ = smoke_run
     proc = snakemake("-n", "--cores", "2", "--config", "experiment=smoke", cwd=work)

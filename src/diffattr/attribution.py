@@ -72,7 +72,7 @@ def build_queries(cfg: DictConfig, run_dir: Path, last_checkpoint: str) -> None:
     labelled = table.query_kind != "generated"
     table["heldout"] = labelled & trak_kernels.heldout_mask(table.query_id.to_numpy(), a.heldout_fraction, a.seed)
     out = run_dir / "attribution" / "queries"
-    save_tensors({"images": torch.cat(images), "query_ids": torch.as_tensor(table.query_id.to_numpy())},
+    save_tensors({"images": torch.cat(images), "query_ids": torch.tensor(table.query_id.to_numpy())},
                  out / "images.safetensors")
     write_parquet(table, out / "queries.parquet")
 
@@ -93,7 +93,7 @@ def run_tracin(cfg: DictConfig, run_dir: Path, shard: int, device: torch.device)
     scheduler = build_scheduler(cfg.model)
     weights = tracin_kernels.tracin_weights(states, cfg.train.batch_size, len(train_set))
     test_t = tracin_kernels.evenly_spaced_timesteps(a.test_timesteps, cfg.model.num_train_timesteps)
-    query_ids = torch.as_tensor(queries.query_id.to_numpy())
+    query_ids = torch.tensor(queries.query_id.to_numpy())
 
     for side in tracin_sides(a.methods):
         models, grads = _checkpoint_streams(states, run_dir, device, lambda model: tracin_kernels.query_gradients(
@@ -206,14 +206,14 @@ def run_trak(cfg: DictConfig, run_dir: Path, method: str, device: torch.device) 
         phi_trains.append(trak_kernels.trak_features(model, scheduler, train_set.images.to(device), train_set.ids,
                                                      projector, spec, block_size=a.block_size))
         phi_queries.append(trak_kernels.trak_features(model, scheduler, query_images.to(device),
-                                                      torch.as_tensor(queries.source_id.to_numpy()), projector,
+                                                      torch.tensor(queries.source_id.to_numpy()), projector,
                                                       spec, block_size=a.block_size))
     choice = _select_lambda(cfg, queries, phi_queries, phi_trains, train_set)
     scores = trak_kernels.ensemble_scores(phi_queries, phi_trains, choice.lam)
     save_tensors({f"phi_train.{i}": p for i, p in enumerate(phi_trains)},
                  run_dir / "attribution" / method / "features.safetensors")
     _write_lambda(run_dir, method, choice)
-    save_tensors({"scores": scores, "query_ids": torch.as_tensor(queries.query_id.to_numpy()),
+    save_tensors({"scores": scores, "query_ids": torch.tensor(queries.query_id.to_numpy()),
                   "train_ids": train_set.ids}, score_path(run_dir, method))
 
 
@@ -241,17 +241,17 @@ def run_journey_trak(cfg: DictConfig, run_dir: Path, device: torch.device) -> No
                                                      projector, spec, block_size=a.block_size))
         # held-out real queries, featurised like training images, choose lambda (generated ones have no labels)
         phi_labelled.append(trak_kernels.trak_features(
-            model, scheduler, query_images[labelled.to_numpy()].to(device),
-            torch.as_tensor(queries.source_id[labelled].to_numpy()), projector, spec, block_size=a.block_size))
+            model, scheduler, query_images[torch.tensor(labelled.to_numpy())].to(device),
+            torch.tensor(queries.source_id[labelled].to_numpy()), projector, spec, block_size=a.block_size))
         steps, phi = trak_kernels.journey_query_features(model, scheduler, trajectory,
-                                                         torch.as_tensor(generated.query_id.to_numpy()), projector,
+                                                         torch.tensor(generated.query_id.to_numpy()), projector,
                                                          steps=keep.tolist(), n_noise=a.journey_noises, seed=a.seed)
         phi_gen.append(phi)
     choice = _select_lambda(cfg, queries[labelled].reset_index(drop=True), phi_labelled, phi_trains, train_set)
     step_scores = trak_kernels.ensemble_scores(phi_gen, phi_trains, choice.lam)  # [Q, S, N]
     _write_lambda(run_dir, "journey_trak", choice)
     save_tensors({"scores": step_scores.mean(1), "step_scores": step_scores, "steps": steps,
-                  "query_ids": torch.as_tensor(generated.query_id.to_numpy()), "train_ids": train_set.ids},
+                  "query_ids": torch.tensor(generated.query_id.to_numpy()), "train_ids": train_set.ids},
                  score_path(run_dir, "journey_trak"))
 
 

@@ -43,7 +43,7 @@ def build_scheduler(model_cfg: Mapping[str, Any]) -> DDPMScheduler:
 
 def load_unet(path) -> UNet2DModel:
     """A UNet saved with ``save_pretrained`` (config.json + safetensors), with the classic attention processor."""
-    unet = UNet2DModel.from_pretrained(str(path), use_safetensors=True)
+    unet = UNet2DModel.from_pretrained(str(path), use_safetensors=True, low_cpu_mem_usage=False)
     use_classic_attention(unet)
     return unet
 
