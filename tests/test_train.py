@@ -66,7 +66,7 @@ def test_replay_log_reproduces_the_training_loss(reference, train_set):
     torch.manual_seed(int(train_mod.derive_seeds(run.cfg.train.seed, train_mod._DROPOUT, 0)))
     with torch.no_grad():
         loss = (unet(sched.add_noise(x0, noise, t), t).sample - noise).square().flatten(1).mean(1)
-    torch.testing.assert_close(loss, torch.as_tensor(first.loss.to_numpy()), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss, torch.tensor(first.loss.to_numpy()), rtol=1e-5, atol=1e-6)
     assert len(last) > 0
 
 
