@@ -41,6 +41,7 @@ def test_smoke_pipeline_leaves_every_artifact(smoke_run):
     log = pd.read_parquet(run / "train_log.parquet")
     assert log.epoch.max() == 2
     assert not list(run.rglob("*.tmp"))
+    assert not list(run.parents[2].glob("*.log")), "scripts must not leave log files in the working directory"
 
 
 def test_attribution_tables_and_figures(smoke_run):
