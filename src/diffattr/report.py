@@ -74,7 +74,9 @@ def _outlier_row(method, s, ids, kinds, reported, train_set) -> dict:
     outlier = train_set.is_outlier.numpy()
     in_class = (reported.loc[ids, "label"].to_numpy() != -1) & ~np.isin(ids, train_ids[outlier])
     row = {"method": method, "n_in_class_queries": int(in_class.sum()),
-           "outlier_fraction_top10": influence.outlier_topk_fraction(s, outlier, k=10, query_mask=in_class),
+           # NaN for methods without in-class queries (Journey-TRAK attributes generated images only)
+           "outlier_fraction_top10": (influence.outlier_topk_fraction(s, outlier, k=10, query_mask=in_class)
+                                      if in_class.any() else float("nan")),
            "outlier_fraction_in_train_set": float(outlier.mean())}
     is_train = kinds == "train"
     position = {int(i): p for p, i in enumerate(train_ids)}
