@@ -1,9 +1,3 @@
-METHODS = list(CFG.attribution.methods)
-TRACIN_SIDES = tracin_sides(METHODS)
-TRAK_METHODS = [m for m in METHODS if m in ("trak", "dtrak")]
-SHARDS = CFG.grads.shards
-
-
 rule queries:
     input:
         data=[f"{R}/data/train", f"{R}/data/test"],
@@ -84,19 +78,6 @@ rule journey_trak:
         f"{R}/logs/journey_trak.log",
     shell:
         "{params.cmd} 2>&1 | tee {log}"
-
-
-def attribution_inputs():
-    files = expand(f"{R}/attribution/tracin/{{side}}_shard_{{shard}}_of_{SHARDS}.safetensors", side=TRACIN_SIDES,
-                   shard=range(SHARDS))
-    files += [f"{R}/scores/{m}.safetensors" for m in TRAK_METHODS]
-    if "journey_trak" in METHODS:
-        files.append(f"{R}/scores/journey_trak.safetensors")
-    return files
-
-
-def report_figure(name, caption, category="Attribution"):
-    return report(f"{R}/figures/{name}.png", caption=f"../report/{caption}.rst", category=category)
 
 
 rule attribution_report:

@@ -42,3 +42,22 @@ def attribution_extras():
     if CFG.data.name == "cifar_mnist" and CFG.data.n_outliers > 0:
         out.append(report(f"{R}/tables/outliers.csv", caption="../report/outliers.rst", category="Tables"))
     return out
+
+
+METHODS = list(CFG.attribution.methods)
+TRACIN_SIDES = tracin_sides(METHODS)
+TRAK_METHODS = [m for m in METHODS if m in ("trak", "dtrak")]
+SHARDS = CFG.grads.shards
+
+
+def attribution_inputs():
+    files = expand(f"{R}/attribution/tracin/{{side}}_shard_{{shard}}_of_{SHARDS}.safetensors", side=TRACIN_SIDES,
+                   shard=range(SHARDS))
+    files += [f"{R}/scores/{m}.safetensors" for m in TRAK_METHODS]
+    if "journey_trak" in METHODS:
+        files.append(f"{R}/scores/journey_trak.safetensors")
+    return files
+
+
+def report_figure(name, caption, category="Attribution"):
+    return report(f"{R}/figures/{name}.png", caption=f"../report/{caption}.rst", category=category)
