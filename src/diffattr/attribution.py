@@ -142,8 +142,9 @@ def merge_tracin(cfg: DictConfig, run_dir: Path) -> None:
     """Merge the shards of each train side into one dense score file per requested TracIn-family method."""
     run_dir = Path(run_dir)
     for side in tracin_sides(cfg.attribution.methods):
+        n = cfg.grads.shards
         parts = [tracin_kernels.TracInScores.from_tensors(load_file(str(tracin_shard_path(run_dir, side, i, n))))
-                 for n in [cfg.grads.shards] for i in range(n)]
+                 for i in range(n)]
         merged = tracin_kernels.merge_shards(parts)
         for method, (m_side, norm) in TRACIN_FAMILY.items():
             if m_side == side and method in cfg.attribution.methods:

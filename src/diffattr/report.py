@@ -33,7 +33,8 @@ def write_report(cfg: DictConfig, run_dir: Path) -> None:
     scores, topk, tracing, outliers, grouped = {}, [], [], [], {}
     for method in a.methods:
         dense = load_file(str(score_path(run_dir, method)))
-        assert np.array_equal(dense["train_ids"].numpy(), train_ids), f"{method}: training set mismatch"
+        if not np.array_equal(dense["train_ids"].numpy(), train_ids):
+            raise ValueError(f"scores/{method}.safetensors is for another training set; delete it and rerun")
         ids = dense["query_ids"].numpy()
         keep = np.isin(ids, reported.index)
         s, ids = dense["scores"].numpy()[keep], ids[keep]
