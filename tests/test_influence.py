@@ -85,10 +85,6 @@ def test_outlier_auroc_is_one_when_self_influence_separates_outliers():
     assert influence.outlier_auroc([5.0, 0.1, 7.0, 0.2], [False, True, False, True]) == 0.0
 
 
-def test_self_scores_read_each_querys_own_column():
-    assert influence.self_scores(HAND, [10, 13], TRAIN_IDS).tolist() == [5.0, 0.0]
-
-
 @pytest.mark.parametrize("channels", [1, 3])
 def test_influence_figures_are_written(tmp_path, channels):
     from diffattr.figures import influence as figs

@@ -85,9 +85,9 @@ def reference_grad(model, x0, t, noise, output="loss"):
     return torch.cat([g.reshape(-1) for g in torch.autograd.grad(f, params)]).double()
 
 
-def reference_query_side(model, queries, seed, n_noise):
+def reference_query_side(model, queries, seed, n_noise, ids=QUERY_IDS):
     raw, unit, norms = [], [], []
-    for q, qid in enumerate(QUERY_IDS.tolist()):
+    for q, qid in enumerate(ids.tolist()):
         g_t = []
         for t in QUERY_TIMESTEPS.tolist():
             gs = [reference_grad(model, queries[q], t, noise_from_seeds(
@@ -150,12 +150,16 @@ def test_recorded_draw_is_the_last_draw_up_to_the_checkpoints_last_step():
     assert (stale.timestep, bool(stale.in_window)) == (20, False)  # not drawn since checkpoint 0: kept, flagged
 
 
+PAIRS = {"none": ("raw", "raw"), "both": ("unit", "unit"), "train": ("raw", "unit"), "test": ("unit", "raw")}
+
+
 @pytest.mark.parametrize("train_side", ["recorded", "expectation"])
 def test_tracin_and_retrac_match_the_formula_over_autograd_gradients(models, data, replay, train_side):
-    result, qgs, draws, weights = run_tracin(models, data, replay, train_side)
+    result, qgs, draws, weights = run_tracin(models, data, replay, train_side, self_timesteps=QUERY_TIMESTEPS,
+                                             self_noises=2)
     train, queries = data
     expected = {k: 0 for k in tracin.NORMALIZATIONS}
-    self_influence = 0
+    self_influence = {k: 0 for k in tracin.NORMALIZATIONS}
     for c, model in enumerate(models):
         q_raw, q_unit, q_norms = reference_query_side(model, queries, seed=9, n_noise=2)
         torch.testing.assert_close(qgs[c].raw.double(), q_raw, rtol=1e-4, atol=1e-5 * q_raw.abs().max().item())
@@ -166,10 +170,14 @@ def test_tracin_and_retrac_match_the_formula_over_autograd_gradients(models, dat
         expected["train"] = expected["train"] + weights[c] * q_raw @ t_unit.T
         expected["test"] = expected["test"] + weights[c] * q_unit @ t_raw.T
         torch.testing.assert_close(result.train_grad_norms[c], t_raw.norm(dim=1), rtol=1e-4, atol=0)
-        self_influence = self_influence + weights[c] * t_raw.norm(dim=1).square()
+        # self-influence: each training image as its own query (tracin_shard's seed, keyed by its sample id)
+        own_raw, own_unit, _ = reference_query_side(model, train, seed=4, n_noise=2, ids=TRAIN_IDS)
+        own, side = {"raw": own_raw, "unit": own_unit}, {"raw": t_raw, "unit": t_unit}
+        for key, (test_key, train_key) in PAIRS.items():
+            self_influence[key] = self_influence[key] + weights[c] * (own[test_key] * side[train_key]).sum(1)
     for key in tracin.NORMALIZATIONS:
         assert_scores_close(result.scores[key], expected[key])
-    torch.testing.assert_close(result.self_influence, self_influence, rtol=1e-4, atol=0)
+        assert_scores_close(result.self_influence[key], self_influence[key])
     if train_side == "recorded":
         for c in range(len(models)):
             want = draws[draws.checkpoint == c].set_index("sample_id").loc[TRAIN_IDS.numpy(), "timestep"]
@@ -222,7 +230,8 @@ def test_merged_shards_are_identical_whatever_the_shard_count(models, data, repl
 
     def merged(n_shards):
         return tracin.merge_shards([tracin.tracin_shard(models, qgs, weights, SCHEDULER, train, TRAIN_IDS, draws=draws,
-                                                        shard=i, n_shards=n_shards, layout=layout, block_size=2)
+                                                        shard=i, n_shards=n_shards, layout=layout, block_size=2,
+                                                        self_timesteps=QUERY_TIMESTEPS[:2])
                                     for i in range(n_shards)])
 
     one = merged(1)
@@ -231,8 +240,30 @@ def test_merged_shards_are_identical_whatever_the_shard_count(models, data, repl
         for key in tracin.NORMALIZATIONS:
             assert torch.equal(one.scores[key], other.scores[key])
         assert torch.equal(one.train_grad_norms, other.train_grad_norms)
-        assert torch.equal(one.self_influence, other.self_influence)
+        for key in tracin.NORMALIZATIONS:
+            assert torch.equal(one.self_influence[key], other.self_influence[key])
         assert torch.equal(one.train_ids, TRAIN_IDS) and torch.equal(other.train_ids, TRAIN_IDS)
+
+
+def test_self_influence_is_the_tracing_diagonal_when_the_grids_match(models, data, replay):
+    """A training image scored as a query against itself, with the queries' grid and seed, is its self-influence."""
+    train, _ = data
+    weights = tracin.tracin_weights(CHECKPOINTS, BATCH, len(TRAIN_IDS))
+    qgs = [tracin.query_gradients(m, SCHEDULER, train, TRAIN_IDS, timesteps=QUERY_TIMESTEPS, n_noise=2, seed=4)
+           for m in models]
+    result = tracin.tracin_shard(models, qgs, weights, SCHEDULER, train, TRAIN_IDS,
+                                 draws=tracin.recorded_draws(replay, CHECKPOINTS), seed=4, block_size=3,
+                                 self_timesteps=QUERY_TIMESTEPS, self_noises=2)
+    for key in tracin.NORMALIZATIONS:
+        assert_scores_close(result.self_influence[key], result.scores[key].diagonal())
+    assert not torch.allclose(result.self_influence["none"], result.self_influence["both"], rtol=0.1)
+
+
+def test_self_influence_is_left_out_unless_asked(models, data, replay):
+    result, *_ = run_tracin(models, data, replay)
+    assert result.self_influence == {}
+    restored = tracin.TracInScores.from_tensors(result.as_tensors(), result.meta)
+    assert restored.self_influence == {} and set(restored.scores) == set(tracin.NORMALIZATIONS)
 
 
 def test_merge_refuses_an_incomplete_set_of_shards(models, data, replay):
@@ -262,6 +293,17 @@ def test_trak_scores_equal_the_closed_form(n, k):
     torch.testing.assert_close(trak.trak_scores(phi_q, phi_t, 0.3, relative=False), closed_form(phi_q, phi_t, 0.3))
     rel = trak.trak_scores(phi_q, phi_t, 0.01)
     torch.testing.assert_close(rel, closed_form(phi_q, phi_t, 0.01 * phi_t.double().square().sum().item() / k))
+
+
+@pytest.mark.parametrize("n, k", [(20, 8), (6, 15)])
+def test_trak_self_scores_are_the_diagonal_of_the_training_set_scored_against_itself(n, k):
+    gen = torch.Generator().manual_seed(n + k)
+    phi_t = torch.randn(n, k, generator=gen, dtype=torch.float64)
+    for lam in (0.1, 2.0):
+        full = closed_form(phi_t, phi_t, lam * phi_t.square().sum() / k)  # relative lambda, written out
+        torch.testing.assert_close(trak.self_scores(phi_t, lam), full.diagonal(), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(trak.self_scores(phi_t, 0.5, relative=False),
+                               closed_form(phi_t, phi_t, 0.5).diagonal(), rtol=1e-9, atol=1e-12)
 
 
 def test_trak_with_lambda_zero_and_more_features_than_examples_interpolates_the_training_set():

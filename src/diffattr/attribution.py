@@ -1,8 +1,10 @@
 """The attribution stage of the DAG: queries, then each method's scores over the stored checkpoints and data.
 
 Every method writes a dense score file ``scores/<method>.safetensors`` (``scores`` [Q, N] float64, ``query_ids``,
-``train_ids``; Journey-TRAK adds ``steps`` and ``step_scores`` [Q, S, N]); ``diffattr.report`` turns them into the
-long tables, the metrics and the figures. The kernels live in ``diffattr.methods``.
+``train_ids``; Journey-TRAK adds ``steps`` and ``step_scores`` [Q, S, N]; TRAK, D-TRAK and, when
+``attribution.self_influence_timesteps`` > 0, the TracIn family add ``self_influence`` [N], each training example's
+score for itself); ``diffattr.report`` turns them into the long tables, the metrics and the figures. The kernels live
+in ``diffattr.methods``.
 """
 
 from __future__ import annotations
@@ -93,6 +95,8 @@ def run_tracin(cfg: DictConfig, run_dir: Path, shard: int, device: torch.device)
     scheduler = build_scheduler(cfg.model)
     weights = tracin_kernels.tracin_weights(states, cfg.train.batch_size, len(train_set))
     test_t = tracin_kernels.evenly_spaced_timesteps(a.test_timesteps, cfg.model.num_train_timesteps)
+    self_t = tracin_kernels.evenly_spaced_timesteps(a.self_influence_timesteps, cfg.model.num_train_timesteps) \
+        if a.self_influence_timesteps else None
     query_ids = torch.tensor(queries.query_id.to_numpy())
 
     for side in tracin_sides(a.methods):
@@ -104,7 +108,8 @@ def run_tracin(cfg: DictConfig, run_dir: Path, shard: int, device: torch.device)
         result = tracin_kernels.tracin_shard(
             models, grads, weights, scheduler, train_set.images.to(device), train_set.ids, train_side=side,
             draws=draws, n_timesteps=a.expectation_timesteps, seed=a.seed, output=_loss_output(cfg), shard=shard,
-            n_shards=cfg.grads.shards, layout="strided", block_size=a.block_size)
+            n_shards=cfg.grads.shards, layout="strided", block_size=a.block_size, self_timesteps=self_t,
+            self_noises=a.self_influence_noises)
         save_tensors(result.as_tensors(), tracin_shard_path(run_dir, side, shard, cfg.grads.shards),
                      metadata={"meta": json.dumps(result.meta)})
 
@@ -148,11 +153,11 @@ def merge_tracin(cfg: DictConfig, run_dir: Path) -> None:
         merged = tracin_kernels.merge_shards(parts)
         for method, (m_side, norm) in TRACIN_FAMILY.items():
             if m_side == side and method in cfg.attribution.methods:
+                own = {"self_influence": merged.self_influence[norm]} if merged.self_influence else {}
                 save_tensors({"scores": merged.scores[norm], "query_ids": merged.query_ids,
                               "train_ids": merged.train_ids, "weights": torch.from_numpy(merged.weights),
                               "train_grad_norms": merged.train_grad_norms,
-                              "train_timesteps": merged.train_timesteps, "self_influence": merged.self_influence},
-                             score_path(run_dir, method))
+                              "train_timesteps": merged.train_timesteps, **own}, score_path(run_dir, method))
 
 
 def score_path(run_dir, method: str) -> Path:
@@ -211,11 +216,12 @@ def run_trak(cfg: DictConfig, run_dir: Path, method: str, device: torch.device) 
                                                       spec, block_size=a.block_size))
     choice = _select_lambda(cfg, queries, phi_queries, phi_trains, train_set)
     scores = trak_kernels.ensemble_scores(phi_queries, phi_trains, choice.lam)
+    self_influence = torch.stack([trak_kernels.self_scores(p, choice.lam) for p in phi_trains]).mean(0)
     save_tensors({f"phi_train.{i}": p for i, p in enumerate(phi_trains)},
                  run_dir / "attribution" / method / "features.safetensors")
     _write_lambda(run_dir, method, choice)
     save_tensors({"scores": scores, "query_ids": torch.tensor(queries.query_id.to_numpy()),
-                  "train_ids": train_set.ids}, score_path(run_dir, method))
+                  "train_ids": train_set.ids, "self_influence": self_influence}, score_path(run_dir, method))
 
 
 def run_journey_trak(cfg: DictConfig, run_dir: Path, device: torch.device) -> None:

@@ -119,11 +119,15 @@ def _check_choices(cfg: DictConfig) -> None:
                               f"choose from {', '.join(METHODS)}")
     if cfg.attribution.projector not in ("countsketch", "rademacher", "gaussian"):
         raise ConfigError("invalid configuration at 'attribution.projector': use countsketch, rademacher or gaussian")
-    positive = ("attribution.test_timesteps", "attribution.test_noises", "attribution.proj_dim",
-                "attribution.trak_checkpoints", "attribution.topk", "grads.shards", "grads.batch_size", "grads.n_timesteps", "train.epochs", "train.batch_size", "train.checkpoint_every", "data.resolution", "sample.batch_size")
+    positive = ("attribution.test_timesteps", "attribution.test_noises", "attribution.self_influence_noises",
+                "attribution.proj_dim", "attribution.trak_checkpoints", "attribution.topk", "grads.shards",
+                "grads.batch_size", "grads.n_timesteps", "train.epochs", "train.batch_size",
+                "train.checkpoint_every", "data.resolution", "sample.batch_size")
     for key in positive:
         if OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"invalid configuration at '{key}': must be >= 1")
+    if cfg.attribution.self_influence_timesteps < 0:
+        raise ConfigError("invalid configuration at 'attribution.self_influence_timesteps': must be >= 0 (0 skips)")
 
 
 def compose(experiment: str, overrides: Sequence[str] = (), conf_dir: Path = CONF_DIR) -> Run:

@@ -106,13 +106,6 @@ def self_retrieval_rates(scores, query_ids, train_ids, ks: Sequence[int] = (1, 5
     return {f"top{k}": float((ranks <= k).mean()) for k in ks}
 
 
-def self_scores(scores, query_ids, train_ids) -> np.ndarray:
-    """[Q] I(z, z) of training-image queries: the entry of each query's own column."""
-    s = _array(scores)
-    pos = _positions(query_ids, train_ids)
-    return s[np.arange(len(pos)), pos]
-
-
 def outlier_topk_fraction(scores, train_is_outlier, k: int = 10, query_mask=None) -> float:
     """Mean fraction of planted outliers in the top-k of the queries in ``query_mask`` (default: all).
 

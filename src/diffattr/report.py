@@ -49,7 +49,7 @@ def write_report(cfg: DictConfig, run_dir: Path) -> None:
             rates = influence.self_retrieval_rates(s[is_train], ids[is_train], train_ids, ks=(1, 5))
             tracing.append({"method": method, "n_queries": int(is_train.sum()), **rates})
         if train_set.is_outlier.any():
-            outliers.append(_outlier_row(method, s, ids, kinds, reported, train_set))
+            outliers.append(_outlier_row(method, s, ids, reported, train_set, dense.get("self_influence")))
         _topk_figure(run_dir, method, table, reported, ids, kinds, queries, query_images, train_set)
 
     write_parquet(pd.concat(topk, ignore_index=True)[["method", "query_id", "query_kind", "rank", "train_id",
@@ -69,24 +69,21 @@ def _write_long(path: Path, s: np.ndarray, ids, kinds, train_ids) -> None:
                                 "train_id": np.tile(train_ids, q), "score": s.reshape(-1)}), path)
 
 
-def _outlier_row(method, s, ids, kinds, reported, train_set) -> dict:
-    """CIFAR-MNIST: outliers among the top-10 of in-class queries; self-influence AUROC over training queries."""
+def _outlier_row(method, s, ids, reported, train_set, self_influence) -> dict:
+    """CIFAR-MNIST: outliers among the top-10 of in-class queries, and the AUROC of self-influence over the whole
+    training set as an outlier detector (NaN where the method has no self-influence: Journey-TRAK, or the TracIn
+    family with ``attribution.self_influence_timesteps=0``)."""
     train_ids = train_set.ids.numpy()
     outlier = train_set.is_outlier.numpy()
     in_class = (reported.loc[ids, "label"].to_numpy() != -1) & ~np.isin(ids, train_ids[outlier])
-    row = {"method": method, "n_in_class_queries": int(in_class.sum()),
-           # NaN for methods without in-class queries (Journey-TRAK attributes generated images only)
-           "outlier_fraction_top10": (influence.outlier_topk_fraction(s, outlier, k=10, query_mask=in_class)
-                                      if in_class.any() else float("nan")),
-           "outlier_fraction_in_train_set": float(outlier.mean())}
-    is_train = kinds == "train"
-    position = {int(i): p for p, i in enumerate(train_ids)}
-    flags = np.array([outlier[position[int(i)]] for i in ids[is_train]], dtype=bool)
-    row["n_outlier_queries"] = int(flags.sum())
-    row["self_influence_auroc"] = (influence.outlier_auroc(influence.self_scores(s[is_train], ids[is_train],
-                                                                                 train_ids), flags)
-                                   if 0 < flags.sum() < len(flags) else float("nan"))
-    return row
+    return {"method": method, "n_in_class_queries": int(in_class.sum()),
+            # NaN for methods without in-class queries (Journey-TRAK attributes generated images only)
+            "outlier_fraction_top10": (influence.outlier_topk_fraction(s, outlier, k=10, query_mask=in_class)
+                                       if in_class.any() else float("nan")),
+            "outlier_fraction_in_train_set": float(outlier.mean()), "n_train": len(outlier),
+            "self_influence_auroc": (influence.outlier_auroc(self_influence.numpy(), outlier)
+                                     if self_influence is not None and 0 < outlier.sum() < len(outlier)
+                                     else float("nan"))}
 
 
 def _topk_figure(run_dir, method, table, reported, ids, kinds, queries, query_images, train_set) -> None:

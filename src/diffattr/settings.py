@@ -96,6 +96,9 @@ class AttributionSettings:
     test_timesteps: int = 100  # S, evenly spaced
     test_noises: int = 16  # R noise draws per test timestep (authors: 16)
     expectation_timesteps: int = 10  # K of the *_expectation variants (train side averaged over a grid)
+    # self-influence I(z, z) of every training example, each as its own query on S' x R' (outlier AUROC); 0: skip
+    self_influence_timesteps: int = 0
+    self_influence_noises: int = 1
     # TRAK family (Park et al. 2023; Georgiev et al. 2023; Zheng et al. 2024)
     projector: str = "countsketch"  # countsketch | rademacher | gaussian
     proj_dim: int = 4096  # k

@@ -13,6 +13,10 @@
 Work is streamed over fixed blocks of training rows: the query gradients [Q, P] of one checkpoint stay in memory,
 a block's train gradients [B, P] are dotted with them and dropped. A shard is a set of whole blocks, so every row is
 computed in the same batch whatever the shard count and merged shards are bit-identical to one unsharded run.
+
+Self-influence ``I(z, z)`` (for the outlier experiment) treats every training example as its own query: the block's
+test-side gradients over a grid of S' timesteps x R' noises are dotted row by row with its train-side gradients.
+With the queries' grid and seed it equals the diagonal that image tracing reads for training-image queries.
 """
 
 from __future__ import annotations
@@ -151,24 +155,27 @@ class TracInScores:
     weights: np.ndarray  # [C] w_c
     train_grad_norms: torch.Tensor  # [C, n] ||g_train(c, z)|| before normalisation (at the recorded timestep)
     train_timesteps: torch.Tensor  # [C, n] the recorded timestep (-1 for the expectation train side)
-    self_influence: torch.Tensor  # [n] sum_c w_c ||g_train(c, z)||^2, TracIn self-influence (Pruthi et al.)
+    self_influence: dict[str, torch.Tensor]  # normalisation -> [n] I(z, z), z its own query; empty when not asked
     n_train: int  # size of the full training set
     meta: dict = field(default_factory=dict)
 
     def as_tensors(self) -> dict[str, torch.Tensor]:
         """Flat tensors for ``diffattr.atomic.save_tensors``; ``from_tensors`` reads them back."""
         out = {f"scores.{k}": v for k, v in self.scores.items()}
+        out.update({f"self_influence.{k}": v for k, v in self.self_influence.items()})
         out.update(train_index=torch.from_numpy(self.train_index), train_ids=self.train_ids,
                    query_ids=self.query_ids, weights=torch.from_numpy(self.weights),
                    train_grad_norms=self.train_grad_norms, train_timesteps=self.train_timesteps,
-                   self_influence=self.self_influence, n_train=torch.tensor([self.n_train]))
+                   n_train=torch.tensor([self.n_train]))
         return out
 
     @classmethod
     def from_tensors(cls, t: Mapping[str, torch.Tensor], meta: dict | None = None) -> "TracInScores":
-        return cls({k.split(".", 1)[1]: v for k, v in t.items() if k.startswith("scores.")},
-                   t["train_index"].numpy(), t["train_ids"], t["query_ids"], t["weights"].numpy(),
-                   t["train_grad_norms"], t["train_timesteps"], t["self_influence"], int(t["n_train"][0]),
+        def prefixed(prefix):
+            return {k.split(".", 1)[1]: v for k, v in t.items() if k.startswith(prefix + ".")}
+
+        return cls(prefixed("scores"), t["train_index"].numpy(), t["train_ids"], t["query_ids"], t["weights"].numpy(),
+                   t["train_grad_norms"], t["train_timesteps"], prefixed("self_influence"), int(t["n_train"][0]),
                    dict(meta or {}))
 
 
@@ -194,6 +201,7 @@ def tracin_shard(models: Iterable, query_grads: Iterable[QueryGradients], weight
                  train_images: torch.Tensor, train_ids: torch.Tensor, *, train_side: str = "recorded",
                  draws: pd.DataFrame | None = None, n_timesteps: int = 10, seed: int = 0, output: str = "loss",
                  shard: int = 0, n_shards: int = 1, layout: str = "contiguous", block_size: int = 64,
+                 self_timesteps: torch.Tensor | None = None, self_noises: int = 1,
                  batch_size: int | None = None) -> TracInScores:
     """TracIn/ReTrac scores of every query against shard ``shard`` of ``n_shards`` of the training rows.
 
@@ -202,6 +210,8 @@ def tracin_shard(models: Iterable, query_grads: Iterable[QueryGradients], weight
     "recorded"``; ``expectation`` averages K = ``n_timesteps`` evenly spaced timesteps with noise fixed by
     ``derive_seeds(seed, STREAM, sample_id, t)`` and, for the normalised variants, normalises each timestep's
     gradient before the average (the train-side analogue of ReTrac's test side).
+    ``self_timesteps`` (S') and ``self_noises`` (R') turn on the self-influence of every row: the row as a query
+    (noise as in ``query_gradients`` with this ``seed``, keyed by its sample id) against its own train side.
     All four normalisations are returned; merge shards with ``merge_shards``.
     """
     if train_side not in TRAIN_SIDES:
@@ -214,7 +224,8 @@ def tracin_shard(models: Iterable, query_grads: Iterable[QueryGradients], weight
     weights = np.asarray(weights, dtype=np.float64)
     scores: dict[str, torch.Tensor] = {}
     norms, steps, query_ids = [], [], None
-    self_influence = torch.zeros(len(index), dtype=torch.float64)
+    with_self = self_timesteps is not None
+    self_influence = {key: torch.zeros(len(index), dtype=torch.float64) for key in NORMALIZATIONS} if with_self else {}
     n_ckpt = 0
     for c, (model, qg) in enumerate(zip(models, query_grads, strict=True)):
         if c >= len(weights):
@@ -244,8 +255,12 @@ def tracin_shard(models: Iterable, query_grads: Iterable[QueryGradients], weight
                 test = tests["raw"] if key in ("none", "train") else tests["normalized"]
                 train = raw if key in ("none", "test") else unit
                 scores[key][:, sl] += (test @ train.T).double().cpu() * weights[c]
+            if with_self:
+                own = _own_query_block(model, scheduler, train_images[rows], train_ids[rows], self_timesteps,
+                                       self_noises, seed, output, batch_size, {"raw": raw, "unit": unit})
+                for key in NORMALIZATIONS:
+                    self_influence[key][sl] += own[key].cpu() * weights[c]
             pos += len(rows)
-        self_influence += weights[c] * c_norms.square()
         norms.append(c_norms)
         steps.append(c_steps)
         n_ckpt += 1
@@ -253,7 +268,9 @@ def tracin_shard(models: Iterable, query_grads: Iterable[QueryGradients], weight
         raise ValueError(f"{n_ckpt} checkpoints (models and query gradients) but {len(weights)} weights")
     return TracInScores(scores, index, train_ids[index], query_ids, weights, torch.stack(norms), torch.stack(steps),
                         self_influence, len(train_ids),
-                        {"train_side": train_side, "output": output, "n_timesteps": n_timesteps, "seed": seed})
+                        {"train_side": train_side, "output": output, "n_timesteps": n_timesteps, "seed": seed,
+                         "self_timesteps": None if self_timesteps is None else torch.as_tensor(self_timesteps).tolist(),
+                         "self_noises": self_noises if with_self else None})
 
 
 def merge_shards(parts: Sequence[TracInScores]) -> TracInScores:
@@ -276,7 +293,8 @@ def merge_shards(parts: Sequence[TracInScores]) -> TracInScores:
     return TracInScores({k: cat(lambda p: p.scores[k]) for k in first.scores}, index[order],
                         cat(lambda p: p.train_ids, 0), first.query_ids, first.weights,
                         cat(lambda p: p.train_grad_norms), cat(lambda p: p.train_timesteps),
-                        cat(lambda p: p.self_influence, 0), first.n_train, dict(first.meta))
+                        {k: cat(lambda p: p.self_influence[k], 0) for k in first.self_influence}, first.n_train,
+                        dict(first.meta))
 
 
 def _safe(norms: torch.Tensor) -> torch.Tensor:
@@ -303,6 +321,35 @@ def _recorded_block(model, scheduler, x0, draws, output, batch_size):
                          **({} if batch_size is None else {"batch_size": batch_size}))
     n = g.double().norm(dim=1)
     return g, g / _safe(n).float()[:, None], n
+
+
+def _own_query_block(model, scheduler, x0, ids, timesteps, n_noise, seed, output, batch_size, train_sides):
+    """``<test side of row i as its own query, train side of row i>`` for each row and normalisation: [B] each.
+
+    The test side (``query_gradients`` for the row's image and sample id) is never formed: by linearity each
+    timestep's noise-averaged gradient g_t is dotted with the row's train vectors and dropped, so only [B] scalars
+    accumulate (ReTrac's test side divides each timestep's dot by ||g_t||).
+    """
+    from ..grads import per_sample_grads
+
+    def rowdot(a, b):
+        return (a.unsqueeze(1) @ b.unsqueeze(2)).view(-1).double()
+
+    R, timesteps = int(n_noise), torch.as_tensor(timesteps).long()
+    out = {key: 0.0 for key in NORMALIZATIONS}
+    for t in timesteps.tolist():
+        r_rows = torch.arange(R).repeat(len(x0))
+        noise = noise_from_seeds(derive_seeds(seed, _QUERY_NOISE, ids.repeat_interleave(R), t, r_rows).reshape(-1),
+                                 x0.shape[1:])
+        g = per_sample_grads(model, scheduler, x0.repeat_interleave(R, 0), torch.full((len(r_rows),), t), noise,
+                             output=output, **({} if batch_size is None else {"batch_size": batch_size}))
+        g_t = g.view(len(x0), R, -1).mean(1) if R > 1 else g
+        scale = 1.0 / _safe(g_t.double().norm(dim=1))
+        dot_raw, dot_unit = rowdot(g_t, train_sides["raw"]), rowdot(g_t, train_sides["unit"])
+        for key, value in (("none", dot_raw), ("train", dot_unit), ("test", dot_raw * scale),
+                           ("both", dot_unit * scale)):
+            out[key] = out[key] + value / len(timesteps)
+    return out
 
 
 def _expectation_block(model, scheduler, x0, ids, n_timesteps, seed, output, batch_size):

@@ -162,19 +162,37 @@ def trak_scores(phi_query: torch.Tensor, phi_train: torch.Tensor, lam: float = 0
     lead, k = phi_query.shape[:-1], phi_query.shape[-1]
     q, t = phi_query.reshape(-1, k).double(), phi_train.double()
     n = t.shape[0]
-    ridge = float(lam) * (t.square().sum().item() / k if relative else 1.0)
+    if k <= n:  # [k, k]: (Phi^T Phi + lambda)^{-1} Phi^T
+        scores = q @ _ridge_solve(t.T @ t, t.T, _ridge(t, lam, relative))
+    else:  # [N, N], push-through: Phi^T (Phi Phi^T + lambda)^{-1}
+        scores = _ridge_solve(t @ t.T, t @ q.T, _ridge(t, lam, relative)).T
+    return scores.reshape(*lead, n)
+
+
+def self_scores(phi_train: torch.Tensor, lam: float = 0.0, *, relative: bool = True) -> torch.Tensor:
+    """[N] ``phi(i)^T (Phi^T Phi + lambda I)^{-1} phi(i)``: each training example's score for itself, its TRAK
+    self-influence (the ridge leverage of its feature), without the [N, N] score matrix when k <= N."""
+    t = phi_train.double()
+    n, k = t.shape
     if k <= n:
-        gram, rhs = t.T @ t, t.T  # [k, k], solve for (Phi^T Phi + lambda)^{-1} Phi^T
-    else:
-        gram, rhs = t @ t.T, t @ q.T  # [N, N], push-through: Phi^T (Phi Phi^T + lambda)^{-1}
+        return (t * _ridge_solve(t.T @ t, t.T, _ridge(t, lam, relative)).T).sum(1)
+    gram = t @ t.T  # diag(K (K + lambda)^{-1}) = diag((K + lambda)^{-1} K): the two commute
+    return _ridge_solve(gram, gram, _ridge(t, lam, relative)).diagonal().clone()
+
+
+def _ridge(phi_train: torch.Tensor, lam: float, relative: bool) -> float:
+    return float(lam) * (phi_train.square().sum().item() / phi_train.shape[1] if relative else 1.0)
+
+
+def _ridge_solve(gram: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Tensor:
+    """``(gram + ridge I)^{-1} rhs`` by Cholesky; a singular system raises ``LinAlgError``."""
+    gram = gram.clone()
     gram.diagonal().add_(ridge)
     chol, info = torch.linalg.cholesky_ex(gram)
     if int(info) != 0:
         raise np.linalg.LinAlgError(f"TRAK Gram matrix ({gram.shape[0]}x{gram.shape[0]}) is singular at "
                                     f"lambda={ridge:g}; use lam > 0")
-    solved = torch.cholesky_solve(rhs, chol)
-    scores = q @ solved if k <= n else solved.T
-    return scores.reshape(*lead, n)
+    return torch.cholesky_solve(rhs, chol)
 
 
 def ensemble_scores(phi_queries: Sequence[torch.Tensor], phi_trains: Sequence[torch.Tensor], lam: float = 0.0, *,
