@@ -259,6 +259,26 @@ def test_self_influence_is_the_tracing_diagonal_when_the_grids_match(models, dat
     assert not torch.allclose(result.self_influence["none"], result.self_influence["both"], rtol=0.1)
 
 
+def test_both_train_sides_in_one_pass_equal_one_side_at_a_time(models, data, replay):
+    train, queries = data
+    weights = tracin.tracin_weights(CHECKPOINTS, BATCH, len(TRAIN_IDS))
+    qgs = [tracin.query_gradients(m, SCHEDULER, queries, QUERY_IDS, timesteps=QUERY_TIMESTEPS, n_noise=1)
+           for m in models]
+    kwargs = dict(draws=tracin.recorded_draws(replay, CHECKPOINTS), n_timesteps=2, seed=4, block_size=3,
+                  self_timesteps=QUERY_TIMESTEPS[:2])
+    both = tracin.tracin_shard_sides(models, qgs, weights, SCHEDULER, train, TRAIN_IDS,
+                                     train_sides=("recorded", "expectation"), **kwargs)
+    for side in ("recorded", "expectation"):
+        alone = tracin.tracin_shard(models, qgs, weights, SCHEDULER, train, TRAIN_IDS, train_side=side, **kwargs)
+        assert both[side].meta == alone.meta
+        for key in tracin.NORMALIZATIONS:
+            assert torch.equal(both[side].scores[key], alone.scores[key])
+            assert torch.equal(both[side].self_influence[key], alone.self_influence[key])
+        assert torch.equal(both[side].train_grad_norms, alone.train_grad_norms)
+        assert torch.equal(both[side].train_timesteps, alone.train_timesteps)
+    assert not torch.equal(both["recorded"].scores["none"], both["expectation"].scores["none"])
+
+
 def test_self_influence_is_left_out_unless_asked(models, data, replay):
     result, *_ = run_tracin(models, data, replay)
     assert result.self_influence == {}

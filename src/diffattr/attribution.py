@@ -87,7 +87,8 @@ def load_queries(run_dir: Path) -> tuple[pd.DataFrame, torch.Tensor]:
 # ---------------------------------------------------------------- TracIn / ReTrac
 
 def run_tracin(cfg: DictConfig, run_dir: Path, shard: int, device: torch.device) -> None:
-    """Shard ``shard`` of ``grads.shards`` of every TracIn-family train side: all four normalisations at once."""
+    """Shard ``shard`` of ``grads.shards`` of every requested TracIn-family train side in one pass over the
+    checkpoints (query gradients computed once): all four normalisations at once."""
     a, run_dir = cfg.attribution, Path(run_dir)
     states = read_index(run_dir / "checkpoints")
     train_set = ImageSet.load(run_dir / "data" / "train")
@@ -99,23 +100,24 @@ def run_tracin(cfg: DictConfig, run_dir: Path, shard: int, device: torch.device)
         if a.self_influence_timesteps else None
     query_ids = torch.tensor(queries.query_id.to_numpy())
 
-    for side in tracin_sides(a.methods):
-        models, grads = _checkpoint_streams(states, run_dir, device, lambda model: tracin_kernels.query_gradients(
-            model, scheduler, query_images.to(device), query_ids, timesteps=test_t, n_noise=a.test_noises,
-            seed=a.seed, output=_loss_output(cfg)))
-        draws = tracin_kernels.recorded_draws(pd.read_parquet(run_dir / "train_log.parquet"), states) \
-            if side == "recorded" else None
-        result = tracin_kernels.tracin_shard(
-            models, grads, weights, scheduler, train_set.images.to(device), train_set.ids, train_side=side,
-            draws=draws, n_timesteps=a.expectation_timesteps, seed=a.seed, output=_loss_output(cfg), shard=shard,
-            n_shards=cfg.grads.shards, layout="strided", block_size=a.block_size, self_timesteps=self_t,
-            self_noises=a.self_influence_noises)
+    sides = tracin_sides(a.methods)
+    models, grads = _checkpoint_streams(states, run_dir, device, lambda model: tracin_kernels.query_gradients(
+        model, scheduler, query_images.to(device), query_ids, timesteps=test_t, n_noise=a.test_noises,
+        seed=a.seed, output=_loss_output(cfg)))
+    draws = tracin_kernels.recorded_draws(pd.read_parquet(run_dir / "train_log.parquet"), states) \
+        if "recorded" in sides else None
+    results = tracin_kernels.tracin_shard_sides(
+        models, grads, weights, scheduler, train_set.images.to(device), train_set.ids, train_sides=sides,
+        draws=draws, n_timesteps=a.expectation_timesteps, seed=a.seed, output=_loss_output(cfg), shard=shard,
+        n_shards=cfg.grads.shards, layout="strided", block_size=a.block_size, self_timesteps=self_t,
+        self_noises=a.self_influence_noises)
+    for side, result in results.items():
         save_tensors(result.as_tensors(), tracin_shard_path(run_dir, side, shard, cfg.grads.shards),
                      metadata={"meta": json.dumps(result.meta)})
 
 
 def _checkpoint_streams(states, run_dir: Path, device, query_fn):
-    """Two iterables zipped by ``tracin_shard``: each checkpoint's model, then its query gradients.
+    """Two iterables zipped by ``tracin_shard_sides``: each checkpoint's model, then its query gradients.
 
     Models are loaded one at a time and the query gradients computed right after, so one checkpoint's [Q, P] is held.
     """

@@ -199,34 +199,50 @@ def shard_blocks(n: int, shard: int = 0, n_shards: int = 1, block_size: int = 64
 
 def tracin_shard(models: Iterable, query_grads: Iterable[QueryGradients], weights: Sequence[float], scheduler,
                  train_images: torch.Tensor, train_ids: torch.Tensor, *, train_side: str = "recorded",
-                 draws: pd.DataFrame | None = None, n_timesteps: int = 10, seed: int = 0, output: str = "loss",
-                 shard: int = 0, n_shards: int = 1, layout: str = "contiguous", block_size: int = 64,
-                 self_timesteps: torch.Tensor | None = None, self_noises: int = 1,
-                 batch_size: int | None = None) -> TracInScores:
+                 **kwargs) -> TracInScores:
     """TracIn/ReTrac scores of every query against shard ``shard`` of ``n_shards`` of the training rows.
 
+    One train side of ``tracin_shard_sides`` (which see for the arguments).
+    """
+    return tracin_shard_sides(models, query_grads, weights, scheduler, train_images, train_ids,
+                              train_sides=(train_side,), **kwargs)[train_side]
+
+
+def tracin_shard_sides(models: Iterable, query_grads: Iterable[QueryGradients], weights: Sequence[float], scheduler,
+                       train_images: torch.Tensor, train_ids: torch.Tensor, *,
+                       train_sides: Sequence[str] = ("recorded",), draws: pd.DataFrame | None = None,
+                       n_timesteps: int = 10, seed: int = 0, output: str = "loss", shard: int = 0,
+                       n_shards: int = 1, layout: str = "contiguous", block_size: int = 64,
+                       self_timesteps: torch.Tensor | None = None, self_noises: int = 1,
+                       batch_size: int | None = None) -> dict[str, TracInScores]:
+    """TracIn/ReTrac scores of every query against shard ``shard`` of ``n_shards`` of the training rows, for each
+    train side in ``train_sides`` in one pass, so that each checkpoint's query gradients (and the rows' own test
+    sides) are computed once for all sides.
+
     ``models``, ``query_grads`` and ``weights`` run over the same checkpoints in the same order (iterables are read
-    once, so models may be loaded lazily). ``draws`` (from ``recorded_draws``) is required for ``train_side=
-    "recorded"``; ``expectation`` averages K = ``n_timesteps`` evenly spaced timesteps with noise fixed by
+    once, so models may be loaded lazily). ``draws`` (from ``recorded_draws``) is required for the ``recorded``
+    side; ``expectation`` averages K = ``n_timesteps`` evenly spaced timesteps with noise fixed by
     ``derive_seeds(seed, STREAM, sample_id, t)`` and, for the normalised variants, normalises each timestep's
     gradient before the average (the train-side analogue of ReTrac's test side).
     ``self_timesteps`` (S') and ``self_noises`` (R') turn on the self-influence of every row: the row as a query
     (noise as in ``query_gradients`` with this ``seed``, keyed by its sample id) against its own train side.
     All four normalisations are returned; merge shards with ``merge_shards``.
     """
-    if train_side not in TRAIN_SIDES:
-        raise ValueError(f"unknown train side {train_side!r} ({' | '.join(TRAIN_SIDES)})")
-    if train_side == "recorded" and draws is None:
+    for side in train_sides:
+        if side not in TRAIN_SIDES:
+            raise ValueError(f"unknown train side {side!r} ({' | '.join(TRAIN_SIDES)})")
+    if "recorded" in train_sides and draws is None:
         raise ValueError("train_side='recorded' needs the draws table (recorded_draws(replay, checkpoints))")
     train_ids = torch.as_tensor(train_ids).long()
     blocks = shard_blocks(len(train_ids), shard, n_shards, block_size, layout)
     index = np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.int64)
     weights = np.asarray(weights, dtype=np.float64)
-    scores: dict[str, torch.Tensor] = {}
-    norms, steps, query_ids = [], [], None
     with_self = self_timesteps is not None
-    self_influence = {key: torch.zeros(len(index), dtype=torch.float64) for key in NORMALIZATIONS} if with_self else {}
-    n_ckpt = 0
+    scores = {side: {} for side in train_sides}
+    self_influence = {side: {key: torch.zeros(len(index), dtype=torch.float64) for key in NORMALIZATIONS}
+                      if with_self else {} for side in train_sides}
+    norms, steps = {side: [] for side in train_sides}, {side: [] for side in train_sides}
+    query_ids, n_ckpt = None, 0
     for c, (model, qg) in enumerate(zip(models, query_grads, strict=True)):
         if c >= len(weights):
             raise ValueError(f"more checkpoints than the {len(weights)} weights")
@@ -234,43 +250,52 @@ def tracin_shard(models: Iterable, query_grads: Iterable[QueryGradients], weight
             raise ValueError(f"query gradients of checkpoint {c} use output {qg.output!r}, train side {output!r}")
         if query_ids is None:
             query_ids = qg.query_ids
-            scores = {key: torch.zeros(len(query_ids), len(index), dtype=torch.float64) for key in NORMALIZATIONS}
+            scores = {side: {key: torch.zeros(len(query_ids), len(index), dtype=torch.float64)
+                             for key in NORMALIZATIONS} for side in train_sides}
         if not torch.equal(query_ids, qg.query_ids):
             raise ValueError(f"query gradients of checkpoint {c} are for other queries than checkpoint 0")
-        recorded = _draws_of(draws, c, train_ids[index]) if train_side == "recorded" else None
+        recorded = _draws_of(draws, c, train_ids[index]) if "recorded" in train_sides else None
         device = next(p for p in model.parameters() if p.requires_grad).device
         tests = {"raw": qg.raw.to(device), "normalized": qg.normalized.to(device)}
-        c_norms, c_steps, pos = torch.empty(len(index), dtype=torch.float64), torch.full((len(index),), -1), 0
+        c_norms = {side: torch.empty(len(index), dtype=torch.float64) for side in train_sides}
+        c_steps = {side: torch.full((len(index),), -1) for side in train_sides}
+        pos = 0
         for rows in blocks:
             sl = slice(pos, pos + len(rows))
-            if recorded is not None:
-                raw, unit, n = _recorded_block(model, scheduler, train_images[rows], recorded.iloc[sl], output,
-                                               batch_size)
-                c_steps[sl] = torch.tensor(recorded["timestep"].to_numpy()[sl])
-            else:
-                raw, unit, n = _expectation_block(model, scheduler, train_images[rows], train_ids[rows],
-                                                  n_timesteps, seed, output, batch_size)
-            c_norms[sl] = n.cpu()
-            for key in NORMALIZATIONS:
-                test = tests["raw"] if key in ("none", "train") else tests["normalized"]
-                train = raw if key in ("none", "test") else unit
-                scores[key][:, sl] += (test @ train.T).double().cpu() * weights[c]
+            vectors = {}
+            for side in train_sides:
+                if side == "recorded":
+                    raw, unit, n = _recorded_block(model, scheduler, train_images[rows], recorded.iloc[sl], output,
+                                                   batch_size)
+                    c_steps[side][sl] = torch.tensor(recorded["timestep"].to_numpy()[sl])
+                else:
+                    raw, unit, n = _expectation_block(model, scheduler, train_images[rows], train_ids[rows],
+                                                      n_timesteps, seed, output, batch_size)
+                c_norms[side][sl] = n.cpu()
+                for key in NORMALIZATIONS:
+                    test = tests["raw"] if key in ("none", "train") else tests["normalized"]
+                    train = raw if key in ("none", "test") else unit
+                    scores[side][key][:, sl] += (test @ train.T).double().cpu() * weights[c]
+                vectors[side] = {"raw": raw, "unit": unit}
             if with_self:
                 own = _own_query_block(model, scheduler, train_images[rows], train_ids[rows], self_timesteps,
-                                       self_noises, seed, output, batch_size, {"raw": raw, "unit": unit})
-                for key in NORMALIZATIONS:
-                    self_influence[key][sl] += own[key].cpu() * weights[c]
+                                       self_noises, seed, output, batch_size, vectors)
+                for side in train_sides:
+                    for key in NORMALIZATIONS:
+                        self_influence[side][key][sl] += own[side][key].cpu() * weights[c]
             pos += len(rows)
-        norms.append(c_norms)
-        steps.append(c_steps)
+        for side in train_sides:
+            norms[side].append(c_norms[side])
+            steps[side].append(c_steps[side])
         n_ckpt += 1
     if n_ckpt == 0 or n_ckpt != len(weights):
         raise ValueError(f"{n_ckpt} checkpoints (models and query gradients) but {len(weights)} weights")
-    return TracInScores(scores, index, train_ids[index], query_ids, weights, torch.stack(norms), torch.stack(steps),
-                        self_influence, len(train_ids),
-                        {"train_side": train_side, "output": output, "n_timesteps": n_timesteps, "seed": seed,
-                         "self_timesteps": None if self_timesteps is None else torch.as_tensor(self_timesteps).tolist(),
-                         "self_noises": self_noises if with_self else None})
+    meta = {"output": output, "n_timesteps": n_timesteps, "seed": seed,
+            "self_timesteps": None if self_timesteps is None else torch.as_tensor(self_timesteps).tolist(),
+            "self_noises": self_noises if with_self else None}
+    return {side: TracInScores(scores[side], index, train_ids[index], query_ids, weights, torch.stack(norms[side]),
+                               torch.stack(steps[side]), self_influence[side], len(train_ids),
+                               {"train_side": side, **meta}) for side in train_sides}
 
 
 def merge_shards(parts: Sequence[TracInScores]) -> TracInScores:
@@ -323,12 +348,13 @@ def _recorded_block(model, scheduler, x0, draws, output, batch_size):
     return g, g / _safe(n).float()[:, None], n
 
 
-def _own_query_block(model, scheduler, x0, ids, timesteps, n_noise, seed, output, batch_size, train_sides):
-    """``<test side of row i as its own query, train side of row i>`` for each row and normalisation: [B] each.
+def _own_query_block(model, scheduler, x0, ids, timesteps, n_noise, seed, output, batch_size, train_vectors):
+    """``<test side of row i as its own query, train side of row i>`` per train side and normalisation: [B] each.
 
-    The test side (``query_gradients`` for the row's image and sample id) is never formed: by linearity each
-    timestep's noise-averaged gradient g_t is dotted with the row's train vectors and dropped, so only [B] scalars
-    accumulate (ReTrac's test side divides each timestep's dot by ||g_t||).
+    ``train_vectors`` maps a train side to the block's ``{"raw", "unit"}`` [B, P]. The test side (``query_gradients``
+    for the row's image and sample id) is never formed: by linearity each timestep's noise-averaged gradient g_t is
+    dotted with the row's train vectors and dropped, so only [B] scalars accumulate (ReTrac's test side divides each
+    timestep's dot by ||g_t||).
     """
     from ..grads import per_sample_grads
 
@@ -336,7 +362,7 @@ def _own_query_block(model, scheduler, x0, ids, timesteps, n_noise, seed, output
         return (a.unsqueeze(1) @ b.unsqueeze(2)).view(-1).double()
 
     R, timesteps = int(n_noise), torch.as_tensor(timesteps).long()
-    out = {key: 0.0 for key in NORMALIZATIONS}
+    out = {side: {key: 0.0 for key in NORMALIZATIONS} for side in train_vectors}
     for t in timesteps.tolist():
         r_rows = torch.arange(R).repeat(len(x0))
         noise = noise_from_seeds(derive_seeds(seed, _QUERY_NOISE, ids.repeat_interleave(R), t, r_rows).reshape(-1),
@@ -345,10 +371,11 @@ def _own_query_block(model, scheduler, x0, ids, timesteps, n_noise, seed, output
                              output=output, **({} if batch_size is None else {"batch_size": batch_size}))
         g_t = g.view(len(x0), R, -1).mean(1) if R > 1 else g
         scale = 1.0 / _safe(g_t.double().norm(dim=1))
-        dot_raw, dot_unit = rowdot(g_t, train_sides["raw"]), rowdot(g_t, train_sides["unit"])
-        for key, value in (("none", dot_raw), ("train", dot_unit), ("test", dot_raw * scale),
-                           ("both", dot_unit * scale)):
-            out[key] = out[key] + value / len(timesteps)
+        for side, vectors in train_vectors.items():
+            dot_raw, dot_unit = rowdot(g_t, vectors["raw"]), rowdot(g_t, vectors["unit"])
+            for key, value in (("none", dot_raw), ("train", dot_unit), ("test", dot_raw * scale),
+                               ("both", dot_unit * scale)):
+                out[side][key] = out[side][key] + value / len(timesteps)
     return out
 
 
