@@ -238,7 +238,7 @@ def tracin_shard_sides(models: Iterable, query_grads: Iterable[QueryGradients], 
     index = np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.int64)
     weights = np.asarray(weights, dtype=np.float64)
     with_self = self_timesteps is not None
-    scores = {side: {} for side in train_sides}
+    scores: dict[str, dict[str, torch.Tensor]] = {}  # side -> normalisation -> [Q, n], sized at checkpoint 0
     self_influence = {side: {key: torch.zeros(len(index), dtype=torch.float64) for key in NORMALIZATIONS}
                       if with_self else {} for side in train_sides}
     norms, steps = {side: [] for side in train_sides}, {side: [] for side in train_sides}
