@@ -1,24 +1,43 @@
 # Training-data attribution for diffusion models: dataset -> DDPM training -> samples -> gradients -> scores -> figures.
 #   snakemake --cores all                                        # the embedded default (experiment=digits)
 #   snakemake --cores all --config experiment=cifar2 'overrides=["data.archive=/path/cifar-10-python.tar.gz"]'
-# Every output of a run lives under results/<experiment>/<run>/, <run> named by the overrides.
+#   snakemake --cores all --config 'overrides=["attribution.test_noises=1,2,4"]'   # a sweep: three runs
+# Stages write keyed directories under results/<experiment>/stages/ that runs share; each run's config, manifest,
+# tables and figures are under results/<experiment>/<run>/ (diffattr.layout).
 from snakemake.utils import min_version
 
 min_version("8.0")
 
 
 include: "workflow/rules/common.smk"
+
+
+wildcard_constraints:
+    data="[0-9a-f]{12}",
+    train="[0-9a-f]{12}",
+    samples="[0-9a-f]{12}",
+    norm_study="[0-9a-f]{12}",
+    queries="[0-9a-f]{12}",
+    method_key="[0-9a-f]{12}",
+    family="[a-z0-9_]+",
+    method="[A-Za-z0-9_]+",
+    checkpoint=r"epoch_\d+",
+    shard=r"\d+",
+    shards=r"\d+",
+    kind="grid|recorded",
+
+
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/sample.smk"
-include: "workflow/rules/grads.smk"
+include: "workflow/rules/norm_study.smk"
 include: "workflow/rules/attribution.smk"
+include: "workflow/rules/run.smk"
+include: "workflow/rules/sweep.smk"
 
 
 rule all:
     input:
-        sample_outputs(),
-        f"{R}/figures/norm_vs_timestep.png",
-        f"{R}/figures/norm_at_recorded_timestep.png",
-        rules.attribution_report.output,
+        [run_targets(r) for r in RUNS],
+        [P(name, sweep=SWEEP.name) for name in ("sweep_summary", "sweep_figure")] if SWEEP.name else [],
     default_target: True

@@ -15,7 +15,8 @@ import torch
 from omegaconf import OmegaConf
 
 from diffattr.config import CONF_DIR
-from diffattr.models import build_unet, count_parameters
+from diffattr.grads import num_trainable
+from diffattr.models import build_unet
 
 SHAPES = {"tiny": (16, 3, 64), "ddpm_cifar10": (32, 3, 16), "micro": (8, 1, 64)}  # resolution, channels, batch
 
@@ -42,7 +43,7 @@ def steps_per_second(name: str, device: torch.device, repeats: int, batch: int |
             torch.cuda.synchronize()
         if i > 0:  # the first step warms up allocators and kernels
             rates.append(batch / (time.perf_counter() - tic))
-    return count_parameters(unet), batch, rates
+    return num_trainable(unet), batch, rates
 
 
 def main() -> None:

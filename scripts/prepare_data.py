@@ -1,14 +1,14 @@
-"""Load the configured dataset once and store both splits under ``<run>/data/{train,test}/``."""
+"""Load the configured dataset once and store both splits in the run's data stage."""
 
 from diffattr.cli import entry
-from diffattr.data import load_dataset
+from diffattr.data import SPLITS, load_dataset
 
 
 @entry
 def main(run, device):
-    for split in ("train", "test"):
+    for split in SPLITS:
         images = load_dataset(run.cfg.data, split)
-        images.save(run.dir / "data" / split)
+        images.save(run.layout.path("data", split=split))
         print(f"{split}: {len(images)} images {tuple(images.images.shape[1:])}")
 
 

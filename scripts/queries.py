@@ -1,13 +1,13 @@
 """Choose the attribution queries: training images, held-out images and the run's generated samples."""
 
-from diffattr.attribution import build_queries
 from diffattr.checkpoints import read_index
 from diffattr.cli import entry
+from diffattr.queries import build_queries
 
 
 @entry
 def main(run, device):
-    build_queries(run.cfg, run.dir, read_index(run.dir / "checkpoints")[-1].name)
+    build_queries(run.cfg, run.layout, read_index(run.layout.path("checkpoint_index").parent)[-1].name)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,12 @@
-"""Merge TracIn shards, then write every attribution table and figure."""
+"""Every attribution table and figure of the run, from the dense score files of its methods."""
 
-from diffattr.attribution import merge_tracin
 from diffattr.cli import entry
 from diffattr.report import write_report
 
 
 @entry
 def main(run, device):
-    merge_tracin(run.cfg, run.dir)
-    write_report(run.cfg, run.dir)
+    write_report(run.cfg, run.layout)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
-"""Write the run's resolved configuration, ``<run>/config.yaml``: the run's identity for every later rule."""
+"""Write the run's resolved configuration and its manifest: ``<run>/config.yaml`` and ``<run>/manifest.yaml``."""
 
 from diffattr.atomic import write_text
 from diffattr.cli import entry
-from diffattr.config import resolved_yaml
+from diffattr.config import manifest_yaml, resolved_yaml
 
 
 @entry
 def main(run, device):
-    write_text(run.dir / "config.yaml", resolved_yaml(run.cfg))
+    write_text(run.layout.path("config"), resolved_yaml(run.cfg))
+    write_text(run.layout.path("manifest"), manifest_yaml(run))
 
 
 if __name__ == "__main__":

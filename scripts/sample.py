@@ -6,7 +6,7 @@ from diffattr.sampling import write_samples
 
 @entry
 def main(run, device):
-    write_samples(run.cfg, run.dir, run.cfg.job.checkpoint, device)
+    write_samples(run.cfg, run.layout, run.cfg.job.checkpoint, device)
 
 
 if __name__ == "__main__":

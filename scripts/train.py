@@ -1,4 +1,4 @@
-"""Train (or resume) the run's DDPM: checkpoints, replay log ``train_log.parquet``, ``checkpoints/index.json``."""
+"""Train (or resume) the run's DDPM: checkpoints, their index and the replay log, in the run's train stage."""
 
 from diffattr.cli import entry
 from diffattr.data import ImageSet
@@ -7,7 +7,8 @@ from diffattr.train import train
 
 @entry
 def main(run, device):
-    states = train(run.cfg, run.dir, ImageSet.load(run.dir / "data" / "train"), device)
+    train_set = ImageSet.load(run.layout.path("data", split="train"))
+    states = train(run.cfg, run.layout.path("train_log").parent, train_set, device)
     print(f"{len(states)} checkpoints: {', '.join(s.name for s in states)}; final loss {states[-1].mean_loss:.4f}")
 
 

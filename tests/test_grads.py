@@ -162,22 +162,6 @@ def test_projected_grads_refuse_a_projector_for_another_model(make_small_unet, m
         grads.projected_grads(model, scheduler, *make_inputs(1), make_projector("countsketch", 10, 4))
 
 
-def test_mean_grads_average_over_timesteps_and_normalize_each(make_small_unet, make_inputs):
-    model, scheduler = make_small_unet(torch.float64)
-    n, k = 2, 3
-    x0, t, noise = make_inputs(n * k, torch.float64)
-    x0 = x0[::k]
-    per = grads.per_sample_grads(model, scheduler, x0.repeat_interleave(k, 0), t, noise).reshape(n, k, -1)
-    t, noise = t.reshape(n, k), noise.reshape(n, k, *noise.shape[1:])
-    plain = grads.mean_grads(model, scheduler, x0, t, noise, batch_size=4)  # chunks straddle examples
-    torch.testing.assert_close(plain, per.mean(1), rtol=1e-10, atol=1e-14)
-    each = grads.mean_grads(model, scheduler, x0, t, noise, normalize="each", batch_size=4)
-    torch.testing.assert_close(each, (per / per.norm(dim=2, keepdim=True)).mean(1), rtol=1e-10, atol=1e-14)
-    projector = make_projector("countsketch", model, 16)
-    projected = grads.mean_grads(model, scheduler, x0, t, noise, normalize="each", projector=projector)
-    torch.testing.assert_close(projected, each @ projector.matrix(torch.float64), rtol=1e-10, atol=1e-12)
-
-
 def test_layerwise_engine_accepts_fused_attention_and_func_engine_refuses_it(make_small_unet, make_inputs):
     model, scheduler = make_small_unet(torch.float64)
     x0, t, noise = make_inputs(2, torch.float64)

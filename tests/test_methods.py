@@ -1,443 +1,77 @@
-"""Diffusion-TracIn / ReTrac and the TRAK kernels, each against its formula written out over a plain autograd loop."""
+"""The method registry: what registers, what validation and the stage keys read from it, what it refuses."""
 
-from types import SimpleNamespace
+import dataclasses
+import subprocess
+import sys
 
-import numpy as np
-import pandas as pd
 import pytest
-import torch
-
-import diffattr.grads
-from diffattr.methods import tracin, trak
-from diffattr.models import build_scheduler, build_unet
-from diffattr.noise import derive_seeds, noise_from_seeds
-
-MODEL_CFG = {
-    "unet": {"block_out_channels": [8, 16], "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
-             "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "layers_per_block": 1, "norm_num_groups": 4,
-             "attention_head_dim": 8, "dropout": 0.0},
-    "num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02,
-}
-SCHEDULER = build_scheduler(MODEL_CFG)
-SHAPE = (1, 8, 8)
-TRAIN_IDS = torch.tensor([3, 17, 5, 40, 8, 21, 12])
-QUERY_IDS = torch.tensor([100, 101])
-QUERY_TIMESTEPS = torch.tensor([0, 500, 999])
-CHECKPOINTS = [SimpleNamespace(epoch=2, step=7, lr=1e-3), SimpleNamespace(epoch=4, step=15, lr=5e-4)]
-BATCH = 2
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The tensors here are tiny: a second OpenMP thread only adds synchronisation, and on a busy 2-core machine
-    # spin-waiting threads make every op up to 100x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def make_unet(seed):
-    torch.manual_seed(seed)
-    model = build_unet(MODEL_CFG, SHAPE[-1], SHAPE[0])
-    with torch.no_grad():  # move off the initialisation, where some layers start at zero
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
-def models():
-    return [make_unet(0), make_unet(1)]
-
-
-@pytest.fixture(scope="module")
-def data():
-    gen = torch.Generator().manual_seed(0)
-    train = torch.rand(len(TRAIN_IDS), *SHAPE, generator=gen) * 2 - 1
-    queries = torch.rand(len(QUERY_IDS), *SHAPE, generator=gen) * 2 - 1
-    return train, queries
-
-
-@pytest.fixture(scope="module")
-def replay():
-    """4 epochs of batches of 2 over the 7 examples (4 steps an epoch), as diffattr.train logs them."""
-    rng = np.random.default_rng(0)
-    rows, step = [], 0
-    for epoch in range(1, 5):
-        order = rng.permutation(len(TRAIN_IDS))
-        for b in range(0, len(order), BATCH):
-            for i in order[b:b + BATCH]:
-                rows.append({"step": step, "epoch": epoch, "lr": 1e-3, "batch_size": BATCH,
-                             "sample_id": int(TRAIN_IDS[i]), "timestep": int(rng.integers(0, 1000)),
-                             "noise_seed": int(rng.integers(0, 2**40))})
-            step += 1
-    return pd.DataFrame(rows)
-
-
-def reference_grad(model, x0, t, noise, output="loss"):
-    """One example's flat gradient by plain autograd, in named_parameters() order."""
-    params = [p for _, p in model.named_parameters() if p.requires_grad]
-    tt = torch.tensor([int(t)])
-    x_t = SCHEDULER.add_noise(x0[None], noise[None], tt)
-    eps = model(x_t, tt).sample
-    f = (noise[None] - eps).square().mean() if output == "loss" else eps.square().mean()
-    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(f, params)]).double()
-
-
-def reference_query_side(model, queries, seed, n_noise, ids=QUERY_IDS):
-    raw, unit, norms = [], [], []
-    for q, qid in enumerate(ids.tolist()):
-        g_t = []
-        for t in QUERY_TIMESTEPS.tolist():
-            gs = [reference_grad(model, queries[q], t, noise_from_seeds(
-                [int(derive_seeds(seed, tracin._QUERY_NOISE, qid, t, r))], SHAPE)[0]) for r in range(n_noise)]
-            g_t.append(torch.stack(gs).mean(0))
-        g_t = torch.stack(g_t)
-        raw.append(g_t.mean(0))
-        unit.append((g_t / g_t.norm(dim=1, keepdim=True)).mean(0))
-        norms.append(g_t.norm(dim=1))
-    return torch.stack(raw), torch.stack(unit), torch.stack(norms)
-
-
-def reference_train_side(model, train, draws, c, train_side, n_timesteps, seed):
-    raw, unit = [], []
-    for i, sid in enumerate(TRAIN_IDS.tolist()):
-        if train_side == "recorded":
-            row = draws[(draws.checkpoint == c) & (draws.sample_id == sid)].iloc[0]
-            g = reference_grad(model, train[i], row.timestep, noise_from_seeds([int(row.noise_seed)], SHAPE)[0])
-            raw.append(g)
-            unit.append(g / g.norm())
-        else:
-            gs = torch.stack([reference_grad(model, train[i], t, noise_from_seeds(
-                [int(derive_seeds(seed, tracin._TRAIN_NOISE, sid, t))], SHAPE)[0])
-                for t in tracin.evenly_spaced_timesteps(n_timesteps).tolist()])
-            raw.append(gs.mean(0))
-            unit.append((gs / gs.norm(dim=1, keepdim=True)).mean(0))
-    return torch.stack(raw), torch.stack(unit)
-
-
-def run_tracin(models, data, replay, train_side="recorded", **kwargs):
-    train, queries = data
-    weights = tracin.tracin_weights(CHECKPOINTS, BATCH, len(TRAIN_IDS))
-    qgs = [tracin.query_gradients(m, SCHEDULER, queries, QUERY_IDS, timesteps=QUERY_TIMESTEPS, n_noise=2, seed=9)
-           for m in models]
-    draws = tracin.recorded_draws(replay, CHECKPOINTS)
-    return tracin.tracin_shard(models, qgs, weights, SCHEDULER, train, TRAIN_IDS, train_side=train_side,
-                               draws=draws, n_timesteps=2, seed=4, block_size=3, **kwargs), qgs, draws, weights
-
-
-def assert_scores_close(actual, expected):
-    scale = expected.abs().max().item()
-    torch.testing.assert_close(actual.double(), expected.double(), rtol=1e-4, atol=1e-5 * scale)
-
-
-# ---- TracIn / ReTrac -------------------------------------------------------------------------------------------
-
-def test_weights_are_lr_times_batch_times_epoch_gap_over_n():
-    ckpts = [SimpleNamespace(epoch=2, lr=1e-3), SimpleNamespace(epoch=4, lr=1e-3), SimpleNamespace(epoch=5, lr=5e-4)]
-    np.testing.assert_allclose(tracin.tracin_weights(ckpts, 2, 5), [1e-3 * 2 * 2 / 5, 1e-3 * 2 * 2 / 5, 5e-4 * 2 / 5])
-
-
-def test_recorded_draw_is_the_last_draw_up_to_the_checkpoints_last_step():
-    replay = pd.DataFrame({"step": [0, 1, 3, 4, 6, 6], "epoch": [1, 1, 1, 2, 2, 2], "sample_id": [7, 8, 7, 8, 7, 8],
-                           "timestep": [10, 40, 20, 50, 30, 60], "noise_seed": [1, 2, 3, 4, 5, 6]})
-    draws = tracin.recorded_draws(replay, [SimpleNamespace(step=3), SimpleNamespace(step=7)])
-    got = {(r.checkpoint, r.sample_id): (r.timestep, r.noise_seed, r.in_window) for r in draws.itertuples()}
-    assert got == {(0, 7): (20, 3, True), (0, 8): (40, 2, True), (1, 7): (30, 5, True), (1, 8): (60, 6, True)}
-    early = tracin.recorded_draws(replay[replay.step != 6], [SimpleNamespace(step=3), SimpleNamespace(step=7)])
-    stale = early[(early.checkpoint == 1) & (early.sample_id == 7)].iloc[0]
-    assert (stale.timestep, bool(stale.in_window)) == (20, False)  # not drawn since checkpoint 0: kept, flagged
-
-
-PAIRS = {"none": ("raw", "raw"), "both": ("unit", "unit"), "train": ("raw", "unit"), "test": ("unit", "raw")}
-
-
-@pytest.mark.parametrize("train_side", ["recorded", "expectation"])
-def test_tracin_and_retrac_match_the_formula_over_autograd_gradients(models, data, replay, train_side):
-    result, qgs, draws, weights = run_tracin(models, data, replay, train_side, self_timesteps=QUERY_TIMESTEPS,
-                                             self_noises=2)
-    train, queries = data
-    expected = {k: 0 for k in tracin.NORMALIZATIONS}
-    self_influence = {k: 0 for k in tracin.NORMALIZATIONS}
-    for c, model in enumerate(models):
-        q_raw, q_unit, q_norms = reference_query_side(model, queries, seed=9, n_noise=2)
-        torch.testing.assert_close(qgs[c].raw.double(), q_raw, rtol=1e-4, atol=1e-5 * q_raw.abs().max().item())
-        torch.testing.assert_close(qgs[c].timestep_norms, q_norms, rtol=1e-4, atol=0)
-        t_raw, t_unit = reference_train_side(model, train, draws, c, train_side, n_timesteps=2, seed=4)
-        expected["none"] = expected["none"] + weights[c] * q_raw @ t_raw.T
-        expected["both"] = expected["both"] + weights[c] * q_unit @ t_unit.T
-        expected["train"] = expected["train"] + weights[c] * q_raw @ t_unit.T
-        expected["test"] = expected["test"] + weights[c] * q_unit @ t_raw.T
-        torch.testing.assert_close(result.train_grad_norms[c], t_raw.norm(dim=1), rtol=1e-4, atol=0)
-        # self-influence: each training image as its own query (tracin_shard's seed, keyed by its sample id)
-        own_raw, own_unit, _ = reference_query_side(model, train, seed=4, n_noise=2, ids=TRAIN_IDS)
-        own, side = {"raw": own_raw, "unit": own_unit}, {"raw": t_raw, "unit": t_unit}
-        for key, (test_key, train_key) in PAIRS.items():
-            self_influence[key] = self_influence[key] + weights[c] * (own[test_key] * side[train_key]).sum(1)
-    for key in tracin.NORMALIZATIONS:
-        assert_scores_close(result.scores[key], expected[key])
-        assert_scores_close(result.self_influence[key], self_influence[key])
-    if train_side == "recorded":
-        for c in range(len(models)):
-            want = draws[draws.checkpoint == c].set_index("sample_id").loc[TRAIN_IDS.numpy(), "timestep"]
-            assert result.train_timesteps[c].tolist() == want.tolist()
-
-
-def _scaling(factor, match_x0=None, match_t=None):
-    """per_sample_grads with the rows of one training image, or of one query timestep, multiplied by ``factor``."""
-    original = diffattr.grads.per_sample_grads
-
-    def scaled(model, scheduler, x0, timesteps, noise, *args, **kwargs):
-        g = original(model, scheduler, x0, timesteps, noise, *args, **kwargs)
-        rows = torch.ones(len(x0), dtype=torch.bool)
-        if match_x0 is not None:
-            rows &= (x0 == match_x0).flatten(1).all(1)
-        if match_t is not None:
-            rows &= timesteps == match_t
-        return torch.where(rows[:, None], g * factor, g)
-
-    return scaled
-
-
-def test_retrac_ignores_the_scale_of_a_train_gradient_and_tracin_does_not(models, data, replay, monkeypatch):
-    before, *_ = run_tracin(models, data, replay)
-    monkeypatch.setattr(diffattr.grads, "per_sample_grads", _scaling(7.0, match_x0=data[0][2]))
-    after, *_ = run_tracin(models, data, replay)
-    for key in ("both", "train"):
-        assert_scores_close(after.scores[key], before.scores[key])
-    assert_scores_close(after.scores["none"][:, 2], 7.0 * before.scores["none"][:, 2])
-    assert_scores_close(after.scores["none"][:, [0, 1, 3]], before.scores["none"][:, [0, 1, 3]])
-
-
-def test_retrac_ignores_the_scale_of_a_test_timestep_gradient_and_tracin_does_not(models, data, replay, monkeypatch):
-    before, *_ = run_tracin(models, data, replay)
-    monkeypatch.setattr(diffattr.grads, "per_sample_grads", _scaling(5.0, match_x0=data[1][0], match_t=500))
-    after, *_ = run_tracin(models, data, replay)
-    for key in ("both", "test"):
-        assert_scores_close(after.scores[key], before.scores[key])
-    assert_scores_close(after.scores["none"][1], before.scores["none"][1])  # the other query
-    assert not torch.allclose(after.scores["none"][0], before.scores["none"][0], rtol=1e-2)
-
-
-@pytest.mark.parametrize("layout", ["contiguous", "strided"])
-def test_merged_shards_are_identical_whatever_the_shard_count(models, data, replay, layout):
-    train, queries = data
-    weights = tracin.tracin_weights(CHECKPOINTS, BATCH, len(TRAIN_IDS))
-    qgs = [tracin.query_gradients(m, SCHEDULER, queries, QUERY_IDS, timesteps=QUERY_TIMESTEPS, n_noise=1)
-           for m in models]
-    draws = tracin.recorded_draws(replay, CHECKPOINTS)
-
-    def merged(n_shards):
-        return tracin.merge_shards([tracin.tracin_shard(models, qgs, weights, SCHEDULER, train, TRAIN_IDS, draws=draws,
-                                                        shard=i, n_shards=n_shards, layout=layout, block_size=2,
-                                                        self_timesteps=QUERY_TIMESTEPS[:2])
-                                    for i in range(n_shards)])
-
-    one = merged(1)
-    for n_shards in (2, 3):
-        other = merged(n_shards)
-        for key in tracin.NORMALIZATIONS:
-            assert torch.equal(one.scores[key], other.scores[key])
-        assert torch.equal(one.train_grad_norms, other.train_grad_norms)
-        for key in tracin.NORMALIZATIONS:
-            assert torch.equal(one.self_influence[key], other.self_influence[key])
-        assert torch.equal(one.train_ids, TRAIN_IDS) and torch.equal(other.train_ids, TRAIN_IDS)
-
-
-def test_self_influence_is_the_tracing_diagonal_when_the_grids_match(models, data, replay):
-    """A training image scored as a query against itself, with the queries' grid and seed, is its self-influence."""
-    train, _ = data
-    weights = tracin.tracin_weights(CHECKPOINTS, BATCH, len(TRAIN_IDS))
-    qgs = [tracin.query_gradients(m, SCHEDULER, train, TRAIN_IDS, timesteps=QUERY_TIMESTEPS, n_noise=2, seed=4)
-           for m in models]
-    result = tracin.tracin_shard(models, qgs, weights, SCHEDULER, train, TRAIN_IDS,
-                                 draws=tracin.recorded_draws(replay, CHECKPOINTS), seed=4, block_size=3,
-                                 self_timesteps=QUERY_TIMESTEPS, self_noises=2)
-    for key in tracin.NORMALIZATIONS:
-        assert_scores_close(result.self_influence[key], result.scores[key].diagonal())
-    assert not torch.allclose(result.self_influence["none"], result.self_influence["both"], rtol=0.1)
-
-
-def test_both_train_sides_in_one_pass_equal_one_side_at_a_time(models, data, replay):
-    train, queries = data
-    weights = tracin.tracin_weights(CHECKPOINTS, BATCH, len(TRAIN_IDS))
-    qgs = [tracin.query_gradients(m, SCHEDULER, queries, QUERY_IDS, timesteps=QUERY_TIMESTEPS, n_noise=1)
-           for m in models]
-    kwargs = dict(draws=tracin.recorded_draws(replay, CHECKPOINTS), n_timesteps=2, seed=4, block_size=3,
-                  self_timesteps=QUERY_TIMESTEPS[:2])
-    both = tracin.tracin_shard_sides(models, qgs, weights, SCHEDULER, train, TRAIN_IDS,
-                                     train_sides=("recorded", "expectation"), **kwargs)
-    for side in ("recorded", "expectation"):
-        alone = tracin.tracin_shard(models, qgs, weights, SCHEDULER, train, TRAIN_IDS, train_side=side, **kwargs)
-        assert both[side].meta == alone.meta
-        for key in tracin.NORMALIZATIONS:
-            assert torch.equal(both[side].scores[key], alone.scores[key])
-            assert torch.equal(both[side].self_influence[key], alone.self_influence[key])
-        assert torch.equal(both[side].train_grad_norms, alone.train_grad_norms)
-        assert torch.equal(both[side].train_timesteps, alone.train_timesteps)
-    assert not torch.equal(both["recorded"].scores["none"], both["expectation"].scores["none"])
-
-
-def test_self_influence_is_left_out_unless_asked(models, data, replay):
-    result, *_ = run_tracin(models, data, replay)
-    assert result.self_influence == {}
-    restored = tracin.TracInScores.from_tensors(result.as_tensors(), result.meta)
-    assert restored.self_influence == {} and set(restored.scores) == set(tracin.NORMALIZATIONS)
-
-
-def test_merge_refuses_an_incomplete_set_of_shards(models, data, replay):
-    train, queries = data
-    qgs = [tracin.query_gradients(m, SCHEDULER, queries, QUERY_IDS, timesteps=QUERY_TIMESTEPS[:1], n_noise=1)
-           for m in models]
-    draws = tracin.recorded_draws(replay, CHECKPOINTS)
-    part = tracin.tracin_shard(models, qgs, [1.0, 1.0], SCHEDULER, train, TRAIN_IDS, draws=draws, shard=0, n_shards=2,
-                               block_size=2)
-    with pytest.raises(ValueError, match="missing or duplicated"):
-        tracin.merge_shards([part])
-    restored = tracin.TracInScores.from_tensors(part.as_tensors(), part.meta)
-    assert torch.equal(restored.scores["both"], part.scores["both"]) and restored.n_train == len(TRAIN_IDS)
-
-
-# ---- TRAK ------------------------------------------------------------------------------------------------------
-
-def closed_form(phi_q, phi_t, lam):
-    phi_q, phi_t = phi_q.double(), phi_t.double()
-    return phi_q @ torch.linalg.inv(phi_t.T @ phi_t + lam * torch.eye(phi_t.shape[1], dtype=torch.float64)) @ phi_t.T
-
-
-@pytest.mark.parametrize("n, k", [(20, 8), (6, 15)])  # k <= N (k x k solve) and k > N (N x N solve)
-def test_trak_scores_equal_the_closed_form(n, k):
-    gen = torch.Generator().manual_seed(n)
-    phi_t, phi_q = torch.randn(n, k, generator=gen), torch.randn(4, k, generator=gen)
-    torch.testing.assert_close(trak.trak_scores(phi_q, phi_t, 0.3, relative=False), closed_form(phi_q, phi_t, 0.3))
-    rel = trak.trak_scores(phi_q, phi_t, 0.01)
-    torch.testing.assert_close(rel, closed_form(phi_q, phi_t, 0.01 * phi_t.double().square().sum().item() / k))
-
-
-@pytest.mark.parametrize("n, k", [(20, 8), (6, 15)])
-def test_trak_self_scores_are_the_diagonal_of_the_training_set_scored_against_itself(n, k):
-    gen = torch.Generator().manual_seed(n + k)
-    phi_t = torch.randn(n, k, generator=gen, dtype=torch.float64)
-    for lam in (0.1, 2.0):
-        full = closed_form(phi_t, phi_t, lam * phi_t.square().sum() / k)  # relative lambda, written out
-        torch.testing.assert_close(trak.self_scores(phi_t, lam), full.diagonal(), rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(trak.self_scores(phi_t, 0.5, relative=False),
-                               closed_form(phi_t, phi_t, 0.5).diagonal(), rtol=1e-9, atol=1e-12)
-
-
-def test_trak_with_lambda_zero_and_more_features_than_examples_interpolates_the_training_set():
-    phi_t = torch.randn(5, 12, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(trak.trak_scores(phi_t, phi_t, 0.0), torch.eye(5, dtype=torch.float64))
-    with pytest.raises(np.linalg.LinAlgError, match="singular"):
-        trak.trak_scores(phi_t[:1, :2], torch.ones(4, 2), 0.0)  # rank 1 < k = 2
-
-
-def frozen_head(seed):
-    """A UNet whose only trainable parameters are conv_out's (73), so an identity projection is k = P."""
-    model = make_unet(seed)
-    for name, p in model.named_parameters():
-        p.requires_grad_(name.startswith("conv_out"))
-    return model
-
-
-@pytest.mark.parametrize("spec", [trak.FeatureSpec(n_timesteps=3), trak.d_trak_spec(3)], ids=["journey", "d_trak"])
-def test_trak_features_with_identity_projector_are_the_summed_gradients(data, spec):
-    from diffattr.projectors import make_projector
-
-    model = frozen_head(0)
-    train, queries = data
-    n_params = diffattr.grads.num_trainable(model)
-    projector = make_projector("identity", model, n_params)
-    phi = trak.trak_features(model, SCHEDULER, train, TRAIN_IDS, projector, spec, block_size=3)
-    timesteps = trak.feature_timesteps(spec, TRAIN_IDS, 1000)
-    expected = []
-    for i, sid in enumerate(TRAIN_IDS.tolist()):
-        gs = torch.stack([reference_grad(model, train[i], int(timesteps[i, j]), noise_from_seeds(
-            [int(derive_seeds(spec.seed, trak._FEATURE_NOISE, sid, j))], SHAPE)[0], spec.output)
-            for j in range(timesteps.shape[1])])
-        expected.append(gs.sum(0) if spec.reduce == "sum" else gs.mean(0))
-    expected = torch.stack(expected)
-    torch.testing.assert_close(phi.double(), expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
-    phi_q = trak.trak_features(model, SCHEDULER, queries, QUERY_IDS, projector, spec)
-    torch.testing.assert_close(trak.trak_scores(phi_q, phi, 0.5, relative=False), closed_form(phi_q, phi, 0.5))
-
-
-def test_random_feature_timesteps_depend_on_the_example_alone():
-    full = trak.feature_timesteps(trak.JOURNEY_TRAK_TRAIN, TRAIN_IDS, 1000)
-    part = trak.feature_timesteps(trak.JOURNEY_TRAK_TRAIN, TRAIN_IDS[[4, 1]], 1000)
-    assert full.shape == (len(TRAIN_IDS), 20) and torch.equal(part, full[[4, 1]])
-    assert len(torch.unique(full)) > 20
-
-
-def test_journey_query_features_are_the_renoised_x0_hat_loss_gradients(data):
-    from diffattr.projectors import make_projector
-
-    model = frozen_head(1)
-    projector = make_projector("identity", model, diffattr.grads.num_trainable(model))
-    gen = torch.Generator().manual_seed(3)
-    trajectory = {t: torch.randn(len(QUERY_IDS), *SHAPE, generator=gen) for t in (999, 500, 10)}
-    steps, phi = trak.journey_query_features(model, SCHEDULER, trajectory, QUERY_IDS, projector, n_noise=2, seed=5)
-    assert steps.tolist() == [10, 500, 999] and phi.shape == (2, 3, projector.k)
-    for s, t in enumerate(steps.tolist()):
-        abar = SCHEDULER.alphas_cumprod[t]
-        with torch.no_grad():
-            eps = model(trajectory[t], torch.full((2,), t)).sample
-        x0_hat = ((trajectory[t] - (1 - abar).sqrt() * eps) / abar.sqrt()).clamp(-1, 1)
-        for q, qid in enumerate(QUERY_IDS.tolist()):
-            expected = torch.stack([reference_grad(model, x0_hat[q], t, noise_from_seeds(
-                [int(derive_seeds(5, trak._JOURNEY_NOISE, qid, t, r))], SHAPE)[0]) for r in range(2)]).mean(0)
-            torch.testing.assert_close(phi[q, s].double(), expected, rtol=1e-4,
-                                       atol=1e-5 * expected.abs().max().item())
-    phi_t = torch.randn(9, projector.k, generator=gen)
-    per_step = trak.ensemble_scores([phi], [phi_t], 0.1)
-    assert per_step.shape == (2, 3, 9)
-    torch.testing.assert_close(per_step[:, 1], trak.trak_scores(phi[:, 1], phi_t, 0.1))
-
-
-def test_ensemble_scores_average_the_members():
-    gen = torch.Generator().manual_seed(1)
-    qs, ts = [torch.randn(3, 6, generator=gen) for _ in range(2)], [torch.randn(10, 6, generator=gen) for _ in range(2)]
-    torch.testing.assert_close(trak.ensemble_scores(qs, ts, 0.1),
-                               (trak.trak_scores(qs[0], ts[0], 0.1) + trak.trak_scores(qs[1], ts[1], 0.1)) / 2)
-
-
-# ---- lambda on held-out queries --------------------------------------------------------------------------------
-
-def test_heldout_split_is_deterministic_order_free_and_near_the_fraction():
-    ids = np.arange(10_000) * 7 + 3
-    mask = trak.heldout_mask(ids, 0.25, salt=1)
-    perm = np.random.default_rng(0).permutation(len(ids))
-    assert np.array_equal(trak.heldout_mask(ids[perm], 0.25, salt=1), mask[perm])
-    assert np.array_equal(trak.heldout_mask(ids[:100], 0.25, salt=1), mask[:100])
-    assert abs(mask.mean() - 0.25) < 0.02
-    assert not np.array_equal(trak.heldout_mask(ids, 0.25, salt=2), mask)
-
-
-def test_select_lambda_scores_only_heldout_queries_and_records_them():
-    gen = torch.Generator().manual_seed(0)
-    ids = np.arange(40)
-    phi_q, phi_t = torch.randn(40, 5, generator=gen), torch.randn(30, 5, generator=gen)
-    seen = []
-
-    def criterion(scores, rows):
-        seen.append(rows)
-        assert scores.shape == (len(rows), 30)
-        return 1.0  # a tie everywhere: the largest lambda wins
-
-    choice = trak.select_lambda([phi_q], [phi_t], ids, criterion, fraction=0.3)
-    heldout = trak.heldout_mask(ids, 0.3)
-    assert 0 < heldout.sum() < len(ids)
-    assert all(np.array_equal(r, np.nonzero(heldout)[0]) for r in seen)
-    assert np.array_equal(choice.heldout_ids, ids[heldout])
-    assert not set(choice.heldout_ids) & set(ids[~heldout])
-    assert choice.lam == max(trak.LAMBDA_GRID) and len(choice.table) == len(trak.LAMBDA_GRID)
-
-
-def test_label_agreement_leaves_a_training_query_out_of_its_own_list():
-    train_labels = np.array([0, 0, 0, 1, 1, 1])
-    scores = torch.tensor([[0.0, 0.25, 9.0, 0.2, 0.1, 5.0]])  # the query is training row 2 (class 0)
-    assert trak.label_agreement([0], train_labels, k=1)(scores, np.array([0])) == 1.0
-    assert trak.label_agreement([0], train_labels, k=1, query_train_positions=[2])(scores, np.array([0])) == 0.0
-    assert trak.label_agreement([0], train_labels, k=3, query_train_positions=[2])(scores, np.array([0])) == \
-        pytest.approx(1 / 3)
+
+from diffattr import methods, settings
+from diffattr.config import compose
+from diffattr.exceptions import ConfigError
+from diffattr.methods import Family, family_of, families, register, requested_families, variants
+
+
+def test_built_in_families_and_their_variants():
+    assert set(families()) >= {"tracin", "trak", "dtrak", "journey_trak"}
+    assert family_of("retrac").name == "tracin" and family_of("dtrak").name == "dtrak"
+    assert families()["tracin"].sharded and not families()["trak"].sharded
+    assert variants()["retrac_train_only_expectation"] == "tracin"
+    with pytest.raises(KeyError, match="journey_trak"):
+        family_of("trakk")
+
+
+def test_registry_and_family_modules_import_no_torch():
+    code = ("import sys; from diffattr.methods import families; from diffattr.settings import settings_class; "
+            "families(); settings_class(); assert 'torch' not in sys.modules, 'torch imported'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_requested_families_and_their_variants():
+    got = requested_families(["dtrak", "retrac", "trak", "tracin"])
+    assert [f.name for f in got] == [f for f in families() if f in ("tracin", "trak", "dtrak")]  # registry order
+    assert got[families()["tracin"]] == ["retrac", "tracin"]  # request order within a family
+
+
+def test_every_family_setting_is_an_attribution_key_with_help():
+    schema = {f.name: f for f in dataclasses.fields(settings.attribution_settings())}
+    for family in families().values():
+        for key in family.keys():
+            assert key in schema, (family.name, key)
+        for f in dataclasses.fields(family.settings) if family.settings else ():
+            assert f.metadata["help"], (family.name, f.name)
+
+
+@dataclasses.dataclass
+class ToySettings:
+    toy_k: int = settings.knob(3, "how many", min=1)
+
+
+@pytest.fixture
+def toy_family():
+    """A family registered for one test; the schema is rebuilt with it, and without it afterwards."""
+    family = register(Family(name="toy", variants={"toy_a": "a toy"}, run=lambda job: None, settings=ToySettings))
+    settings.attribution_settings.cache_clear()
+    settings.settings_class.cache_clear()
+    yield family
+    methods._REGISTRY.pop("toy")
+    settings.attribution_settings.cache_clear()
+    settings.settings_class.cache_clear()
+
+
+def test_a_registered_family_is_a_method_with_settings_and_a_stage_key(toy_family):
+    run = compose("smoke", ["attribution.methods=[tracin,toy_a]", "attribution.toy_k=5"])
+    assert run.cfg.attribution.toy_k == 5
+    other = compose("smoke", ["attribution.methods=[tracin,toy_a]", "attribution.toy_k=6"])
+    assert run.layout.keys["attribution/toy"] != other.layout.keys["attribution/toy"]
+    assert run.layout.keys["attribution/tracin"] == other.layout.keys["attribution/tracin"]
+    with pytest.raises(ConfigError, match="attribution.toy_k"):
+        compose("smoke", ["attribution.methods=[toy_a]", "attribution.toy_k=0"])
+
+
+def test_registry_refuses_clashes(toy_family):
+    with pytest.raises(ValueError, match="already registered"):
+        register(Family(name="other", variants={"toy_a": "again"}, run=print))
+    with pytest.raises(ValueError, match="merge"):
+        register(Family(name="sharded_toy", variants={"st": "x"}, run=print, sharded=True))

@@ -7,12 +7,17 @@ import diffattr.train as train_mod
 from diffattr.checkpoints import CheckpointError, load_checkpoint_unet, read_index
 from diffattr.config import compose
 from diffattr.data import load_dataset
-from diffattr.noise import noise_from_seeds
+from diffattr.noise import TRAIN_DROPOUT, noise_from_seeds
 from diffattr.train import TrainingError, train
 
 
 def smoke_run(tmp_path, *overrides):
     return compose("smoke", [f"results_dir={tmp_path}", "train.epochs=3", *overrides])
+
+
+def out(run):
+    """The run's train stage directory (checkpoints/, train_log.parquet)."""
+    return run.layout.path("train_log").parent
 
 
 def weights(run_dir, ckpt="epoch_0003"):
@@ -27,18 +32,18 @@ def train_set():
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, train_set):
     run = smoke_run(tmp_path_factory.mktemp("ref"))
-    states = train(run.cfg, run.dir, train_set, torch.device("cpu"))
+    states = train(run.cfg, out(run), train_set, torch.device("cpu"))
     return run, states
 
 
 def test_training_writes_checkpoints_index_and_replay_log(reference, train_set):
     run, states = reference
     assert [s.name for s in states] == ["epoch_0001", "epoch_0002", "epoch_0003"]
-    assert [s.name for s in read_index(run.dir / "checkpoints")] == [s.name for s in states]
+    assert [s.name for s in read_index(out(run) / "checkpoints")] == [s.name for s in states]
     for s in states:
-        d = run.dir / "checkpoints" / s.name
+        d = out(run) / "checkpoints" / s.name
         assert (d / "unet" / "config.json").exists() and (d / "optimizer.pt").exists()
-    log = pd.read_parquet(run.dir / "train_log.parquet")
+    log = pd.read_parquet(out(run) / "train_log.parquet")
     assert set(log.columns) >= {"step", "epoch", "lr", "batch_size", "sample_id", "timestep", "noise_seed", "loss"}
     # every example is drawn exactly once per epoch
     for _, epoch in log.groupby("epoch"):
@@ -48,7 +53,7 @@ def test_training_writes_checkpoints_index_and_replay_log(reference, train_set):
 
 def test_replay_log_reproduces_the_training_loss(reference, train_set):
     run, states = reference
-    log = pd.read_parquet(run.dir / "train_log.parquet")
+    log = pd.read_parquet(out(run) / "train_log.parquet")
     last = log[log.step == log.step.max()]
     # the weights before the last step are not stored, but the replayed noise must be the one the loss saw:
     # recompute the recorded per-example losses of the first step from a fresh model of the same seed
@@ -63,7 +68,7 @@ def test_replay_log_reproduces_the_training_loss(reference, train_set):
     noise = noise_from_seeds(first.noise_seed.to_numpy(), x0.shape[1:])
     t = torch.as_tensor(first.timestep.to_numpy().copy())
     unet.train()
-    torch.manual_seed(int(train_mod.derive_seeds(run.cfg.train.seed, train_mod._DROPOUT, 0)))
+    torch.manual_seed(int(train_mod.derive_seeds(run.cfg.train.seed, TRAIN_DROPOUT, 0)))
     with torch.no_grad():
         loss = (unet(sched.add_noise(x0, noise, t), t).sample - noise).square().flatten(1).mean(1)
     torch.testing.assert_close(loss, torch.tensor(first.loss.to_numpy()), rtol=1e-5, atol=1e-6)
@@ -73,17 +78,17 @@ def test_replay_log_reproduces_the_training_loss(reference, train_set):
 def test_same_seed_gives_identical_weights_and_log(reference, tmp_path, train_set):
     run_a, _ = reference
     run_b = smoke_run(tmp_path)
-    train(run_b.cfg, run_b.dir, train_set, torch.device("cpu"))
-    wa, wb = weights(run_a.dir), weights(run_b.dir)
+    train(run_b.cfg, out(run_b), train_set, torch.device("cpu"))
+    wa, wb = weights(out(run_a)), weights(out(run_b))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    pd.testing.assert_frame_equal(pd.read_parquet(run_a.dir / "train_log.parquet"),
-                                  pd.read_parquet(run_b.dir / "train_log.parquet"))
+    pd.testing.assert_frame_equal(pd.read_parquet(out(run_a) / "train_log.parquet"),
+                                  pd.read_parquet(out(run_b) / "train_log.parquet"))
 
 
 def test_other_seed_gives_other_weights(reference, tmp_path, train_set):
     run_b = smoke_run(tmp_path, "train.seed=1")
-    train(run_b.cfg, run_b.dir, train_set, torch.device("cpu"))
-    wa, wb = weights(reference[0].dir), weights(run_b.dir)
+    train(run_b.cfg, out(run_b), train_set, torch.device("cpu"))
+    wa, wb = weights(out(reference[0])), weights(out(run_b))
     assert not all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
@@ -100,17 +105,17 @@ def test_resume_after_interruption_is_bit_identical(reference, tmp_path, train_s
 
     monkeypatch.setattr(train_mod, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        train(run.cfg, run.dir, train_set, torch.device("cpu"))
-    assert not (run.dir / "train_log.parquet").exists()
+        train(run.cfg, out(run), train_set, torch.device("cpu"))
+    assert not (out(run) / "train_log.parquet").exists()
     # a checkpoint directory half-written when the process died is a hidden temp dir: it must be ignored
-    (run.dir / "checkpoints" / ".epoch_0003.abc.tmp").mkdir()
+    (out(run) / "checkpoints" / ".epoch_0003.abc.tmp").mkdir()
     monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
-    states = train(run.cfg, run.dir, train_set, torch.device("cpu"))
+    states = train(run.cfg, out(run), train_set, torch.device("cpu"))
     assert [s.name for s in states] == ["epoch_0001", "epoch_0002", "epoch_0003"]
-    wa, wb = weights(reference[0].dir), weights(run.dir)
+    wa, wb = weights(out(reference[0])), weights(out(run))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    pd.testing.assert_frame_equal(pd.read_parquet(reference[0].dir / "train_log.parquet"),
-                                  pd.read_parquet(run.dir / "train_log.parquet"))
+    pd.testing.assert_frame_equal(pd.read_parquet(out(reference[0]) / "train_log.parquet"),
+                                  pd.read_parquet(out(run) / "train_log.parquet"))
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, train_set, monkeypatch):
@@ -125,16 +130,16 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, train_se
 
     monkeypatch.setattr(train_mod, "diffusion_loss", loss_turns_nan)
     with pytest.raises(TrainingError, match="epoch_0001"):
-        train(run.cfg, run.dir, train_set, torch.device("cpu"))
-    assert (run.dir / "checkpoints" / "epoch_0001" / "state.json").exists()
-    assert not (run.dir / "checkpoints" / "epoch_0002").exists()
-    assert not (run.dir / "checkpoints" / "index.json").exists()
+        train(run.cfg, out(run), train_set, torch.device("cpu"))
+    assert (out(run) / "checkpoints" / "epoch_0001" / "state.json").exists()
+    assert not (out(run) / "checkpoints" / "epoch_0002").exists()
+    assert not (out(run) / "checkpoints" / "index.json").exists()
 
 
 def test_truncated_checkpoint_is_a_clear_error(reference, tmp_path):
     import shutil
 
-    src = reference[0].dir / "checkpoints" / "epoch_0001"
+    src = out(reference[0]) / "checkpoints" / "epoch_0001"
     bad = tmp_path / "epoch_0001"
     shutil.copytree(src, bad)
     weights_file = bad / "unet" / "diffusion_pytorch_model.safetensors"
@@ -147,10 +152,10 @@ def test_checkpoints_of_other_settings_are_not_resumed(reference, tmp_path, trai
     import shutil
 
     run = smoke_run(tmp_path)
-    shutil.copytree(reference[0].dir / "checkpoints", run.dir / "checkpoints")
+    shutil.copytree(out(reference[0]) / "checkpoints", out(run) / "checkpoints")
     other = compose("smoke", [f"results_dir={tmp_path}", "train.epochs=3"]).cfg.copy()
     other.train.lr = 5e-4  # same directory, different training settings (e.g. a changed default)
-    states = train(other, run.dir, train_set, torch.device("cpu"))
+    states = train(other, out(run), train_set, torch.device("cpu"))
     assert all(s.config_hash == train_mod.config_hash(other) for s in states)
 
 
@@ -166,7 +171,7 @@ def test_killed_training_process_resumes_to_identical_weights(tmp_path, train_se
 
     def command(root):
         run = smoke_run(root)
-        train_set.save(run.dir / "data" / "train")
+        train_set.save(run.layout.path("data", split="train"))
         return run, [sys.executable, str(script), "experiment=smoke", "train.epochs=3", f"results_dir={root}",
                      "job.threads=1"]
 
@@ -174,16 +179,16 @@ def test_killed_training_process_resumes_to_identical_weights(tmp_path, train_se
     assert subprocess.run(args, capture_output=True).returncode == 0
     killed, args = command(tmp_path / "killed")
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first = killed.dir / "checkpoints" / "epoch_0001"
+    first = out(killed) / "checkpoints" / "epoch_0001"
     deadline = time.time() + 300
     while not first.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (killed.dir / "train_log.parquet").exists(), "killed too late: training had already finished"
+    assert not (out(killed) / "train_log.parquet").exists(), "killed too late: training had already finished"
     done = subprocess.run(args, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    wa, wb = weights(whole.dir), weights(killed.dir)
+    wa, wb = weights(out(whole)), weights(out(killed))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    pd.testing.assert_frame_equal(pd.read_parquet(whole.dir / "train_log.parquet"),
-                                  pd.read_parquet(killed.dir / "train_log.parquet"))
+    pd.testing.assert_frame_equal(pd.read_parquet(out(whole) / "train_log.parquet"),
+                                  pd.read_parquet(out(killed) / "train_log.parquet"))

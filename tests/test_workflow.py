@@ -1,20 +1,46 @@
 """The DAG as a user runs it: Snakemake on the smoke experiment in a temporary directory."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 from safetensors.torch import load_file
+
+from diffattr.config import compose, run_name
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ["smoke", "digits", "cifar2", "cifar_mnist", "cifar10_paper"]
 
 
-def snakemake(*args, cwd):
+def snakemake(*args, cwd, env=None):
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), *args]
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=900)
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=900, env=env)
+
+
+def jobs_of(proc) -> dict:
+    """``{rule: count}`` from the job-stats table a dry-run prints."""
+    out = proc.stdout + proc.stderr
+    table = out.split("Job stats:")[1].split("total")[0] if "Job stats:" in out else ""
+    rows = [line.split() for line in table.splitlines()[3:] if line.strip()]
+    return {row[0]: int(row[1]) for row in rows if len(row) == 2 and row[1].isdigit()}
+
+
+class Paths:
+    """The artifacts of a run of the smoke DAG in ``work``, named by diffattr.layout."""
+
+    def __init__(self, work, overrides=()):
+        self.work, self.run = work, compose("smoke", list(overrides))
+
+    def __call__(self, artifact, **fields):
+        return self.work / self.run.layout.path(artifact, **fields)
+
+    @property
+    def dir(self):
+        return self.work / self.run.dir
 
 
 @pytest.fixture(scope="module")
@@ -22,37 +48,42 @@ def smoke_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("smoke")
     proc = snakemake("--cores", "2", "--config", "experiment=smoke", cwd=work)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return work, work / "results" / "smoke" / "default"
+    return work, Paths(work)
 
 
 def test_smoke_pipeline_leaves_every_artifact(smoke_run):
-    _, run = smoke_run
-    assert (run / "config.yaml").read_text().startswith("experiment: smoke")
+    work, path = smoke_run
+    assert path("config").read_text().startswith("experiment: smoke")
+    manifest = yaml.safe_load(path("manifest").read_text())
+    for stage, entry in manifest["stages"].items():
+        assert (path.dir / entry["dir"]).is_dir(), stage
+    assert manifest["stages"]["train"]["depends_on"]["data"] == manifest["stages"]["data"]["key"]
     for split in ("train", "test"):
-        index = pd.read_parquet(run / "data" / split / "index.parquet")
+        index = pd.read_parquet(path("data", split=split) / "index.parquet")
         assert len(index) > 0 and index.sample_id.is_unique
     for ckpt in ("epoch_0001", "epoch_0002"):
-        assert (run / "checkpoints" / ckpt / "unet" / "config.json").exists()
-        assert (run / "checkpoints" / ckpt / "unet" / "diffusion_pytorch_model.safetensors").exists()
-        samples = load_file(str(run / "samples" / f"{ckpt}.safetensors"))
+        assert (path("checkpoint", checkpoint=ckpt) / "unet" / "config.json").exists()
+        assert (path("checkpoint", checkpoint=ckpt) / "unet" / "diffusion_pytorch_model.safetensors").exists()
+        samples = load_file(str(path("samples", checkpoint=ckpt)))
         assert samples["images"].shape == (4, 1, 8, 8)
         assert samples["seeds"].tolist() == [0, 1, 2, 3]
-        assert (run / "samples" / f"{ckpt}.png").stat().st_size > 0
-    log = pd.read_parquet(run / "train_log.parquet")
+        assert path("samples_grid", checkpoint=ckpt).stat().st_size > 0
+    log = pd.read_parquet(path("train_log"))
     assert log.epoch.max() == 2
-    assert not list(run.rglob("*.tmp"))
-    assert not list(run.parents[2].glob("*.log")), "scripts must not leave log files in the working directory"
+    assert not list(work.rglob("*.tmp"))
+    assert not list(work.glob("*.log")), "scripts must not leave log files in the working directory"
 
 
 def test_attribution_tables_and_figures(smoke_run):
-    _, run = smoke_run
+    _, path = smoke_run
+    run = path.dir
     methods = ["tracin", "retrac", "retrac_train_only", "retrac_test_only", "trak", "dtrak", "journey_trak"]
-    queries = pd.read_parquet(run / "attribution" / "queries" / "queries.parquet")
+    queries = pd.read_parquet(path("query_table"))
     reported = queries[~queries.heldout]
     assert set(queries.query_kind) == {"train", "test", "generated"} and queries.query_id.is_unique
-    n_train = len(pd.read_parquet(run / "data" / "train" / "index.parquet"))
+    n_train = len(pd.read_parquet(path("data", split="train") / "index.parquet"))
     for method in methods:
-        long = pd.read_parquet(run / "scores" / f"{method}.parquet")
+        long = pd.read_parquet(path("scores_long", method=method))
         assert list(long.columns) == ["query_id", "query_kind", "train_id", "score"]
         expected = reported if method != "journey_trak" else reported[reported.query_kind == "generated"]
         assert set(long.query_id) == set(expected.query_id)  # held-out queries are never reported
@@ -67,7 +98,7 @@ def test_attribution_tables_and_figures(smoke_run):
     tracing = pd.read_csv(run / "tables" / "tracing.csv")
     assert set(tracing.method) == set(methods) - {"journey_trak"}
     assert tracing[["top1", "top5"]].apply(lambda c: c.between(0, 1)).all().all()
-    lam = pd.read_csv(run / "attribution" / "trak" / "lambda.csv")
+    lam = pd.read_csv(path("method_shard", family="trak", shard=0, shards=1) / "lambda.csv")
     assert lam.chosen.sum() == 1
     for name in ("general_influence.png", "score_vs_grad_norm.png"):
         assert (run / "figures" / name).stat().st_size > 10_000
@@ -95,15 +126,24 @@ def test_dry_run_of_every_experiment(experiment, tmp_path):
     assert "train" in proc.stdout
 
 
-def test_dry_run_with_slurm_profile(tmp_path):
-    proc = snakemake("-n", "--profile", str(REPO / "profiles" / "slurm"), cwd=tmp_path)
+def test_dry_run_with_slurm_profile_asks_for_what_the_config_needs(tmp_path):
+    from diffattr.resources import job_resources
+
+    proc = snakemake("-n", "--profile", str(REPO / "profiles" / "slurm"), "--config", "experiment=cifar10_paper",
+                     cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    need = job_resources("train", compose("cifar10_paper").cfg)
+    train = proc.stdout.split("rule train:")[1].split("rule ")[0]
+    assert f"mem_mb={need['mem_mb']}" in train and f"runtime={need['runtime']}" in train, train
 
 
-def test_lint_is_clean():
+def test_lint_finds_nothing_but_the_missing_per_rule_environment():
+    # Every job runs the interpreter that runs Snakemake (one environment for the project), so no rule names a
+    # conda environment; any other lint is a defect.
     proc = snakemake("--lint", cwd=REPO)
-    assert proc.returncode == 0
-    assert "Congratulations" in proc.stdout + proc.stderr
+    out = proc.stdout + proc.stderr
+    lints = [line.strip() for line in out.splitlines() if line.strip().startswith("* ")]
+    assert lints and set(lints) == {"* Specify a conda environment or container for each rule.:"}, out[-3000:]
 
 
 def test_override_typo_fails_before_any_work(tmp_path):
@@ -118,18 +158,20 @@ def test_overrides_reach_their_own_run_directory(tmp_path):
     proc = snakemake("-n", "--cores", "2", "--config", "experiment=smoke", "overrides=[train.epochs=3]",
                      cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "results/smoke/train.epochs=3/checkpoints/index.json" in proc.stdout
+    assert "results/smoke/train.epochs=3/config.yaml" in proc.stdout
+    assert str(Paths(tmp_path, ["train.epochs=3"]).run.layout.path("checkpoint_index")) in proc.stdout
 
 
 def test_norm_tables_and_figures(smoke_run):
-    _, run = smoke_run
+    _, path = smoke_run
+    run = path.dir
     grid = pd.read_parquet(run / "tables" / "grad_norms.parquet")
     assert {"checkpoint", "sample_id", "timestep", "norm", "loss", "label", "loss_type"} <= set(grid.columns)
     # smoke: 6 examples x 5 timesteps x 2 checkpoints x 2 losses
     assert len(grid) == 6 * 5 * 2 * 2 and (grid.norm > 0).all()
     assert sorted(grid.timestep.unique()) == [0, 250, 500, 749, 999]
     recorded = pd.read_parquet(run / "tables" / "grad_norms_recorded.parquet")
-    log = pd.read_parquet(run / "train_log.parquet")
+    log = pd.read_parquet(path("train_log"))
     for ckpt, epoch in (("epoch_0001", 1), ("epoch_0002", 2)):
         rec = recorded[(recorded.checkpoint == ckpt) & (recorded.loss_type == "l2")].sort_values("sample_id")
         drawn = log[log.epoch == epoch].sort_values("sample_id")
@@ -143,19 +185,18 @@ def test_recorded_norm_is_the_gradient_of_the_logged_training_example(smoke_run)
     import torch
 
     from diffattr.checkpoints import load_checkpoint_unet
-    from diffattr.config import compose
     from diffattr.data import ImageSet
     from diffattr.models import build_scheduler
     from diffattr.noise import noise_from_seeds
 
-    _, run = smoke_run
-    recorded = pd.read_parquet(run / "tables" / "grad_norms_recorded.parquet")
+    _, path = smoke_run
+    recorded = pd.read_parquet(path("norm_recorded_table"))
     row = recorded[(recorded.checkpoint == "epoch_0002") & (recorded.loss_type == "l2")].iloc[3]
-    train = ImageSet.load(run / "data" / "train")
+    train = ImageSet.load(path("data", split="train"))
     x0 = train.images[train.ids.tolist().index(row.sample_id)][None]
     noise = noise_from_seeds([row.noise_seed], x0.shape[1:])
     t = torch.tensor([row.timestep])
-    unet = load_checkpoint_unet(run / "checkpoints" / "epoch_0002")
+    unet = load_checkpoint_unet(path("checkpoint", checkpoint="epoch_0002"))
     sched = build_scheduler(compose("smoke").cfg.model)
     loss = (unet(sched.add_noise(x0, noise, t), t).sample - noise).square().mean()
     grads = torch.autograd.grad(loss, [p for p in unet.parameters()])
@@ -167,12 +208,123 @@ def test_recorded_norm_is_the_gradient_of_the_logged_training_example(smoke_run)
 def test_norm_tables_do_not_depend_on_the_shard_count(smoke_run):
     import torch
 
-    from diffattr.config import compose
-    from diffattr.gradnorms import compute_shard, merge_shards
+    from diffattr.norm_study import compute_shard, merge_shards
 
-    work, run = smoke_run
-    cfg = compose("smoke", ["grads.shards=1"]).cfg
-    compute_shard(cfg, run, 0, torch.device("cpu"))
-    for kind, table in (("grid", "grad_norms"), ("recorded", "grad_norms_recorded")):
-        one = merge_shards([run / "grads" / f"{kind}_shard_0_of_1.parquet"], work / f"{kind}_1.parquet")
-        pd.testing.assert_frame_equal(one, pd.read_parquet(run / "tables" / f"{table}.parquet"))
+    work, path = smoke_run
+    one_shard = compose("smoke", ["shards=1", f"results_dir={work / 'results'}"])
+    assert one_shard.layout.keys == path.run.layout.keys  # the shard count is no part of any stage's key
+    compute_shard(one_shard.cfg, one_shard.layout, 0, torch.device("cpu"))
+    for kind, table in (("grid", "norm_table"), ("recorded", "norm_recorded_table")):
+        one = merge_shards([one_shard.layout.path("norm_shard", kind=kind, shard=0, shards=1)], work / f"{kind}_1.parquet")
+        pd.testing.assert_frame_equal(one, pd.read_parquet(path(table)))
+
+
+@pytest.mark.parametrize("override, expected, untouched", [
+    # only the TracIn family's jobs (two shards, four merges) and the new run's reports
+    ("attribution.test_noises=3", {"attribute": 2, "merge_scores": 4},
+     ("prepare_data", "train", "sample", "norm_study", "queries")),
+    ("norm_study.n_timesteps=4", {"norm_study": 2},
+     ("prepare_data", "train", "sample", "queries", "attribute", "merge_scores")),
+])
+def test_an_ablation_after_a_run_recomputes_only_the_stages_it_changes(smoke_run, override, expected, untouched):
+    work, _ = smoke_run
+    proc = snakemake("-n", "--cores", "2", "--config", "experiment=smoke", f'overrides=["{override}"]', cwd=work)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    jobs = jobs_of(proc)
+    assert {rule: jobs.get(rule) for rule in expected} == expected, jobs
+    assert not set(untouched) & set(jobs), jobs
+
+
+def test_a_sweep_runs_from_one_command_and_leaves_a_summary(smoke_run):
+    work, path = smoke_run
+    swept = "attribution.test_noises=1,2"
+    proc = snakemake("--cores", "2", "--config", "experiment=smoke", f'overrides=["{swept}"]', cwd=work)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    sweep_dir = work / "results" / "smoke" / "sweeps" / swept
+    summary = pd.read_csv(sweep_dir / "summary.csv")
+    runs = [Paths(work, [f"attribution.test_noises={r}"]) for r in (1, 2)]
+    assert list(summary.columns[:3]) == ["run", "attribution.test_noises", "method"]
+    assert sorted(summary.run.unique()) == sorted(r.run.name for r in runs)
+    assert len(summary) == 2 * 7 and summary["attribution.test_noises"].tolist() == [1] * 7 + [2] * 7
+    for run in runs:  # every headline metric is the run's own table
+        general = pd.read_csv(run.dir / "tables" / "general_influence.csv").query("query_kind == 'all'")
+        mine = summary[summary.run == run.run.name].set_index("method")
+        for row in general.itertuples():
+            assert mine.loc[row.method, f"n_general_top{row.k}_{row.threshold:g}"] == row.n_general
+        tracing = pd.read_csv(run.dir / "tables" / "tracing.csv").set_index("method")
+        assert (mine.loc[tracing.index, "tracing_top1"] == tracing.top1).all()
+    assert (sweep_dir / "summary.png").stat().st_size > 10_000
+    # the two runs share every stage but the TracIn family's, with the smoke run too
+    assert runs[0].run.layout.keys["train"] == runs[1].run.layout.keys["train"] == path.run.layout.keys["train"]
+    assert runs[0].run.layout.keys["attribution/tracin"] != runs[1].run.layout.keys["attribution/tracin"]
+
+
+def test_a_sweep_file_is_a_sweep(tmp_path):
+    proc = snakemake("-n", "--cores", "2", "--config", "experiment=smoke", "sweep=test_noises", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    jobs = jobs_of(proc)
+    assert jobs["train"] == 1 and jobs["sweep_summary"] == 1 and jobs["attribute"] == 3 * 2 + 3
+    assert "results/smoke/sweeps/test_noises/summary.csv" in proc.stdout
+
+
+TOY_METHOD = '''
+from dataclasses import dataclass
+
+from diffattr.methods import Family, register
+from diffattr.settings import knob
+
+
+@dataclass
+class ToySettings:
+    toy_scale: float = knob(1.0, "scale of the toy's random scores", min=0)
+
+
+def run(job):
+    import torch
+
+    from diffattr.atomic import save_tensors
+
+    queries, _ = job.queries()
+    train = job.train_set()
+    gen = torch.Generator().manual_seed(job.cfg.attribution.seed)
+    scores = job.cfg.attribution.toy_scale * torch.rand(len(queries), len(train), generator=gen, dtype=torch.float64)
+    save_tensors({"scores": scores, "query_ids": torch.tensor(queries.query_id.to_numpy()), "train_ids": train.ids},
+                 job.out / "toy_random.safetensors")
+
+
+register(Family(name="toy", variants={"toy_random": "uniform random scores"}, run=run, settings=ToySettings))
+'''
+
+
+def test_a_method_family_registered_outside_the_package_joins_validation_the_dag_and_the_report(smoke_run, tmp_path):
+    work, _ = smoke_run
+    (tmp_path / "toy_method.py").write_text(TOY_METHOD)
+    env = {**os.environ, "DIFFATTR_PLUGINS": "toy_method",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    methods = 'overrides=["attribution.methods=[tracin,toy_random]"]'
+    bad = snakemake("-n", "--cores", "2", "--config", "experiment=smoke",
+                    'overrides=["attribution.methods=[toy_random]","attribution.toy_scale=-1"]', cwd=work, env=env)
+    assert bad.returncode != 0 and "attribution.toy_scale" in bad.stdout + bad.stderr
+    unknown = snakemake("-n", "--cores", "2", "--config", "experiment=smoke", methods, cwd=work)
+    assert unknown.returncode != 0 and "toy_random" in unknown.stdout + unknown.stderr  # no plugin, no method
+    dry = snakemake("-n", "--cores", "2", "--config", "experiment=smoke", methods, cwd=work, env=env)
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    assert jobs_of(dry).get("attribute") == 1 and "train" not in jobs_of(dry)  # only the toy's job is new
+    proc = snakemake("--cores", "2", "--config", "experiment=smoke", methods, cwd=work, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run = work / "results" / "smoke" / run_name(["attribution.methods=[tracin,toy_random]"])  # no plugin here
+    general = pd.read_csv(run / "tables" / "general_influence.csv")
+    assert set(general.method) == {"tracin", "toy_random"}
+    assert (run / "figures" / "topk_toy_random.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("attribution.dtrak_output=sqare", ["attribution.dtrak_output", "square", "l2norm"]),
+    ("attribution.block_size=0", ["attribution.block_size", ">= 1"]),
+    ("attribution.methods=[tracin,trakk]", ["attribution.methods", "trakk", "journey_trak"]),
+])
+def test_a_bad_choice_fails_before_any_job(tmp_path, override, expected):
+    proc = snakemake("--cores", "2", "--config", "experiment=smoke", f'overrides=["{override}"]', cwd=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and all(word in out for word in expected), out[-2000:]
+    assert not (tmp_path / "results").exists()

@@ -16,11 +16,8 @@ import pandas as pd
 import torch
 
 from .atomic import atomic_path, write_text
+from .exceptions import CheckpointError
 from .models import load_unet
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read; the message names the directory and the fix."""
 
 
 @dataclass(frozen=True)
@@ -31,7 +28,6 @@ class CheckpointState:
     lr: float  # learning rate of the last step before the checkpoint
     batch_size: int
     n_train: int
-    epochs_since_previous: int
     config_hash: str
     mean_loss: float  # mean training loss over the epochs since the previous checkpoint
 

@@ -10,13 +10,8 @@ from typing import Callable
 
 import torch
 
-from .checkpoints import CheckpointError
-from .config import CONF_DIR, ConfigError, Run, from_hydra
-from .data import DataError
-from .train import TrainingError
-
-# Errors whose message already names the problem and the fix.
-_EXPECTED = (ConfigError, DataError, CheckpointError, TrainingError)
+from .config import CONF_DIR, Run, from_hydra, register_schema
+from .exceptions import ConfigError, DiffattrError
 
 
 def pick_device(name: str) -> torch.device:
@@ -31,6 +26,8 @@ def entry(task: Callable[[Run, torch.device], None]) -> Callable[[], None]:
     """Wrap ``task(run, device)`` as a Hydra main over ``conf/``."""
     import hydra
 
+    register_schema()
+
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
     @functools.wraps(task)
     def main(cfg) -> None:
@@ -39,7 +36,7 @@ def entry(task: Callable[[Run, torch.device], None]) -> Callable[[], None]:
             if run.cfg.job.threads > 0:
                 torch.set_num_threads(run.cfg.job.threads)
             task(run, pick_device(run.cfg.job.device))
-        except _EXPECTED as e:
+        except DiffattrError as e:  # its message already names the problem and the fix
             sys.exit(f"error: {e}")
         except OSError as e:
             if e.errno == errno.ENOSPC:

@@ -1,13 +1,16 @@
-"""Composing, validating and naming runs.
+"""Composing, validating, naming and sweeping runs.
 
-A run is named by its experiment plus its overrides; everything it writes lives under
-``<results_dir>/<experiment>/<run>/``. The Snakefile and every script go through :func:`compose` /
-:func:`validate`, so a wrong key, type or group option fails before any work starts, with the same message.
+A run is named by its experiment plus its overrides: ``<results_dir>/<experiment>/<run>/`` holds what a user reads,
+while the stages it computes live in keyed directories shared between runs (``diffattr.layout``). The Snakefile and
+every script go through :func:`compose`, so a wrong key, type, choice or range fails before any work starts, with
+the same message. An override with comma-separated values (Hydra's sweep syntax) makes a sweep: :func:`sweep_points`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import itertools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,41 +19,44 @@ from typing import Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .settings import Settings
+from .exceptions import ConfigError
+from .layout import Layout
+from .settings import settings_class
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-# Keys that say how a job runs (shard index, threads, device), not what it computes: never part of a run's name.
-JOB_PREFIXES = ("job.", "+job.", "experiment=", "hydra.", "results_dir=")
+# Keys that say how or where a job runs, not what it computes: never part of a run's name.
+JOB_PREFIXES = ("job.", "+job.", "experiment=", "hydra.", "results_dir=", "shards=", "data.cache_dir=")
+# Keys holding a machine path: a run is named by the file's checksum instead (the same run on every machine).
+PATH_KEYS = ("data.archive=",)
 
 
 def register_schema() -> None:
-    """Make ``diffattr.settings.Settings`` the base of ``conf/config.yaml`` (its ``schema`` default)."""
+    """Make the settings dataclass (``diffattr.settings``) the base of ``conf/config.yaml`` (its ``schema``)."""
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(name="schema", node=Settings)
-
-
-register_schema()
-
-
-class ConfigError(ValueError):
-    """A configuration or override that cannot be used; the message names the key and the fix."""
+    ConfigStore.instance().store(name="schema", node=settings_class())
 
 
 @dataclass(frozen=True)
 class Run:
     cfg: DictConfig
     name: str
-    dir: Path
+    overrides: tuple[str, ...]
+    layout: Layout
+
+    @property
+    def dir(self) -> Path:
+        return self.layout.run_dir
 
 
-def run_name(overrides: Sequence[str]) -> str:
+def run_name(overrides: Sequence[str], source: str | None = None) -> str:
     """``default`` without overrides, else the sorted overrides, made safe for a directory name.
 
-    A hash of the raw overrides is appended whenever the readable form lost information, so two different override
-    lists never map to the same directory.
+    ``data.archive=PATH`` is named by ``source`` (the archive's checksum) instead of its path. A hash of the kept
+    overrides is appended whenever the readable form lost information, so different lists never share a directory.
     """
-    kept = sorted(o for o in overrides if not o.startswith(JOB_PREFIXES))
+    kept = sorted(f"data.archive={source or 'none'}" if o.startswith(PATH_KEYS) else o
+                  for o in overrides if not o.startswith(JOB_PREFIXES))
     if not kept:
         return "default"
     readable = ",".join(kept)
@@ -62,8 +68,8 @@ def run_name(overrides: Sequence[str]) -> str:
 
 
 def validate(cfg: DictConfig) -> DictConfig:
-    """Check keys and types against :class:`diffattr.settings.Settings`; return the typed, resolved config."""
-    schema = OmegaConf.structured(Settings)
+    """Check keys, types, choices and ranges against ``diffattr.settings``; return the typed, resolved config."""
+    schema = OmegaConf.structured(settings_class())
     OmegaConf.set_struct(schema, True)  # `+group.key=...` must not add keys the code would ignore
     OmegaConf.set_struct(schema.model.unet, False)  # free-form: diffusers.UNet2DModel's keyword arguments
     try:
@@ -78,7 +84,7 @@ def validate(cfg: DictConfig) -> DictConfig:
             valid = f" (valid keys of {parent}: {', '.join(OmegaConf.select(schema, parent).keys())})"
         raise ConfigError(f"invalid configuration at '{key}': {msg}{valid}") from None
     _check_unknown_keys(OmegaConf.to_container(cfg), OmegaConf.to_container(schema), "")
-    _check_choices(merged)
+    _check_fields(merged, settings_class())
     return merged
 
 
@@ -94,40 +100,21 @@ def _check_unknown_keys(given: dict, known: dict, prefix: str) -> None:
             _check_unknown_keys(value, known[key], full + ".")
 
 
-_CHOICES = {
-    "data.name": ("digits", "cifar10", "cifar_mnist"),
-    "train.loss": ("l2", "l1"),
-    "train.optimizer": ("adam", "adamw"),
-    "sample.checkpoints": ("last", "all"),
-    "model.beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
-}
-
-
-def _check_choices(cfg: DictConfig) -> None:
-    for key, allowed in _CHOICES.items():
-        value = OmegaConf.select(cfg, key)
-        if value not in allowed:
-            raise ConfigError(f"invalid configuration at '{key}': {value!r} is not one of {', '.join(allowed)}")
-    for loss in cfg.grads.losses:
-        if loss not in ("l2", "l1"):
-            raise ConfigError(f"invalid configuration at 'grads.losses': {loss!r} is not one of l2, l1")
-    from .attribution import METHODS
-
-    for method in cfg.attribution.methods:
-        if method not in METHODS:
-            raise ConfigError(f"invalid configuration at 'attribution.methods': unknown method {method!r}; "
-                              f"choose from {', '.join(METHODS)}")
-    if cfg.attribution.projector not in ("countsketch", "rademacher", "gaussian"):
-        raise ConfigError("invalid configuration at 'attribution.projector': use countsketch, rademacher or gaussian")
-    positive = ("attribution.test_timesteps", "attribution.test_noises", "attribution.self_influence_noises",
-                "attribution.proj_dim", "attribution.trak_checkpoints", "attribution.topk", "grads.shards",
-                "grads.batch_size", "grads.n_timesteps", "train.epochs", "train.batch_size",
-                "train.checkpoint_every", "data.resolution", "sample.batch_size")
-    for key in positive:
-        if OmegaConf.select(cfg, key) < 1:
-            raise ConfigError(f"invalid configuration at '{key}': must be >= 1")
-    if cfg.attribution.self_influence_timesteps < 0:
-        raise ConfigError("invalid configuration at 'attribution.self_influence_timesteps': must be >= 0 (0 skips)")
+def _check_fields(cfg: DictConfig, schema: type, prefix: str = "") -> None:
+    """The ``min`` and ``choices`` of every settings field (``diffattr.settings.knob``), recursively."""
+    for f in dataclasses.fields(schema):
+        value, key = cfg[f.name], f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(f.type):
+            _check_fields(value, f.type, key + ".")
+            continue
+        values = list(value) if OmegaConf.is_list(value) else [value]
+        low, choices = f.metadata.get("min"), f.metadata.get("choices")
+        for v in values:
+            if low is not None and v is not None and v < low:
+                raise ConfigError(f"invalid configuration at '{key}': {v!r} must be >= {low}"
+                                  + (" (0 skips)" if low == 0 else ""))
+            if choices is not None and v is not None and v not in (valid := list(choices())):
+                raise ConfigError(f"invalid configuration at '{key}': {v!r} is not one of {', '.join(map(str, valid))}")
 
 
 def compose(experiment: str, overrides: Sequence[str] = (), conf_dir: Path = CONF_DIR) -> Run:
@@ -138,6 +125,7 @@ def compose(experiment: str, overrides: Sequence[str] = (), conf_dir: Path = CON
     from hydra.errors import HydraException
 
     overrides = [str(o) for o in overrides]
+    register_schema()
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(Path(conf_dir).resolve()), version_base=None):
@@ -150,9 +138,61 @@ def compose(experiment: str, overrides: Sequence[str] = (), conf_dir: Path = CON
 
 
 def make_run(cfg: DictConfig, overrides: Sequence[str]) -> Run:
+    from .data import source_identity
+
     cfg = validate(cfg)
-    name = run_name(overrides)
-    return Run(cfg=cfg, name=name, dir=Path(cfg.results_dir) / cfg.experiment / name)
+    name = run_name(overrides, source_identity(cfg.data))
+    return Run(cfg=cfg, name=name, overrides=tuple(overrides), layout=Layout.of(cfg, name))
+
+
+def sweep_points(overrides: Sequence[str]) -> list[list[str]]:
+    """The override lists of a sweep: every combination of the comma-separated values (Hydra's basic sweeper
+    syntax, e.g. ``attribution.test_noises=1,2,4``); one list, the overrides themselves, when nothing is swept."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides([str(o) for o in overrides])
+    except HydraException as e:
+        raise ConfigError(f"bad override: {_explain(e)}") from None
+    choices = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override()
+               else [o.input_line] for o in parsed]
+    return [list(point) for point in itertools.product(*choices)]
+
+
+@dataclass(frozen=True)
+class Sweep:
+    name: str | None  # None for a single run
+    points: list[list[str]]  # the override list of each run
+    keys: list[str]  # the swept keys
+
+
+def sweep_from_config(config) -> Sweep:
+    """The runs that Snakemake's ``--config`` asks for: ``overrides=[...]`` (comma-separated values sweep, as in
+    Hydra) plus, with ``sweep=NAME``, the ``params`` of ``conf/sweep/NAME.yaml`` (Hydra's sweeper format)."""
+    overrides = [str(o) for o in config.get("overrides", [])]
+    name = config.get("sweep")
+    if name:
+        file = CONF_DIR / "sweep" / f"{name}.yaml"
+        if not file.is_file():
+            known = sorted(p.stem for p in file.parent.glob("*.yaml"))
+            raise ConfigError(f"no sweep file {file}; choose sweep= from {', '.join(known) or '(none)'}")
+        for key, values in (OmegaConf.load(file).get("params") or {}).items():
+            if not isinstance(values, (str, int, float, bool)):
+                raise ConfigError(f"{file}: params.{key} must be a string such as '1,2,4', not {values!r}")
+            overrides.append(f"{key}={values}")
+    points, keys = sweep_points(overrides), swept_keys(overrides)
+    if name is None and len(points) > 1:
+        name = run_name(overrides)
+    return Sweep(str(name) if name else None, points, keys)
+
+
+def swept_keys(overrides: Sequence[str]) -> list[str]:
+    """The keys that take several values in ``overrides``."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return [o.get_key_element() for o in OverridesParser.create().parse_overrides([str(o) for o in overrides])
+            if o.is_sweep_override()]
 
 
 def from_hydra(cfg: DictConfig) -> Run:
@@ -179,7 +219,47 @@ def _explain(e: BaseException) -> str:
     unknown = re.search(r"Could not override '([\w.]+)'", text)
     if unknown and "." in unknown.group(1):
         parent = unknown.group(1).rsplit(".", 1)[0]
-        node = OmegaConf.select(OmegaConf.structured(Settings), parent)
+        node = OmegaConf.select(OmegaConf.structured(settings_class()), parent)
         if node is not None:
             text += f" Valid keys of {parent}: {', '.join(node.keys())}."
     return text
+
+
+def stage_overrides(run: Run, stage: str) -> list[str]:
+    """The overrides of ``run`` that ``stage`` (or ``attribution/<family>``) depends on, in a canonical form: what
+    a stage job is started with, so the same stage gets the same command from every run that shares it."""
+    from .layout import QUERY_KEYS
+    from .methods import families, requested_families
+
+    chain = {"data": ("data",), "train": ("data", "model", "train"), "samples": ("data", "model", "train", "sample"),
+             "norm_study": ("data", "model", "train", "norm_study", "shards")}
+    queries = (*chain["samples"], *(f"attribution.{k}" for k in QUERY_KEYS))
+    extra: list[str] = []
+    if stage.startswith("attribution/"):
+        family = families()[stage.split("/", 1)[1]]
+        prefixes = (*queries, *(f"attribution.{k}" for k in family.keys()), *(("shards",) if family.sharded else ()))
+        variants = family.job_variants(requested_families(run.cfg.attribution.methods)[family])
+        extra = [f"attribution.methods=[{','.join(variants)}]"]
+    else:
+        prefixes = queries if stage == "queries" else chain[stage]
+    nested = tuple(p + "." for p in prefixes)
+    kept = [o for o in run.overrides if (_override_key(o) in prefixes or _override_key(o).startswith(nested))
+            and _override_key(o) not in UNKEYED_OVERRIDES]
+    return sorted(kept) + extra
+
+
+UNKEYED_OVERRIDES = ("sample.checkpoints",)  # select which files a stage makes, not what they hold
+
+
+def _override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def manifest_yaml(run: Run) -> str:
+    """``<run>/manifest.yaml``: each stage directory the run uses (relative to the run), its key and what the key
+    is a hash of."""
+    from .layout import stage_dependencies
+
+    stages = {stage: {"dir": f"../stages/{stage}/{run.layout.keys[stage]}", "key": run.layout.keys[stage],
+                      "depends_on": deps} for stage, deps in stage_dependencies(run.cfg).items()}
+    return OmegaConf.to_yaml(OmegaConf.create({"run": run.name, "overrides": list(run.overrides), "stages": stages}))

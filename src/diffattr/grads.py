@@ -92,50 +92,6 @@ def projected_grads(model, scheduler, x0: Tensor, timesteps: Tensor, noise: Tens
     return out
 
 
-def mean_grads(model, scheduler, x0: Tensor, timesteps: Tensor, noise: Tensor, output: Union[str, Output] = "loss",
-               normalize: Optional[str] = None, *, projector=None, batch_size: Optional[int] = None,
-               engine: str = "auto") -> Tensor:
-    """Average over K (timestep, noise) pairs per example: ``mean_j g(x0[i], timesteps[i, j], noise[i, j])``.
-
-    ``timesteps`` is [N, K] and ``noise`` [N, K, C, H, W]. ``normalize="each"`` replaces every g by g / ||g|| (the
-    full-parameter L2 norm, zero gradients left at zero) before the average — Diffusion-ReTrac's re-normalisation.
-    With a ``projector`` the result is the projection of that average, [N, k] (projection is linear, so this equals
-    projecting the [N, P] result), and the [N, P] matrix is never formed.
-    """
-    if normalize not in (None, "each"):
-        raise ValueError(f"normalize must be None or 'each', not {normalize!r}")
-    n, k = timesteps.shape
-    run = _Run(model, scheduler, output, batch_size, engine)
-    if projector is not None:
-        _check_projector(projector, run.num_params)
-    width = run.num_params if projector is None else projector.k
-    out = torch.zeros(n, width, dtype=run.dtype, device=run.device)
-    flat_x0 = x0.unsqueeze(1).expand(n, k, *x0.shape[1:]).reshape(n * k, *x0.shape[1:])
-    flat_noise = noise.reshape(n * k, *noise.shape[2:])
-    for rows, blocks in run.chunks(flat_x0, timesteps.reshape(-1), flat_noise):
-        size = rows.stop - rows.start
-        sq = torch.zeros(size, dtype=run.dtype, device=run.device)
-        if projector is None:
-            feats = torch.zeros(size, width, dtype=run.dtype, device=run.device)
-        else:
-            acc = projector.new_accumulator(size, run.dtype, run.device)
-        for offset, block in blocks:
-            if normalize:
-                sq += _row_sq_norms(block)
-            if projector is None:
-                _flat_view(feats, offset, block).copy_(block)
-            else:
-                projector.accumulate(acc, block, offset)
-        if projector is not None:
-            feats = projector.result(acc)
-        weight = torch.full((size,), 1.0 / k, dtype=run.dtype, device=run.device)
-        if normalize:
-            weight = weight / sq.sqrt().clamp_min(torch.finfo(run.dtype).tiny)
-        owners = torch.arange(rows.start, rows.stop, device=run.device) // k
-        out.index_add_(0, owners, feats * weight[:, None])
-    return out
-
-
 def _row_sq_norms(block: Tensor) -> Tensor:
     # reduces in the block's own memory order: no copy of a permuted block
     return torch.linalg.vector_norm(block, dim=tuple(range(1, block.dim()))).square()
@@ -182,7 +138,7 @@ class _Run:
         if not (len(x0) == len(timesteps) == len(noise)):
             raise ValueError(f"x0, timesteps and noise disagree on N: {len(x0)}, {len(timesteps)}, {len(noise)}")
         blocks = self._layerwise_blocks if self.engine == "layerwise" else self._func_blocks
-        with _dropout_off(self.model), torch.enable_grad():
+        with dropout_off(self.model), torch.enable_grad():
             for start in range(0, len(x0), self.batch_size):
                 rows = slice(start, min(start + self.batch_size, len(x0)))
                 x0_c = x0[rows].to(self.device, self.dtype)
@@ -367,7 +323,7 @@ def _no_vmap_fallback():
 
 
 @contextlib.contextmanager
-def _dropout_off(model: nn.Module):
+def dropout_off(model: nn.Module):
     """Evaluate in eval mode (no dropout: the gradient must be a deterministic function of the inputs)."""
     modes = [(m, m.training) for m in model.modules()]
     model.eval()

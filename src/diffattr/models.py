@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.models.attention_processor import Attention, AttnProcessor
@@ -46,7 +45,3 @@ def load_unet(path) -> UNet2DModel:
     unet = UNet2DModel.from_pretrained(str(path), use_safetensors=True, low_cpu_mem_usage=False)
     use_classic_attention(unet)
     return unet
-
-
-def count_parameters(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)

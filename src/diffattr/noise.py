@@ -7,6 +7,14 @@ from typing import Sequence
 import numpy as np
 import torch
 
+# Streams: the first key of derive_seeds(seed, STREAM, ...), so that no two purposes ever draw the same randomness.
+# One table, so a new stream cannot collide with an old one. (The norm study's fixed noise predates the table and
+# uses derive_seeds(norm_study.seed, sample_id, timestep) with no stream; changing it would move its numbers.)
+TRAIN_ORDER, TRAIN_TIMESTEP, TRAIN_NOISE, TRAIN_DROPOUT = 1, 2, 3, 4  # diffattr.train, keyed by epoch or step
+SAMPLE_INITIAL, SAMPLE_STEPS = 11, 12  # diffattr.sampling, keyed by the image's seed
+QUERY_NOISE, TRACIN_TRAIN_NOISE = 101, 102  # TracIn test side (and self-influence), expectation train side
+FEATURE_TIMESTEPS, FEATURE_NOISE, JOURNEY_NOISE, HELDOUT_SPLIT = 201, 202, 203, 204  # TRAK family
+
 
 def noise_from_seeds(seeds: Sequence[int] | torch.Tensor, shape: Sequence[int], dtype=torch.float32) -> torch.Tensor:
     """Stack of standard normal tensors of ``shape``, the i-th drawn from a CPU generator seeded with ``seeds[i]``.

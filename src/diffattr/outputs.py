@@ -18,6 +18,7 @@ from torch import Tensor
 
 Output = Callable[[Tensor, Tensor, Tensor, Tensor, object], Tensor]
 OUTPUTS: Dict[str, Output] = {}
+LOSS_OUTPUTS = {"l2": "loss", "l1": "loss_l1"}  # train.loss -> the output that is that training loss
 _PIXELS = (-3, -2, -1)
 
 

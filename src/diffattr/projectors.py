@@ -194,7 +194,9 @@ KINDS = ("countsketch", "rademacher", "gaussian", "identity")
 def make_projector(kind: str, model: torch.nn.Module | int, k: int | None = None, seed: int = 0,
                    **options) -> Projector:
     """A ``kind`` projector for the trainable parameters of ``model`` (or for ``model`` parameters, if an int)."""
-    num_params = model if isinstance(model, int) else sum(p.numel() for p in model.parameters() if p.requires_grad)
+    from .grads import num_trainable
+
+    num_params = model if isinstance(model, int) else num_trainable(model)
     if kind == "countsketch":
         return CountSketchProjector(num_params, _need_k(k), seed)
     if kind in ("rademacher", "gaussian"):

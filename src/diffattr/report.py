@@ -13,54 +13,74 @@ import pandas as pd
 from omegaconf import DictConfig
 from safetensors.torch import load_file
 
-from . import influence
+from . import metrics
 from .atomic import write_csv, write_parquet
-from .attribution import TRACIN_FAMILY, load_queries, score_path
+from .layout import Layout
+from .queries import load_queries
 from .data import ImageSet
+from .exceptions import StageError
 from .figures import influence as figs
 
+SCORE_VS_NORM = "score_vs_grad_norm"  # drawn when a method's score files carry train_grad_norms
 TOPK_FIGURE = 6  # the papers' layout: each query with its top-6 training images
 FIGURE_QUERIES_PER_KIND = 2
 
 
-def write_report(cfg: DictConfig, run_dir: Path) -> None:
-    a, run_dir = cfg.attribution, Path(run_dir)
-    queries, query_images = load_queries(run_dir)
-    train_set = ImageSet.load(run_dir / "data" / "train")
+def write_report(cfg: DictConfig, layout: Layout) -> None:
+    a = cfg.attribution
+    queries, query_images = load_queries(layout)
+    train_set = ImageSet.load(layout.path("data", split="train"))
     train_ids = train_set.ids.numpy()
     reported = queries[~queries.heldout].set_index("query_id")
 
     scores, topk, tracing, outliers, grouped = {}, [], [], [], {}
     for method in a.methods:
-        dense = load_file(str(score_path(run_dir, method)))
+        path = layout.scores(method)
+        dense = load_file(str(path))
         if not np.array_equal(dense["train_ids"].numpy(), train_ids):
-            raise ValueError(f"scores/{method}.safetensors is for another training set; delete it and rerun")
+            raise StageError(f"{path} is for another training set; delete it and rerun")
         ids = dense["query_ids"].numpy()
         keep = np.isin(ids, reported.index)
         s, ids = dense["scores"].numpy()[keep], ids[keep]
         kinds = reported.loc[ids, "query_kind"].to_numpy()
         scores[method] = dense
-        _write_long(run_dir / "scores" / f"{method}.parquet", s, ids, kinds, train_ids)
-        table = influence.topk_table(s, ids, train_ids, max(a.topk, TOPK_FIGURE))
+        _write_long(layout.path("scores_long", method=method), s, ids, kinds, train_ids)
+        table = metrics.topk_table(s, ids, train_ids, max(a.topk, TOPK_FIGURE))
         topk.append(table.assign(method=method, query_kind=reported.loc[table.query_id, "query_kind"].to_numpy()))
         grouped[method] = {kind: s[kinds == kind] for kind in pd.unique(kinds)}
         is_train = kinds == "train"
         if is_train.any():
-            rates = influence.self_retrieval_rates(s[is_train], ids[is_train], train_ids, ks=(1, 5))
+            rates = metrics.self_retrieval_rates(s[is_train], ids[is_train], train_ids, ks=(1, 5))
             tracing.append({"method": method, "n_queries": int(is_train.sum()), **rates})
         if train_set.is_outlier.any():
             outliers.append(_outlier_row(method, s, ids, reported, train_set, dense.get("self_influence")))
-        _topk_figure(run_dir, method, table, reported, ids, kinds, queries, query_images, train_set)
+        _topk_figure(layout, method, table, reported, ids, kinds, queries, query_images, train_set)
 
     write_parquet(pd.concat(topk, ignore_index=True)[["method", "query_id", "query_kind", "rank", "train_id",
-                                                       "score"]], run_dir / "tables" / "topk.parquet")
-    general = influence.general_influence_table(grouped, ks=[a.topk], thresholds=list(a.thresholds))
-    write_csv(general, run_dir / "tables" / "general_influence.csv")
+                                                       "score"]], layout.path("table", name="topk.parquet"))
+    general = metrics.general_influence_table(grouped, ks=[a.topk], thresholds=list(a.thresholds))
+    write_csv(general, layout.path("table", name="general_influence.csv"))
     write_csv(pd.DataFrame(tracing, columns=["method", "n_queries", "top1", "top5"]),
-              run_dir / "tables" / "tracing.csv")
+              layout.path("table", name="tracing.csv"))
     if outliers:
-        write_csv(pd.DataFrame(outliers), run_dir / "tables" / "outliers.csv")
-    _general_influence_figures(run_dir, grouped, scores, a, train_set.is_outlier.numpy())
+        write_csv(pd.DataFrame(outliers), layout.path("table", name="outliers.csv"))
+    _general_influence_figures(layout, grouped, scores, a, train_set.is_outlier.numpy())
+
+
+def report_extras(cfg: DictConfig) -> list[tuple[str, str, str, str]]:
+    """Outputs of the report that only some runs have: (artifact, name, caption, report category)."""
+    from .methods import requested_families
+
+    out = []
+    if any(f.grad_norms for f in requested_families(cfg.attribution.methods)):
+        out.append(("figure", SCORE_VS_NORM, "score_vs_grad_norm", "Attribution"))
+    if has_outliers(cfg):
+        out.append(("table", "outliers.csv", "outliers", "Tables"))
+    return out
+
+
+def has_outliers(cfg: DictConfig) -> bool:
+    return cfg.data.name == "cifar_mnist" and cfg.data.n_outliers > 0
 
 
 def _write_long(path: Path, s: np.ndarray, ids, kinds, train_ids) -> None:
@@ -78,31 +98,32 @@ def _outlier_row(method, s, ids, reported, train_set, self_influence) -> dict:
     in_class = (reported.loc[ids, "label"].to_numpy() != -1) & ~np.isin(ids, train_ids[outlier])
     return {"method": method, "n_in_class_queries": int(in_class.sum()),
             # NaN for methods without in-class queries (Journey-TRAK attributes generated images only)
-            "outlier_fraction_top10": (influence.outlier_topk_fraction(s, outlier, k=10, query_mask=in_class)
+            "outlier_fraction_top10": (metrics.outlier_topk_fraction(s, outlier, k=10, query_mask=in_class)
                                        if in_class.any() else float("nan")),
             "outlier_fraction_in_train_set": float(outlier.mean()), "n_train": len(outlier),
-            "self_influence_auroc": (influence.outlier_auroc(self_influence.numpy(), outlier)
+            "self_influence_auroc": (metrics.outlier_auroc(self_influence.numpy(), outlier)
                                      if self_influence is not None and 0 < outlier.sum() < len(outlier)
                                      else float("nan"))}
 
 
-def _topk_figure(run_dir, method, table, reported, ids, kinds, queries, query_images, train_set) -> None:
+def _topk_figure(layout, method, table, reported, ids, kinds, queries, query_images, train_set) -> None:
     chosen = [i for kind in ("train", "test", "generated") for i in ids[kinds == kind][:FIGURE_QUERIES_PER_KIND]]
     fig = figs.topk_figure(table[table.query_id.isin(chosen)], query_images, queries.query_id.to_numpy(),
                            train_set.images, train_set.ids.numpy(), k=TOPK_FIGURE,
                            title=f"{method}: top-{TOPK_FIGURE} training images per query")
-    figs.save(fig, Path(run_dir) / "figures" / f"topk_{method}.png")
+    figs.save(fig, layout.path("figure", name=f"topk_{method}"))
 
 
-def _general_influence_figures(run_dir: Path, grouped, scores, a, is_outlier) -> None:
+def _general_influence_figures(layout: Layout, grouped, scores, a, is_outlier) -> None:
     pooled = {m: np.concatenate(list(k.values())) for m, k in grouped.items()}
     n_queries = next(iter(pooled.values())).shape[0]
-    counts = {m: influence.topk_counts(s, a.topk) for m, s in pooled.items()}
+    counts = {m: metrics.topk_counts(s, a.topk) for m, s in pooled.items()}
     figs.save(figs.general_influence_histograms(counts, n_queries, a.topk, a.thresholds[0]),
-              run_dir / "figures" / "general_influence.png")
-    tracin = [m for m in ("tracin", "tracin_expectation") if m in scores]
-    if tracin:
+              layout.path("figure", name="general_influence"))
+    with_norms = [m for m in scores if "train_grad_norms" in scores[m]]
+    if with_norms:
         # the cause of the bias: mean score against the train gradient norm at the recorded timestep
-        norms = scores[tracin[0]]["train_grad_norms"].numpy().mean(0)
-        mean_scores = {m: pooled[m].mean(0) for m in pooled if m in TRACIN_FAMILY}
-        figs.save(figs.score_vs_grad_norm(mean_scores, norms, is_outlier), run_dir / "figures" / "score_vs_grad_norm.png")
+        norms = scores[with_norms[0]]["train_grad_norms"].numpy().mean(0)
+        mean_scores = {m: pooled[m].mean(0) for m in with_norms}
+        figs.save(figs.score_vs_grad_norm(mean_scores, norms, is_outlier),
+                  layout.path("figure", name=SCORE_VS_NORM))

@@ -7,9 +7,9 @@ from typing import Iterable, Sequence
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
-from .noise import derive_seeds
+from .grads import dropout_off
+from .noise import SAMPLE_INITIAL, SAMPLE_STEPS, derive_seeds
 
-_INITIAL, _STEPS = 11, 12
 
 
 @torch.no_grad()
@@ -23,44 +23,47 @@ def generate(unet: UNet2DModel, scheduler: DDPMScheduler, seeds: Sequence[int], 
     scheduler = DDPMScheduler.from_config(scheduler.config)
     scheduler.set_timesteps(num_inference_steps or scheduler.config.num_train_timesteps)
     device = next(unet.parameters()).device
-    was_training = unet.training
-    unet.eval()
     keep = set(int(k) for k in keep_steps)
     size = unet.config.sample_size
     shape = (unet.config.in_channels, size, size)
     images, trajectory = [], {}
-    for start in range(0, len(seeds), batch_size):
-        chunk = [int(s) for s in seeds[start:start + batch_size]]
-        x = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(derive_seeds(s, _INITIAL))))
-                         for s in chunk]).to(device)
-        gens = [torch.Generator().manual_seed(int(derive_seeds(s, _STEPS))) for s in chunk]
-        for t in scheduler.timesteps:
-            if int(t) in keep:
-                trajectory.setdefault(int(t), []).append(x.cpu())
-            eps = unet(x, t.to(device).expand(len(chunk))).sample
-            # a list of generators makes diffusers draw each image's step noise from its own generator
-            x = scheduler.step(eps, t, x, generator=gens).prev_sample
-        images.append(x.clamp(-1, 1).cpu())
-    unet.train(was_training)
+    with dropout_off(unet):
+        for start in range(0, len(seeds), batch_size):
+            chunk = [int(s) for s in seeds[start:start + batch_size]]
+            x = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(
+                int(derive_seeds(s, SAMPLE_INITIAL)))) for s in chunk]).to(device)
+            gens = [torch.Generator().manual_seed(int(derive_seeds(s, SAMPLE_STEPS))) for s in chunk]
+            for t in scheduler.timesteps:
+                if int(t) in keep:
+                    trajectory.setdefault(int(t), []).append(x.cpu())
+                eps = unet(x, t.to(device).expand(len(chunk))).sample
+                # a list of generators makes diffusers draw each image's step noise from its own generator
+                x = scheduler.step(eps, t, x, generator=gens).prev_sample
+            images.append(x.clamp(-1, 1).cpu())
     return torch.cat(images), {t: torch.cat(v) for t, v in trajectory.items()}
 
 
+def sampler_timesteps(cfg):
+    """The timesteps the run's sampler visits, in sampling order (``sample.num_inference_steps`` of them)."""
+    from .models import build_scheduler
 
-def write_samples(cfg, run_dir, checkpoint: str, device: torch.device) -> None:
-    """``samples/<checkpoint>.safetensors`` (images, seeds) and ``samples/<checkpoint>.png`` for one checkpoint."""
-    from pathlib import Path
+    scheduler = build_scheduler(cfg.model)
+    scheduler.set_timesteps(cfg.sample.num_inference_steps or cfg.model.num_train_timesteps)
+    return scheduler.timesteps.numpy()
 
+
+def write_samples(cfg, layout, checkpoint: str, device: torch.device) -> None:
+    """The run's query images at one checkpoint: ``samples`` (images, seeds) and ``samples_grid`` of the layout."""
     from .atomic import save_tensors
     from .checkpoints import load_checkpoint_unet
     from .figures.grid import save_grid
     from .models import build_scheduler
 
-    run_dir = Path(run_dir)
-    unet = load_checkpoint_unet(run_dir / "checkpoints" / checkpoint, ema=cfg.sample.use_ema).to(device)
+    unet = load_checkpoint_unet(layout.path("checkpoint", checkpoint=checkpoint), ema=cfg.sample.use_ema).to(device)
     seeds = [cfg.sample.seed + j for j in range(cfg.sample.n)]
     images, _ = generate(unet, build_scheduler(cfg.model), seeds, cfg.sample.num_inference_steps,
                          cfg.sample.batch_size)
-    out = run_dir / "samples"
-    save_tensors({"images": images, "seeds": torch.tensor(seeds, dtype=torch.int64)}, out / f"{checkpoint}.safetensors",
+    save_tensors({"images": images, "seeds": torch.tensor(seeds, dtype=torch.int64)},
+                 layout.path("samples", checkpoint=checkpoint),
                  metadata={"checkpoint": checkpoint, "num_inference_steps": str(cfg.sample.num_inference_steps)})
-    save_grid(images, out / f"{checkpoint}.png")
+    save_grid(images, layout.path("samples_grid", checkpoint=checkpoint))

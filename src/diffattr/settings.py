@@ -1,35 +1,62 @@
 """Typed schema of the Hydra configuration.
 
-The YAML files in ``conf/`` give the values; these dataclasses give the keys and types, so that a typo or a wrong
-type in an override is rejected before any work starts (``diffattr.config.validate``).
+The YAML files in ``conf/`` give the values; these dataclasses give the keys, types, help and valid values, so a
+typo, a wrong type, an unknown choice or a value out of range is rejected before any work starts
+(``diffattr.config.validate``). A field's ``metadata`` may hold ``help``, ``min`` and ``choices`` (a function that
+returns the names of a registry, so the valid values are never listed twice).
+
+The ``attribution`` group is assembled from the method registry: the shared query and report keys below plus the
+settings of every registered method family (``diffattr.methods``), so a new family brings its own keys.
 """
 
-from __future__ import annotations
-
+import dataclasses
+import functools
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
+
+
+def knob(default: Any = dataclasses.MISSING, help: str = "", *, min: float | None = None,
+         choices: Callable[[], Any] | None = None, factory: Callable[[], Any] | None = None) -> Any:
+    """A settings field with its help text, lower bound and valid choices (checked by ``diffattr.config``)."""
+    meta = {"help": help, "min": min, "choices": choices}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _datasets():
+    from .data import LOADERS
+
+    return LOADERS
+
+
+def _losses():
+    from .outputs import LOSS_OUTPUTS
+
+    return LOSS_OUTPUTS
 
 
 @dataclass
 class DataSettings:
-    name: str = "digits"  # digits | cifar10 | cifar_mnist
-    resolution: int = 16  # images are area-resized to resolution x resolution
-    channels: int = 1  # 1 for digits, 3 for the CIFAR-based sets
-    classes: Optional[List[str]] = None  # class names to keep (None: all)
-    per_class: Optional[int] = None  # training images kept per class (None: all)
-    test_per_class: Optional[int] = None  # held-out images kept per class (None: all)
-    test_fraction: float = 0.2  # digits only: the bundled set has no official split
-    seed: int = 0  # which images a per-class limit keeps
+    name: str = knob("digits", "dataset loader", choices=_datasets)
+    resolution: int = knob(16, "images are area-resized to resolution x resolution", min=1)
+    channels: int = knob(1, "1 for digits, 3 for the CIFAR-based sets", min=1)
+    classes: Optional[List[str]] = knob(None, "class names to keep (None: all)")
+    per_class: Optional[int] = knob(None, "training images kept per class (None: all)", min=1)
+    test_per_class: Optional[int] = knob(None, "held-out images kept per class (None: all)", min=1)
+    test_fraction: float = knob(0.2, "digits only: the bundled set has no official split", min=0)
+    seed: int = knob(0, "which images a per-class limit keeps")
     # CIFAR-10 archive (cifar10 and cifar_mnist)
-    archive: Optional[str] = None  # local cifar-10-python.tar.gz; None: download to cache_dir
+    archive: Optional[str] = knob(None, "local cifar-10-python.tar.gz; None: cache_dir, or download")
     url: str = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
     md5: str = "c58f30108f718f92721af3b95e74349a"
-    verify_checksum: bool = True
+    verify_checksum: bool = knob(True, "refuse an archive whose md5 is not data.md5")
     cache_dir: str = "~/.cache/diffattr"
-    download: bool = False  # the default run never touches the network
+    download: bool = knob(False, "download the archive when missing (the default run never touches the network)")
     # cifar_mnist: planted outliers (handwritten zeros) among one CIFAR-10 class
-    n_outliers: int = 0
-    outlier_digit: int = 0
+    n_outliers: int = knob(0, "planted handwritten digits (cifar_mnist)", min=0)
+    outlier_digit: int = knob(0, "which digit is planted", min=0)
 
 
 @dataclass
@@ -37,103 +64,122 @@ class ModelSettings:
     name: str = "tiny"
     # keyword arguments of diffusers.UNet2DModel (sample_size and channels come from the data)
     unet: Dict[str, Any] = field(default_factory=dict)
-    num_train_timesteps: int = 1000
-    beta_schedule: str = "linear"
+    num_train_timesteps: int = knob(1000, "T", min=1)
+    beta_schedule: str = knob("linear", "DDPM beta schedule",
+                              choices=lambda: ("linear", "scaled_linear", "squaredcos_cap_v2"))
     beta_start: float = 0.0001
     beta_end: float = 0.02
 
 
 @dataclass
 class TrainSettings:
-    epochs: int = 8
-    batch_size: int = 64
-    lr: float = 2e-4
-    optimizer: str = "adamw"  # adam | adamw
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    grad_clip: float = 1.0  # 0 disables clipping
-    loss: str = "l2"  # l2 | l1
-    ema_decay: float = 0.0  # 0 disables EMA
-    checkpoint_every: int = 2  # epochs between checkpoints
+    epochs: int = knob(8, min=1)
+    batch_size: int = knob(64, min=1)
+    lr: float = knob(2e-4, min=0)
+    optimizer: str = knob("adamw", choices=lambda: ("adam", "adamw"))
+    weight_decay: float = knob(0.0, min=0)
+    warmup_steps: int = knob(0, "linear warmup of the learning rate", min=0)
+    grad_clip: float = knob(1.0, "0 disables clipping", min=0)
+    loss: str = knob("l2", "noise-prediction loss", choices=_losses)
+    ema_decay: float = knob(0.0, "0 disables EMA", min=0)
+    checkpoint_every: int = knob(2, "epochs between checkpoints (the last epoch always has one)", min=1)
     seed: int = 0
-    threads: int = 2
+    threads: int = knob(2, "torch threads of every compute job (bit-identity on CPU needs the same count)", min=1)
 
 
 @dataclass
 class SampleSettings:
-    n: int = 16  # images generated per checkpoint
-    seed: int = 0  # image j uses seed + j
-    num_inference_steps: Optional[int] = None  # None: all T steps
-    checkpoints: str = "last"  # last | all
-    batch_size: int = 64
-    use_ema: bool = True  # sample from the EMA weights when training kept them
+    n: int = knob(16, "images generated per checkpoint", min=1)
+    seed: int = knob(0, "image j uses seed + j")
+    num_inference_steps: Optional[int] = knob(None, "None: all T steps", min=1)
+    checkpoints: str = knob("last", "which checkpoints are sampled", choices=lambda: ("last", "all"))
+    batch_size: int = knob(64, min=1)
+    use_ema: bool = knob(True, "sample from the EMA weights when training kept them")
 
 
 @dataclass
-class GradsSettings:
-    """The norm-vs-timestep study (Diffusion-TracIn, Xie et al. 2024, Fig. 1-2) and the sharding of gradient work."""
+class NormStudySettings:
+    """The norm-vs-timestep study (Diffusion-TracIn, Xie et al. 2024, Fig. 1-2)."""
 
-    n_examples: int = 256  # training examples in the timestep-grid study
-    n_timesteps: int = 100  # evenly spaced timesteps in [0, T-1]
-    losses: List[str] = field(default_factory=lambda: ["l2"])  # l2 and/or l1: one figure panel each
-    seed: int = 0  # which examples are studied and their fixed noise per (example, timestep)
-    shards: int = 1  # independent jobs over the training set, merged identically for any count
-    batch_size: int = 64  # examples per gradient chunk (results do not depend on it)
+    n_examples: int = knob(256, "training examples on the timestep grid", min=1)
+    n_timesteps: int = knob(100, "evenly spaced timesteps in [0, T-1]", min=1)
+    losses: List[str] = knob(help="l2 and/or l1: one figure panel each", choices=_losses, factory=lambda: ["l2"])
+    seed: int = knob(0, "which examples are studied and their fixed noise per (example, timestep)")
+    batch_size: int = knob(64, "examples per gradient chunk", min=1)
 
 
 @dataclass
-class AttributionSettings:
-    """Queries, methods and their knobs (METHODS.md §2-4, §7). Defaults are the papers' values where they exist."""
+class QuerySettings:
+    """The attribution keys every method shares: the queries and the report (METHODS.md §2-4, §7)."""
 
-    methods: List[str] = field(default_factory=lambda: [
-        "tracin", "retrac", "retrac_train_only", "retrac_test_only", "trak", "dtrak", "journey_trak"])
-    n_train_queries: int = 64  # training images as queries (image tracing)
-    n_test_queries: int = 64  # held-out images of the same classes
-    n_generated_queries: int = 16  # the run's samples at its last checkpoint
-    heldout_fraction: float = 0.25  # labelled queries kept aside to choose TRAK's lambda; never reported
-    seed: int = 0  # query choice and every attribution noise
-    # Diffusion-TracIn / ReTrac (Xie et al. 2024)
-    test_timesteps: int = 100  # S, evenly spaced
-    test_noises: int = 16  # R noise draws per test timestep (authors: 16)
-    expectation_timesteps: int = 10  # K of the *_expectation variants (train side averaged over a grid)
-    # self-influence I(z, z) of every training example, each as its own query on S' x R' (outlier AUROC); 0: skip
-    self_influence_timesteps: int = 0
-    self_influence_noises: int = 1
-    # TRAK family (Park et al. 2023; Georgiev et al. 2023; Zheng et al. 2024)
-    projector: str = "countsketch"  # countsketch | rademacher | gaussian
-    proj_dim: int = 4096  # k
-    trak_timesteps: int = 100  # K evenly spaced timesteps, one noise each (TRAK and D-TRAK features)
-    trak_checkpoints: int = 1  # ensemble over the last M checkpoints (D-TRAK: the final one)
-    dtrak_output: str = "square"  # D-TRAK's best output function, L_Square
-    journey_train_timesteps: int = 20  # Journey-TRAK train features: loss summed over K random timesteps
-    journey_steps: int = 10  # sampling steps attributed per generated image
-    journey_noises: int = 20  # noises averaged per step target
-    lambda_grid: List[float] = field(default_factory=lambda: [0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0])
-    # reporting
-    topk: int = 10
-    thresholds: List[float] = field(default_factory=lambda: [0.1, 0.25])
-    block_size: int = 64  # training rows per gradient block (results do not depend on it)
+    methods: List[str] = knob(help="methods to run (any registered variant)", factory=lambda: [
+        "tracin", "retrac", "retrac_train_only", "retrac_test_only", "trak", "dtrak", "journey_trak"],
+        choices=lambda: _methods())
+    n_train_queries: int = knob(64, "training images as queries (image tracing)", min=0)
+    n_test_queries: int = knob(64, "held-out images of the same classes", min=0)
+    n_generated_queries: int = knob(16, "the run's samples at its last checkpoint", min=0)
+    heldout_fraction: float = knob(0.25, "labelled queries kept aside to choose TRAK's lambda; never reported", min=0)
+    seed: int = knob(0, "query choice and every attribution noise")
+    block_size: int = knob(64, "training rows per gradient block", min=1)
+    topk: int = knob(10, "length of the rankings the report reads", min=1)
+    thresholds: List[float] = knob(help="general influence: in the top-k of at least this fraction of queries",
+                                   factory=lambda: [0.1, 0.25])
+
+
+def _methods():
+    from .methods import variants
+
+    return variants()
 
 
 @dataclass
 class JobSettings:
-    """Per-job knobs set by the DAG (shard index, ...); never part of a run's name."""
+    """Per-job knobs set by the DAG; never part of a run's name or of a stage's key."""
 
-    shard: int = 0
-    threads: int = 0  # torch threads; the DAG passes the rule's `threads` (0: torch's default)
-    method: str = ""  # which method a per-method job computes (trak | dtrak)
+    shard: int = knob(0, min=0)
+    threads: int = knob(0, "torch threads; the DAG passes the rule's `threads` (0: torch's default)", min=0)
+    family: str = ""  # which method family an attribution job computes
+    method: str = ""  # which method's dense scores a merge job writes
     checkpoint: str = ""  # which checkpoint a per-checkpoint job works on (e.g. epoch_0005)
     device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:N
 
 
-@dataclass
-class Settings:
-    experiment: str = "digits"
-    results_dir: str = "results"
-    data: DataSettings = field(default_factory=DataSettings)
-    model: ModelSettings = field(default_factory=ModelSettings)
-    train: TrainSettings = field(default_factory=TrainSettings)
-    sample: SampleSettings = field(default_factory=SampleSettings)
-    grads: GradsSettings = field(default_factory=GradsSettings)
-    attribution: AttributionSettings = field(default_factory=AttributionSettings)
-    job: JobSettings = field(default_factory=JobSettings)
+@functools.lru_cache(maxsize=None)
+def attribution_settings() -> type:
+    """The ``attribution`` dataclass: :class:`QuerySettings` plus every registered family's settings fields."""
+    from .methods import families
+
+    fields, owner = [], {}
+    for settings, name in [(QuerySettings, "queries")] + [(f.settings, f.name) for f in families().values()
+                                                         if f.settings is not None]:
+        types = typing.get_type_hints(settings)  # the family module may use postponed annotations
+        for f in dataclasses.fields(settings):
+            if f.name in owner:
+                raise TypeError(f"attribution.{f.name} is declared by both {owner[f.name]} and {name}")
+            owner[f.name] = name
+            default = {"default_factory": f.default_factory} if f.default_factory is not dataclasses.MISSING \
+                else {"default": f.default}
+            fields.append((f.name, types[f.name], field(metadata=f.metadata, **default)))
+    return dataclasses.make_dataclass("AttributionSettings", fields)
+
+
+@functools.lru_cache(maxsize=None)
+def settings_class() -> type:
+    """The root schema: every group, with ``attribution`` assembled from the method registry."""
+    attribution_type = attribution_settings()
+
+    @dataclass
+    class Settings:
+        experiment: str = "digits"
+        results_dir: str = "results"
+        shards: int = knob(1, "independent jobs of every sharded stage (norm study, TracIn); results do not "
+                              "depend on it", min=1)
+        data: DataSettings = field(default_factory=DataSettings)
+        model: ModelSettings = field(default_factory=ModelSettings)
+        train: TrainSettings = field(default_factory=TrainSettings)
+        sample: SampleSettings = field(default_factory=SampleSettings)
+        norm_study: NormStudySettings = field(default_factory=NormStudySettings)
+        attribution: attribution_type = field(default_factory=attribution_type)  # type: ignore[valid-type]
+        job: JobSettings = field(default_factory=JobSettings)
+
+    return Settings

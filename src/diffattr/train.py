@@ -20,18 +20,14 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from .atomic import write_parquet
+from .exceptions import TrainingError
 from .checkpoints import (CheckpointState, checkpoint_epochs, checkpoint_name, load_checkpoint_unet, read_state,
                           save_checkpoint, write_index)
 from .data import ImageSet
 from .models import build_scheduler, build_unet
-from .noise import derive_seeds, noise_from_seeds
+from .noise import TRAIN_DROPOUT, TRAIN_NOISE, TRAIN_ORDER, TRAIN_TIMESTEP, derive_seeds, noise_from_seeds
+from .outputs import LOSS_OUTPUTS, OUTPUTS
 
-# Streams of derive_seeds(train.seed, STREAM, ...): independent randomness for each purpose.
-_ORDER, _TIMESTEP, _NOISE, _DROPOUT = 1, 2, 3, 4
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. a non-finite loss); the message names the last good checkpoint."""
 
 
 def config_hash(cfg: DictConfig) -> str:
@@ -42,17 +38,17 @@ def config_hash(cfg: DictConfig) -> str:
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(int(derive_seeds(seed, _ORDER, epoch)))
+    gen = torch.Generator().manual_seed(int(derive_seeds(seed, TRAIN_ORDER, epoch)))
     return torch.randperm(n, generator=gen)
 
 
 def step_timesteps(seed: int, step: int, n: int, num_train_timesteps: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(int(derive_seeds(seed, _TIMESTEP, step)))
+    gen = torch.Generator().manual_seed(int(derive_seeds(seed, TRAIN_TIMESTEP, step)))
     return torch.randint(0, num_train_timesteps, (n,), generator=gen)
 
 
 def step_noise_seeds(seed: int, step: int, sample_ids: torch.Tensor) -> torch.Tensor:
-    return derive_seeds(seed, _NOISE, step, sample_ids)
+    return derive_seeds(seed, TRAIN_NOISE, step, sample_ids)
 
 
 def learning_rate(cfg_train: DictConfig, step: int) -> float:
@@ -63,10 +59,8 @@ def learning_rate(cfg_train: DictConfig, step: int) -> float:
 
 
 def diffusion_loss(pred: torch.Tensor, noise: torch.Tensor, kind: str) -> torch.Tensor:
-    """Per-example loss: mean over pixels of the squared (l2) or absolute (l1) noise-prediction error."""
-    err = pred - noise
-    per_pixel = err.square() if kind == "l2" else err.abs()
-    return per_pixel.flatten(1).mean(1)
+    """Per-example training loss ``kind`` (``train.loss``): the ``diffattr.outputs`` function of that name."""
+    return OUTPUTS[LOSS_OUTPUTS[kind]](pred, noise, None, None, None)
 
 
 def train(cfg: DictConfig, run_dir: Path, train_set: ImageSet, device: torch.device) -> list[CheckpointState]:
@@ -113,7 +107,7 @@ def train(cfg: DictConfig, run_dir: Path, train_set: ImageSet, device: torch.dev
             lr = learning_rate(t, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            torch.manual_seed(int(derive_seeds(t.seed, _DROPOUT, step)))
+            torch.manual_seed(int(derive_seeds(t.seed, TRAIN_DROPOUT, step)))
             per_example = diffusion_loss(unet(x_t, timesteps.to(device)).sample, noise, t.loss)
             loss = per_example.mean()
             if not torch.isfinite(loss):
@@ -137,10 +131,9 @@ def train(cfg: DictConfig, run_dir: Path, train_set: ImageSet, device: torch.dev
         bar.set_postfix(loss=f"{np.mean(losses[-steps_per_epoch:]):.4f}",
                         samples_per_s=f"{seen / (time.perf_counter() - tic):.1f}")
         if epoch in schedule:
-            previous = states[-1].epoch if states else 0
             replay = pd.concat(replay_rows, ignore_index=True)
             state = CheckpointState(name=checkpoint_name(epoch), epoch=epoch, step=step, lr=lr,
-                                    batch_size=t.batch_size, n_train=n, epochs_since_previous=epoch - previous,
+                                    batch_size=t.batch_size, n_train=n,
                                     config_hash=chash, mean_loss=float(np.mean(losses)))
             save_checkpoint(ckpt_dir / state.name, state, unet, optimizer, ema, replay)
             states.append(state)

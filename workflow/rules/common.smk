@@ -1,63 +1,92 @@
-# Helpers shared by the rules: the run (composed and validated by Hydra before any job starts) and its paths.
+# The runs of this invocation (one, or every point of a sweep), composed and validated before any job starts, and
+# the lookups the rules need. Every path comes from diffattr.layout; every method from the diffattr.methods registry.
 import shlex
 import sys
 
-from diffattr.attribution import tracin_sides
 from diffattr.checkpoints import checkpoint_epochs, checkpoint_name
-from diffattr.config import compose, resolved_yaml
+from diffattr.config import compose, resolved_yaml, stage_overrides, sweep_from_config
+from diffattr.layout import pattern
+from diffattr.methods import requested_families, shard_count
+from diffattr.resources import job_resources
 
 EXPERIMENT = str(config.get("experiment", "digits"))
-OVERRIDES = [str(o) for o in config.get("overrides", [])]
-RUN = compose(EXPERIMENT, OVERRIDES)
-CFG = RUN.cfg
-R = str(RUN.dir)
-CHECKPOINTS = [checkpoint_name(e) for e in checkpoint_epochs(CFG.train.epochs, CFG.train.checkpoint_every)]
-# Used with --use-conda: the one environment of the project.
-ENV = f"{workflow.basedir}/environment.yml"
+SWEEP = sweep_from_config(config)  # .name (None unless several runs), .points (override lists), .keys (swept)
+RUNS = [compose(EXPERIMENT, point) for point in SWEEP.points]
+ROOT = str(RUNS[0].layout.root)
 # Compute rules use this many threads, so on a small machine Snakemake runs them one at a time.
-THREADS = CFG.train.threads
+THREADS = RUNS[0].cfg.train.threads
+
+# (stage, key) -> a run that has it: every run with that key computes the same artifact
+BY_KEY = {}
+for _run in RUNS:
+    for _stage, _key in _run.layout.keys.items():
+        BY_KEY.setdefault((_stage, _key), _run)
 
 
-def hydra_cmd(script, *job_overrides):
-    """Shell command running scripts/<script>.py on this run, plus per-job keys (job.*) that do not name the run."""
-    args = [f"experiment={EXPERIMENT}", *OVERRIDES, *job_overrides]
+def run_of(stage, key):
+    return BY_KEY[(stage, key)]
+
+
+def P(artifact, /, **fixed):
+    """The path template of an artifact; placeholders not fixed here are wildcards."""
+    return pattern(artifact, ROOT, **fixed)
+
+
+def hydra_cmd(run, script, *job_overrides):
+    """Shell command running scripts/<script>.py on ``run``, plus per-job keys (job.*) that name no run or stage."""
+    args = [f"experiment={EXPERIMENT}", *run.overrides, *job_overrides]
     path = f"{workflow.basedir}/scripts/{script}.py"
     return " ".join(shlex.quote(a) for a in [sys.executable, path, *args])
 
 
-def sample_checkpoints():
-    return CHECKPOINTS if CFG.sample.checkpoints == "all" else CHECKPOINTS[-1:]
+def stage_cmd(stage, key, script, *job_overrides):
+    """The command of a stage job: the overrides of a run with that key, kept to those the stage depends on, so the
+    command (a param, which Snakemake reruns a job for) is the same whichever run asks for the stage."""
+    run = run_of(stage, key)
+    args = [f"experiment={EXPERIMENT}", *stage_overrides(run, stage), *job_overrides]
+    return " ".join(shlex.quote(a) for a in [sys.executable, f"{workflow.basedir}/scripts/{script}.py", *args])
 
 
-def sample_outputs():
-    return expand(f"{R}/samples/{{ckpt}}.{{ext}}", ckpt=sample_checkpoints(), ext=["safetensors", "png"])
+def path_of(run, artifact, /, **fields):
+    return str(run.layout.path(artifact, **fields))
 
 
-def attribution_extras():
-    """Outputs of the report that exist only for some runs."""
-    out = []
-    if "tracin" in CFG.attribution.methods or "tracin_expectation" in CFG.attribution.methods:
-        out.append(report(f"{R}/figures/score_vs_grad_norm.png", caption="../report/score_vs_grad_norm.rst",
-                          category="Attribution"))
-    if CFG.data.name == "cifar_mnist" and CFG.data.n_outliers > 0:
-        out.append(report(f"{R}/tables/outliers.csv", caption="../report/outliers.rst", category="Tables"))
-    return out
+def checkpoints_of(run):
+    cfg = run.cfg
+    return [checkpoint_name(e) for e in checkpoint_epochs(cfg.train.epochs, cfg.train.checkpoint_every)]
 
 
-METHODS = list(CFG.attribution.methods)
-TRACIN_SIDES = tracin_sides(METHODS)
-TRAK_METHODS = [m for m in METHODS if m in ("trak", "dtrak")]
-SHARDS = CFG.grads.shards
+def sample_outputs(run):
+    chosen = checkpoints_of(run) if run.cfg.sample.checkpoints == "all" else checkpoints_of(run)[-1:]
+    return [path_of(run, artifact, checkpoint=c) for c in chosen for artifact in ("samples", "samples_grid")]
 
 
-def attribution_inputs():
-    files = expand(f"{R}/attribution/tracin/{{side}}_shard_{{shard}}_of_{SHARDS}.safetensors", side=TRACIN_SIDES,
-                   shard=range(SHARDS))
-    files += [f"{R}/scores/{m}.safetensors" for m in TRAK_METHODS]
-    if "journey_trak" in METHODS:
-        files.append(f"{R}/scores/journey_trak.safetensors")
-    return files
+def query_inputs(run):
+    last = checkpoints_of(run)[-1]
+    return [*(path_of(run, "data", split=s) for s in ("train", "test")), path_of(run, "samples", checkpoint=last)]
 
 
-def report_figure(name, caption, category="Attribution"):
-    return report(f"{R}/figures/{name}.png", caption=f"../report/{caption}.rst", category=category)
+def train_inputs(run):
+    return {"index": path_of(run, "checkpoint_index"), "log": path_of(run, "train_log"),
+            "data": path_of(run, "data", split="train")}
+
+
+def method_shards(run, family):
+    n = shard_count(family, run.cfg)
+    return [path_of(run, "method_shard", family=family.name, shard=i, shards=n) for i in range(n)]
+
+
+def requested_family(run, name):
+    (family,) = [f for f in requested_families(run.cfg.attribution.methods) if f.name == name]
+    return family
+
+
+def needs(what, stage):
+    """A rule's resource ``what`` (mem_mb, runtime) for the job of ``stage`` its wildcards name, from its config."""
+
+    def get(wc):
+        if stage == "attribution":
+            return job_resources(stage, run_of(f"attribution/{wc.family}", wc.method_key).cfg, wc.family)[what]
+        return job_resources(stage, run_of(stage, getattr(wc, stage)).cfg)[what]
+
+    return get

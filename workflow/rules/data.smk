@@ -1,29 +1,10 @@
-rule resolve_config:
-    output:
-        f"{R}/config.yaml",
-    params:
-        # rerun (and so everything downstream) when the resolved settings change
-        resolved=resolved_yaml(CFG),
-        cmd=hydra_cmd("resolve_config"),
-    conda:
-        ENV
-    log:
-        f"{R}/logs/resolve_config.log",
-    shell:
-        "{params.cmd} > {log} 2>&1"
-
-
 rule prepare_data:
-    input:
-        f"{R}/config.yaml",
     output:
-        train=directory(f"{R}/data/train"),
-        test=directory(f"{R}/data/test"),
+        train=directory(P("data", split="train")),
+        test=directory(P("data", split="test")),
     params:
-        cmd=hydra_cmd("prepare_data"),
-    conda:
-        ENV
+        cmd=lambda wc: stage_cmd("data", wc.data, "prepare_data"),
     log:
-        f"{R}/logs/prepare_data.log",
+        P("stage_log", job="prepare_data_{data}"),
     shell:
         "{params.cmd} 2>&1 | tee {log}"

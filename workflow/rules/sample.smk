@@ -1,19 +1,18 @@
 rule sample:
     input:
-        f"{R}/checkpoints/index.json",
+        lambda wc: path_of(run_of("samples", wc.samples), "checkpoint_index"),
     output:
-        images=f"{R}/samples/{{ckpt}}.safetensors",
-        grid=f"{R}/samples/{{ckpt}}.png",
-    wildcard_constraints:
-        ckpt=r"epoch_\d+",
+        images=P("samples"),
+        grid=P("samples_grid"),
     threads: THREADS
     resources:
         gpu=1,
+        mem_mb=lambda wc: job_resources("sample", run_of("samples", wc.samples).cfg)["mem_mb"],
+        runtime=lambda wc: job_resources("sample", run_of("samples", wc.samples).cfg)["runtime"],
     params:
-        cmd=lambda wc, threads: hydra_cmd("sample", f"job.checkpoint={wc.ckpt}", f"job.threads={threads}"),
-    conda:
-        ENV
+        cmd=lambda wc, threads: stage_cmd("samples", wc.samples, "sample", f"job.checkpoint={wc.checkpoint}",
+                                          f"job.threads={threads}"),
     log:
-        f"{R}/logs/sample_{{ckpt}}.log",
+        P("stage_log", job="sample_{samples}_{checkpoint}"),
     shell:
         "{params.cmd} 2>&1 | tee {log}"

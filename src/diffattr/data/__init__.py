@@ -13,7 +13,7 @@ from diffattr.data import cifar10, cifar_mnist, digits
 from diffattr.data.imageset import DataError, ImageSet
 from diffattr.settings import DataSettings
 
-__all__ = ["DataError", "ImageSet", "LOADERS", "SPLITS", "data_settings", "load_dataset"]
+__all__ = ["DataError", "ImageSet", "LOADERS", "SPLITS", "data_settings", "load_dataset", "source_identity"]
 
 SPLITS = ("train", "test")
 LOADERS: dict[str, Callable[[DataSettings, str], ImageSet]] = {
@@ -21,6 +21,7 @@ LOADERS: dict[str, Callable[[DataSettings, str], ImageSet]] = {
     "cifar10": cifar10.load,
     "cifar_mnist": cifar_mnist.load,
 }
+READS_ARCHIVE = ("cifar10", "cifar_mnist")  # loaders that read the CIFAR-10 archive
 
 
 def load_dataset(data_cfg: Mapping[str, Any] | DataSettings, split: str) -> ImageSet:
@@ -60,3 +61,17 @@ def data_settings(data_cfg: Mapping[str, Any] | DataSettings) -> DataSettings:
     if values.get("classes") is not None:
         values["classes"] = list(values["classes"])
     return DataSettings(**values)
+
+
+def source_identity(data_cfg: Mapping[str, Any] | DataSettings) -> str | None:
+    """What the files a dataset is read from are, independent of where they lie: the CIFAR archive's md5 (the
+    expected one when the checksum is verified, else the file's own), None for bundled data."""
+    cfg = data_settings(data_cfg)
+    if cfg.name not in READS_ARCHIVE:
+        return None
+    if cfg.verify_checksum:
+        return cfg.md5  # loading refuses any other file
+    try:
+        return cifar10.md5_of(cifar10.locate_archive(dataclasses.replace(cfg, download=False)))
+    except DataError:
+        return "missing"  # the data job will say what is missing

@@ -13,14 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from diffattr.atomic import atomic_path
+from diffattr.exceptions import DataError
 
 IMAGES_FILE = "images.safetensors"
 INDEX_FILE = "index.parquet"
 INDEX_COLUMNS = ["sample_id", "label", "class_name", "is_outlier"]
-
-
-class DataError(ValueError):
-    """A dataset cannot be built from the given configuration or files; the message names the fix."""
 
 
 @dataclass
@@ -56,6 +53,15 @@ class ImageSet:
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
+
+    def positions(self, ids, missing: int | None = None) -> np.ndarray:
+        """Row of each sample id in this set; an id not in the set is an error, or ``missing`` when given."""
+        lookup = {int(i): row for row, i in enumerate(self.ids.tolist())}
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if missing is None and not all(int(i) in lookup for i in ids):
+            absent = [int(i) for i in ids if int(i) not in lookup]
+            raise DataError(f"sample ids {absent[:5]} are not in this image set")
+        return np.array([lookup.get(int(i), missing) for i in ids], dtype=np.int64)
 
     def subset(self, index: torch.Tensor | np.ndarray | Sequence[int]) -> "ImageSet":
         index = torch.as_tensor(np.asarray(index, dtype=np.int64))

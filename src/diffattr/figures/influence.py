@@ -15,7 +15,7 @@ import torch
 from matplotlib.figure import Figure
 
 from ..atomic import save_figure
-from ..influence import min_queries
+from ..metrics import min_queries
 
 
 def save(fig: Figure, path: str | os.PathLike, dpi: int = 150) -> None:
@@ -27,7 +27,7 @@ def general_influence_histograms(counts: Mapping[str, np.ndarray], n_queries: in
                                  threshold: float | None = None):
     """One panel per method: how many training examples appear in the top-k of 0, 1, 2, ... queries.
 
-    ``counts[method]`` is ``diffattr.influence.topk_counts``; the y axis is logarithmic because the examples that
+    ``counts[method]`` is ``diffattr.metrics.topk_counts``; the y axis is logarithmic because the examples that
     top many queries (the generally influential ones) are few. ``threshold`` draws the n_general cut.
     """
     methods = list(counts)
@@ -81,7 +81,7 @@ def topk_figure(table: pd.DataFrame, query_images: torch.Tensor, query_ids, trai
                 k: int = 6, title: str | None = None):
     """Query images (rows) next to their top-k training images with scores, the papers' layout.
 
-    ``table`` is ``diffattr.influence.topk_table``; images are [n, C, H, W] in [-1, 1] with 1 or 3 channels, looked
+    ``table`` is ``diffattr.metrics.topk_table``; images are [n, C, H, W] in [-1, 1] with 1 or 3 channels, looked
     up by id. Queries are drawn in the order of ``query_ids``.
     """
     query_pos = {int(i): p for p, i in enumerate(np.asarray(query_ids, dtype=np.int64))}

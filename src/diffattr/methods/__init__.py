@@ -1,16 +1,189 @@
-"""Attribution methods: Diffusion-TracIn / Diffusion-ReTrac (``tracin``) and TRAK / D-TRAK / Journey-TRAK (``trak``)."""
+"""The method registry: every attribution method family is one module that registers itself here.
 
-from .tracin import (NORMALIZATIONS, QueryGradients, TracInScores, evenly_spaced_timesteps, merge_shards,
-                     query_gradients, recorded_draws, shard_blocks, tracin_shard, tracin_shard_sides,
-                     tracin_weights)
-from .trak import (JOURNEY_TRAK_TRAIN, LAMBDA_GRID, FeatureSpec, LambdaChoice, d_trak_spec, ensemble_scores,
-                   heldout_mask, journey_query_features, label_agreement, predicted_x0, select_lambda, trak_features,
-                   trak_scores, trak_spec)
+A family module (``diffattr/methods/<name>.py``, or any module named in the ``DIFFATTR_PLUGINS`` environment variable,
+comma-separated) calls :func:`register` at import with a :class:`Family`: its variants (the names users list in
+``attribution.methods``), its typed settings (a dataclass whose fields become ``attribution.<field>`` keys), the keys
+it reads from other families, whether its work is sharded over the training set, whether it gives self-influence,
+and its stage functions. Config validation, the Snakemake rules, the stage keys and the report all read this
+registry; nothing else lists methods. Importing the registry and the family modules imports no torch: a family's
+stage functions import their kernels when they run.
+"""
 
-__all__ = [
-    "NORMALIZATIONS", "QueryGradients", "TracInScores", "evenly_spaced_timesteps", "merge_shards", "query_gradients",
-    "recorded_draws", "shard_blocks", "tracin_shard", "tracin_shard_sides", "tracin_weights",
-    "JOURNEY_TRAK_TRAIN", "LAMBDA_GRID", "FeatureSpec", "LambdaChoice", "d_trak_spec", "ensemble_scores",
-    "heldout_mask", "journey_query_features", "label_agreement", "predicted_x0", "select_lambda", "trak_features",
-    "trak_scores", "trak_spec",
-]
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import pkgutil
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+    from ..layout import Layout
+
+PLUGINS_ENV = "DIFFATTR_PLUGINS"
+# attribution.* keys every family's scores depend on (the query keys enter through the queries stage)
+COMMON_KEYS = ("seed", "block_size")
+
+
+@dataclass
+class Job:
+    """One job of a family: shard ``shard`` of ``shards`` for the requested ``variants``; writes into ``out``."""
+
+    cfg: "DictConfig"
+    layout: "Layout"
+    family: "Family"
+    variants: list[str]
+    shard: int
+    shards: int
+    out: Path  # a fresh directory, renamed onto the shard's path when the job succeeds
+    device: Any = None  # torch.device
+
+    def train_set(self):
+        from ..data import ImageSet
+
+        return ImageSet.load(self.layout.path("data", split="train"))
+
+    def queries(self):
+        """``(table, images)``: queries.parquet and the query images, in the same order."""
+        from ..queries import load_queries
+
+        return load_queries(self.layout)
+
+    def checkpoints(self):
+        from ..checkpoints import read_index
+
+        return read_index(self.layout.path("checkpoint_index").parent)
+
+    def load_unet(self, state, ema: bool = False):
+        from ..checkpoints import load_checkpoint_unet
+
+        return load_checkpoint_unet(self.layout.path("checkpoint", checkpoint=state.name), ema=ema).to(self.device)
+
+    def scheduler(self):
+        from ..models import build_scheduler
+
+        return build_scheduler(self.cfg.model)
+
+
+def shard_count(family: "Family", cfg: "DictConfig") -> int:
+    return cfg.shards if family.sharded else 1
+
+
+def _job(run, family: "Family", shard: int, out: Path, device=None) -> Job:
+    variants = requested_families(run.cfg.attribution.methods)[family]
+    return Job(run.cfg, run.layout, family, variants, shard, shard_count(family, run.cfg), out, device)
+
+
+def run_job(run, family_name: str, shard: int, device) -> None:
+    """Shard ``shard`` of the run's job of a family, written atomically into its ``method_shard`` directory."""
+    from ..atomic import atomic_path
+
+    family = families()[family_name]
+    target = run.layout.path("method_shard", family=family.name, shard=shard, shards=shard_count(family, run.cfg))
+    with atomic_path(target, suffix="") as tmp:
+        tmp.mkdir()
+        family.run(_job(run, family, shard, tmp, device))
+
+
+def merge_job(run, method: str) -> None:
+    """The dense score file of ``method`` from all shard directories of its family's job."""
+    family = family_of(method)
+    n = shard_count(family, run.cfg)
+    dirs = [run.layout.path("method_shard", family=family.name, shard=i, shards=n) for i in range(n)]
+    target = run.layout.scores(method)
+    family.merge(_job(run, family, 0, target.parent), dirs, method, target)
+
+
+@dataclass(frozen=True, eq=False)  # identity hash: families key dicts
+class Family:
+    """A method family: the variants one kind of job computes, and how."""
+
+    name: str
+    variants: Mapping[str, str]  # variant -> one line: what it is
+    run: Callable[[Job], None]  # compute one shard of the job into job.out (<variant>.safetensors and extras)
+    settings: type | None = None  # dataclass; its fields are attribution.<field> keys, with help and ranges
+    uses: tuple[str, ...] = ()  # attribution keys of other families (or of the queries) that its scores read
+    sharded: bool = False  # split over the training set into `shards` jobs, combined by `merge`
+    self_influence: bool = False  # its score files may carry self_influence [N]
+    grad_norms: bool = False  # its score files carry train_grad_norms [C, N]: the report plots scores against them
+    # merge(job, shard_dirs, method, target): a sharded family's dense score file of one variant from its shards
+    # (an unsharded family's job writes <variant>.safetensors itself)
+    merge: Callable[[Job, Sequence[Path], str, Path], None] | None = None
+    # what the job's result depends on beyond the queries (default: its own settings, `uses` and COMMON_KEYS)
+    depends: Callable[["DictConfig", Sequence[str]], dict] | None = None
+    # the variants one job computes when some are requested (default: those): the job of a stage key must not
+    # depend on which of the variants sharing it a run asked for
+    batch: Callable[[Sequence[str]], list[str]] | None = None
+
+    def job_variants(self, requested: Sequence[str]) -> list[str]:
+        return list(self.batch(requested)) if self.batch is not None else list(requested)
+
+    def keys(self) -> tuple[str, ...]:
+        own = tuple(f.name for f in fields(self.settings)) if self.settings is not None else ()
+        return (*COMMON_KEYS, *own, *self.uses)
+
+    def depends_on(self, cfg: "DictConfig", variants: Sequence[str]) -> dict:
+        """The part of the config the job's result depends on (the queries stage's key is added by the layout)."""
+        from omegaconf import OmegaConf
+
+        if self.depends is not None:
+            return self.depends(cfg, variants)
+        return {k: OmegaConf.to_container(cfg.attribution, resolve=True)[k] for k in self.keys()}
+
+
+_REGISTRY: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+    """Add a family; its variant names must be new."""
+    if family.sharded and family.merge is None:
+        raise ValueError(f"method family {family.name!r} is sharded but has no merge function")
+    known = {v: f.name for f in _REGISTRY.values() for v in f.variants}
+    old = _REGISTRY.get(family.name)
+    if old is not None and old.run.__module__ != family.run.__module__:
+        raise ValueError(f"method family {family.name!r} is already registered by {old.run.__module__}")
+    clash = [v for v in family.variants if known.get(v, family.name) != family.name]
+    if clash:
+        raise ValueError(f"variants {clash} of {family.name!r} are already registered by another family")
+    _REGISTRY[family.name] = family
+    return family
+
+
+@functools.lru_cache(maxsize=None)
+def _discover() -> None:
+    names = [f"{__name__}.{m.name}" for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")]
+    names += [n.strip() for n in os.environ.get(PLUGINS_ENV, "").split(",") if n.strip()]
+    for name in names:
+        importlib.import_module(name)
+
+
+def families() -> dict[str, Family]:
+    """Every registered family, by name (built-in modules and plugins are imported on the first call)."""
+    _discover()
+    return dict(_REGISTRY)
+
+
+def variants() -> dict[str, str]:
+    """Every method name users can list in ``attribution.methods`` -> its family's name."""
+    return {v: f.name for f in families().values() for v in f.variants}
+
+
+def family_of(method: str) -> Family:
+    try:
+        return families()[variants()[method]]
+    except KeyError:
+        raise KeyError(f"unknown method {method!r}; choose from {', '.join(variants())}") from None
+
+
+def requested_families(methods: Sequence[str]) -> dict[Family, list[str]]:
+    """The families of ``methods`` (in registry order), each with its requested variants in request order."""
+    out: dict[Family, list[str]] = {}
+    for family in families().values():
+        chosen = [m for m in methods if m in family.variants]
+        if chosen:
+            out[family] = chosen
+    return out

@@ -1,284 +1,105 @@
-"""TRAK kernels for diffusion models: TRAK, D-TRAK and Journey-TRAK, and the choice of lambda on held-out queries.
-
-Scores (Park et al. 2023): ``tau(q, i) = phi(q)^T (Phi^T Phi + lambda I)^{-1} phi(i)`` with ``phi = P^T grad f``,
-averaged over checkpoints or models (an ensemble). What differs between the methods is f:
-
-- TRAK / Journey-TRAK train side (Georgiev et al. 2023): the diffusion loss summed over ~20 random timesteps per
-  example, fresh noise each (``JOURNEY_TRAK_TRAIN``).
-- D-TRAK (Zheng et al., ICLR 2024): ``L_Square = mean ||eps_theta(x_t, t)||^2`` on *both* sides, K evenly spaced
-  timesteps, one noise per timestep (``d_trak_spec(K)``).
-- Journey-TRAK target: at sampling step t, the loss of the predicted clean image ``x0_hat(t)`` re-noised at t,
-  averaged over ~20 noises (``journey_query_features``), giving one score per (query, step).
-
-lambda is relative by default: the ridge added is ``lam * ||Phi||_F^2 / k`` (``lam`` times the mean diagonal entry
-of Phi^T Phi), so one grid fits every model and projection size. The inverse is a float64 Cholesky solve in the
-smaller of the k x k and N x N Gram matrices (the two are equal by the push-through identity).
-"""
+"""TRAK for diffusion models (Park et al., ICML 2023, as D-TRAK's paper runs it): projected loss gradients at K evenly
+spaced timesteps, the kernel inverse with lambda chosen on held-out queries, an ensemble over the last checkpoints.
+The helpers here serve D-TRAK and Journey-TRAK too. Kernels: ``diffattr.kernels.trak``."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import List
 
-import numpy as np
-import pandas as pd
-import torch
-
-from ..noise import derive_seeds, noise_from_seeds
-from .tracin import evenly_spaced_timesteps
-
-# Streams of derive_seeds(seed, STREAM, ...).
-_FEATURE_TIMESTEPS, _FEATURE_NOISE, _JOURNEY_NOISE, _SPLIT = 201, 202, 203, 204
-LAMBDA_GRID = (0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+from ..settings import knob
+from . import Family, Job, register
 
 
-@dataclass(frozen=True)
-class FeatureSpec:
-    """The output function f whose projected gradient is an example's feature, and where it is evaluated."""
+def _projectors():
+    from ..projectors import KINDS
 
-    output: str = "loss"  # any output of diffattr.grads: loss, loss_l1, square, avg, l1norm, l2norm, linfnorm, elbo
-    n_timesteps: int = 20  # K
-    schedule: str = "random"  # random: K timesteps drawn per example | even: the same K evenly spaced for all
-    reduce: str = "sum"  # sum | mean over the K (timestep, noise) pairs
-    seed: int = 0
-
-
-JOURNEY_TRAK_TRAIN = FeatureSpec(output="loss", n_timesteps=20, schedule="random", reduce="sum")
-
-
-def trak_spec(n_timesteps: int = 100, seed: int = 0) -> FeatureSpec:
-    """TRAK as D-TRAK's paper runs it: the diffusion loss at K evenly spaced timesteps, one noise each."""
-    return FeatureSpec(output="loss", n_timesteps=n_timesteps, schedule="even", reduce="mean", seed=seed)
-
-
-def d_trak_spec(n_timesteps: int = 100, output: str = "square", seed: int = 0) -> FeatureSpec:
-    """D-TRAK: ``output`` (best: L_Square) at K evenly spaced timesteps, one noise each, on both sides."""
-    return FeatureSpec(output=output, n_timesteps=n_timesteps, schedule="even", reduce="mean", seed=seed)
-
-
-def feature_timesteps(spec: FeatureSpec, ids: torch.Tensor, num_train_timesteps: int) -> torch.Tensor:
-    """[N, K] timesteps of each example's K evaluations; ``random`` ones depend on (seed, id) alone."""
-    ids = torch.as_tensor(ids).long()
-    if spec.schedule == "even":
-        grid = evenly_spaced_timesteps(spec.n_timesteps, num_train_timesteps)
-        return grid.expand(len(ids), len(grid)).clone()
-    if spec.schedule != "random":
-        raise ValueError(f"unknown timestep schedule {spec.schedule!r} (random | even)")
-    seeds = derive_seeds(spec.seed, _FEATURE_TIMESTEPS, ids).reshape(-1)
-    return torch.stack([torch.randint(0, num_train_timesteps, (spec.n_timesteps,),
-                                      generator=torch.Generator().manual_seed(int(s))) for s in seeds]) \
-        if len(ids) else torch.zeros(0, spec.n_timesteps, dtype=torch.long)
-
-
-def trak_features(model, scheduler, x0: torch.Tensor, ids: torch.Tensor, projector, spec: FeatureSpec, *,
-                  block_size: int = 64, batch_size: int | None = None) -> torch.Tensor:
-    """[N, k] features ``P^T grad f`` of images ``x0`` [N, C, H, W] with ids ``ids`` at one checkpoint.
-
-    f is ``spec.reduce`` over K (timestep, noise) pairs of ``spec.output``; by linearity the feature is the same
-    reduction of the K projected per-pair gradients. Noise of pair j of example i: ``derive_seeds(seed, STREAM, id,
-    j)``, so features do not depend on batching or on which other examples are in the set.
-    """
-    from ..grads import projected_grads
-
-    if spec.reduce not in ("sum", "mean"):
-        raise ValueError(f"unknown reduction {spec.reduce!r} (sum | mean)")
-    ids = torch.as_tensor(ids).long()
-    timesteps = feature_timesteps(spec, ids, scheduler.config.num_train_timesteps)
-    K = timesteps.shape[1]
-    kwargs = {} if batch_size is None else {"batch_size": batch_size}
-    out = []
-    for start in range(0, len(x0), block_size):
-        rows = slice(start, start + block_size)
-        x, t = x0[rows], timesteps[rows]
-        pair = torch.arange(K).repeat(len(x))
-        seeds = derive_seeds(spec.seed, _FEATURE_NOISE, ids[rows].repeat_interleave(K), pair)
-        noise = noise_from_seeds(seeds.reshape(-1), x0.shape[1:])
-        phi = projected_grads(model, scheduler, x.repeat_interleave(K, 0), t.reshape(-1), noise, projector,
-                              output=spec.output, **kwargs).view(len(x), K, -1)
-        out.append((phi.sum(1) if spec.reduce == "sum" else phi.mean(1)).cpu())
-    return torch.cat(out) if out else torch.zeros(0, projector.k)
-
-
-@torch.no_grad()
-def predicted_x0(model, scheduler, x_t: torch.Tensor, t: int, clip: bool | None = None) -> torch.Tensor:
-    """``x0_hat = (x_t - sqrt(1 - abar_t) eps_theta(x_t, t)) / sqrt(abar_t)``, clipped like the scheduler's sampler.
-
-    ``clip`` None follows ``scheduler.config.clip_sample`` (the DDPM sampler clips x0_hat before each step).
-    """
-    param = next(model.parameters())
-    x_t = x_t.to(param.device, param.dtype)
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()  # no dropout: x0_hat must be a function of x_t alone
-    try:
-        eps = model(x_t, torch.full((len(x_t),), int(t), dtype=torch.long, device=x_t.device)).sample
-    finally:
-        for m, training in modes:
-            m.training = training
-    abar = scheduler.alphas_cumprod[int(t)].to(x_t.device, x_t.dtype)
-    x0 = (x_t - (1 - abar).sqrt() * eps) / abar.sqrt()
-    if scheduler.config.clip_sample if clip is None else clip:
-        r = float(scheduler.config.clip_sample_range)
-        x0 = x0.clamp(-r, r)
-    return x0
-
-
-def journey_query_features(model, scheduler, trajectory: Mapping[int, torch.Tensor], query_ids: torch.Tensor,
-                           projector, *, steps: Sequence[int] | None = None, n_noise: int = 20, seed: int = 0,
-                           output: str = "loss", clip: bool | None = None,
-                           batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Journey-TRAK target features ``(steps [S], phi [Q, S, k])`` of generated images at chosen sampling steps.
-
-    ``trajectory`` maps a timestep t to ``x_t`` [Q, C, H, W], the sampler's input to ``eps_theta(., t)`` (what
-    ``diffattr.sampling.generate(keep_steps=...)`` returns). The target at t is ``output`` at ``x0_hat(t)``
-    re-noised at t, averaged over ``n_noise`` noises fixed by ``derive_seeds(seed, STREAM, query_id, t, r)``;
-    x0_hat is a constant (no gradient flows through it).
-    """
-    from ..grads import projected_grads
-
-    steps = sorted(trajectory) if steps is None else [int(s) for s in steps]
-    query_ids = torch.as_tensor(query_ids).long()
-    kwargs = {} if batch_size is None else {"batch_size": batch_size}
-    R, feats = int(n_noise), []
-    for t in steps:
-        x0_hat = predicted_x0(model, scheduler, trajectory[t], t, clip)
-        per_step = []
-        for q in range(len(query_ids)):
-            seeds = derive_seeds(seed, _JOURNEY_NOISE, int(query_ids[q]), t, torch.arange(R))
-            noise = noise_from_seeds(seeds.reshape(-1), x0_hat.shape[1:])
-            phi = projected_grads(model, scheduler, x0_hat[q:q + 1].expand(R, *x0_hat.shape[1:]),
-                                  torch.full((R,), t, dtype=torch.long), noise, projector, output=output, **kwargs)
-            per_step.append(phi.mean(0).cpu())
-        feats.append(torch.stack(per_step))
-    return torch.tensor(steps, dtype=torch.long), torch.stack(feats, 1)
-
-
-def trak_scores(phi_query: torch.Tensor, phi_train: torch.Tensor, lam: float = 0.0, *,
-                relative: bool = True) -> torch.Tensor:
-    """``phi_query (Phi^T Phi + lambda I)^{-1} Phi^T``: [..., N] float64 scores for query features [..., k].
-
-    ``relative``: lambda = ``lam * ||Phi||_F^2 / k``; else lambda = ``lam``. Raises if the Gram matrix is singular
-    (lambda = 0 with rank(Phi) < min(N, k)).
-    """
-    lead, k = phi_query.shape[:-1], phi_query.shape[-1]
-    q, t = phi_query.reshape(-1, k).double(), phi_train.double()
-    n = t.shape[0]
-    if k <= n:  # [k, k]: (Phi^T Phi + lambda)^{-1} Phi^T
-        scores = q @ _ridge_solve(t.T @ t, t.T, _ridge(t, lam, relative))
-    else:  # [N, N], push-through: Phi^T (Phi Phi^T + lambda)^{-1}
-        scores = _ridge_solve(t @ t.T, t @ q.T, _ridge(t, lam, relative)).T
-    return scores.reshape(*lead, n)
-
-
-def self_scores(phi_train: torch.Tensor, lam: float = 0.0, *, relative: bool = True) -> torch.Tensor:
-    """[N] ``phi(i)^T (Phi^T Phi + lambda I)^{-1} phi(i)``: each training example's score for itself, its TRAK
-    self-influence (the ridge leverage of its feature), without the [N, N] score matrix when k <= N."""
-    t = phi_train.double()
-    n, k = t.shape
-    if k <= n:
-        return (t * _ridge_solve(t.T @ t, t.T, _ridge(t, lam, relative)).T).sum(1)
-    gram = t @ t.T  # diag(K (K + lambda)^{-1}) = diag((K + lambda)^{-1} K): the two commute
-    return _ridge_solve(gram, gram, _ridge(t, lam, relative)).diagonal().clone()
-
-
-def _ridge(phi_train: torch.Tensor, lam: float, relative: bool) -> float:
-    return float(lam) * (phi_train.square().sum().item() / phi_train.shape[1] if relative else 1.0)
-
-
-def _ridge_solve(gram: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Tensor:
-    """``(gram + ridge I)^{-1} rhs`` by Cholesky; a singular system raises ``LinAlgError``."""
-    gram = gram.clone()
-    gram.diagonal().add_(ridge)
-    chol, info = torch.linalg.cholesky_ex(gram)
-    if int(info) != 0:
-        raise np.linalg.LinAlgError(f"TRAK Gram matrix ({gram.shape[0]}x{gram.shape[0]}) is singular at "
-                                    f"lambda={ridge:g}; use lam > 0")
-    return torch.cholesky_solve(rhs, chol)
-
-
-def ensemble_scores(phi_queries: Sequence[torch.Tensor], phi_trains: Sequence[torch.Tensor], lam: float = 0.0, *,
-                    relative: bool = True) -> torch.Tensor:
-    """Mean of ``trak_scores`` over checkpoints/models (one (query, train) feature pair per member)."""
-    if len(phi_queries) != len(phi_trains) or not phi_queries:
-        raise ValueError(f"need one query and one train feature matrix per member, got {len(phi_queries)} and "
-                         f"{len(phi_trains)}")
-    total = None
-    for q, t in zip(phi_queries, phi_trains):
-        s = trak_scores(q, t, lam, relative=relative)
-        total = s if total is None else total + s
-    return total / len(phi_queries)
-
-
-def heldout_mask(query_ids: torch.Tensor | np.ndarray, fraction: float = 0.25, salt: int = 0) -> np.ndarray:
-    """Boolean mask of the queries held out for choosing lambda; the others are the reported queries.
-
-    A query is held out when the hash of ``(salt, id)`` falls below ``fraction`` of the hash range, so the split is
-    deterministic, independent of query order and of which other queries exist. Use one salt per query kind when
-    ids of different kinds can coincide.
-    """
-    h = derive_seeds(salt, _SPLIT, np.asarray(query_ids, dtype=np.int64)).numpy().reshape(-1)
-    return h.astype(np.float64) / 2.0**62 < fraction
-
-
-def label_agreement(query_labels, train_labels, k: int = 10,
-                    query_train_positions=None) -> Callable[[torch.Tensor, np.ndarray], float]:
-    """Criterion: mean fraction of a query's top-k training examples that share its class (Hanawa et al. 2021's
-    identical-class test); higher is better.
-
-    ``query_train_positions[j]`` is the row of query j in the training set (-1 if it is not a training image); the
-    query itself is left out of its own list, or training-image queries would score by trivial self-retrieval.
-    Self-retrieval is not used as the criterion: with k >= N and lambda -> 0 the kernel interpolates the training
-    features and ranks every training query first, so it always picks lambda = 0.
-    """
-    from ..influence import topk_indices
-
-    query_labels, train_labels = np.asarray(query_labels), np.asarray(train_labels)
-    positions = None if query_train_positions is None else np.asarray(query_train_positions)
-
-    def criterion(scores: torch.Tensor, rows: np.ndarray) -> float:
-        s = scores.clone()
-        if positions is not None:
-            own = positions[rows]
-            hit = own >= 0
-            s[torch.from_numpy(np.nonzero(hit)[0]), torch.from_numpy(own[hit])] = -torch.inf
-        top = topk_indices(s, k)
-        return float((train_labels[top] == query_labels[rows][:, None]).mean())
-
-    return criterion
+    return KINDS
 
 
 @dataclass
-class LambdaChoice:
-    lam: float
-    relative: bool
-    heldout_ids: np.ndarray  # the queries the choice was made on; never report scores of these
-    table: pd.DataFrame  # lam, criterion (NaN where the Gram matrix was singular)
+class TrakSettings:
+    projector: str = knob("countsketch", "random projection of the gradients", choices=_projectors)
+    proj_dim: int = knob(4096, "k", min=1)
+    trak_timesteps: int = knob(100, "K evenly spaced timesteps, one noise each (TRAK and D-TRAK features)", min=1)
+    trak_checkpoints: int = knob(1, "ensemble over the last M checkpoints (D-TRAK: the final one)", min=1)
+    lambda_grid: List[float] = knob(help="relative ridge values tried on the held-out queries",
+                                    factory=lambda: [0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0])
 
 
-def select_lambda(phi_queries: Sequence[torch.Tensor], phi_trains: Sequence[torch.Tensor], query_ids,
-                  criterion: Callable[[torch.Tensor, np.ndarray], float], *, grid: Sequence[float] = LAMBDA_GRID,
-                  fraction: float = 0.25, salt: int = 0, relative: bool = True) -> LambdaChoice:
-    """lambda from ``grid`` maximising ``criterion`` on the held-out queries (``heldout_mask(query_ids, ...)``).
+# lambda is chosen by the same-class agreement of the top-k on the held-out queries
+LAMBDA_KEYS = ("topk", "heldout_fraction")
 
-    ``phi_queries[m]`` holds the features of *all* queries of the pool for member m; only the held-out rows are
-    scored. ``criterion(scores [H, N], rows)`` gets the ensemble scores of the held-out queries and their rows in
-    the pool (e.g. ``label_agreement``; an LDS on held-out queries where subset-trained models exist). Ties go to
-    the largest lambda, the better-conditioned kernel.
-    """
-    ids = np.asarray(query_ids, dtype=np.int64)
-    rows = np.nonzero(heldout_mask(ids, fraction, salt))[0]
-    if len(rows) == 0:
-        raise ValueError(f"no query of {len(ids)} falls in the held-out fraction {fraction}; raise the fraction")
-    index = torch.from_numpy(rows)
-    held = [q.index_select(0, index) for q in phi_queries]
-    values = []
-    for lam in grid:
-        try:
-            values.append(criterion(ensemble_scores(held, phi_trains, lam, relative=relative), rows))
-        except np.linalg.LinAlgError:
-            values.append(float("nan"))
-    table = pd.DataFrame({"lam": [float(g) for g in grid], "criterion": values})
-    valid = table.dropna()
-    if valid.empty:
-        raise ValueError("every lambda of the grid gave a singular Gram matrix")
-    best = valid[valid["criterion"] == valid["criterion"].max()]["lam"].max()
-    return LambdaChoice(float(best), relative, ids[rows], table)
+
+def members(job: Job):
+    """The last ``attribution.trak_checkpoints`` checkpoints (the ensemble)."""
+    return job.checkpoints()[-job.cfg.attribution.trak_checkpoints:]
+
+
+def features(job: Job, model, images, ids, spec, projector):
+    from ..kernels import trak as kernels
+
+    return kernels.trak_features(model, job.scheduler(), images.to(job.device), ids, projector, spec,
+                                 block_size=job.cfg.attribution.block_size)
+
+
+def select_lambda(job: Job, queries, phi_queries, phi_trains, train_set):
+    """lambda maximising same-class top-k agreement on the held-out labelled queries; written to lambda.csv."""
+    import numpy as np
+
+    from ..atomic import write_csv
+    from ..kernels import trak as kernels
+
+    a = job.cfg.attribution
+    labelled = (queries.query_kind != "generated").to_numpy()
+    rows = np.nonzero(labelled)[0]
+    position = train_set.positions(queries.source_id.to_numpy(), missing=-1)
+    own = np.where(queries.query_kind.to_numpy() == "train", position, -1)[rows]
+    criterion = kernels.label_agreement(queries.label.to_numpy()[rows], train_set.labels.numpy(), k=a.topk,
+                                        query_train_positions=own)
+    choice = kernels.select_lambda([q[rows] for q in phi_queries], phi_trains, queries.query_id.to_numpy()[rows],
+                                   criterion, grid=list(a.lambda_grid), fraction=a.heldout_fraction, salt=a.seed)
+    table = choice.table.assign(method=job.variants[0], chosen=lambda t: t.lam == choice.lam,
+                                n_heldout=len(choice.heldout_ids))
+    write_csv(table, job.out / "lambda.csv")
+    return choice
+
+
+def run_with_spec(job: Job, spec) -> None:
+    """Features of the training set and of the image queries, lambda on held-out queries, scores."""
+    import torch
+
+    from ..atomic import save_tensors
+    from ..kernels import trak as kernels
+    from ..projectors import make_projector
+
+    a, (method,) = job.cfg.attribution, job.variants
+    train_set = job.train_set()
+    queries, query_images = job.queries()
+    query_ids = torch.tensor(queries.source_id.to_numpy())
+    phi_trains, phi_queries, projector = [], [], None
+    for state in members(job):
+        model = job.load_unet(state)
+        projector = projector or make_projector(a.projector, model, a.proj_dim, seed=a.seed)
+        phi_trains.append(features(job, model, train_set.images, train_set.ids, spec, projector))
+        phi_queries.append(features(job, model, query_images, query_ids, spec, projector))
+    choice = select_lambda(job, queries, phi_queries, phi_trains, train_set)
+    scores = kernels.ensemble_scores(phi_queries, phi_trains, choice.lam)
+    self_influence = torch.stack([kernels.self_scores(p, choice.lam) for p in phi_trains]).mean(0)
+    save_tensors({f"phi_train.{i}": p for i, p in enumerate(phi_trains)}, job.out / "features.safetensors")
+    save_tensors({"scores": scores, "query_ids": torch.tensor(queries.query_id.to_numpy()),
+                  "train_ids": train_set.ids, "self_influence": self_influence}, job.out / f"{method}.safetensors")
+
+
+def run(job: Job) -> None:
+    from ..kernels.trak import trak_spec
+
+    a = job.cfg.attribution
+    run_with_spec(job, trak_spec(a.trak_timesteps, seed=a.seed))
+
+
+register(Family(
+    name="trak",
+    variants={"trak": "phi(q)^T (Phi^T Phi + lambda I)^-1 phi(i), projected loss gradients at K timesteps"},
+    run=run, settings=TrakSettings, uses=LAMBDA_KEYS, self_influence=True,
+))

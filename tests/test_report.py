@@ -1,4 +1,5 @@
-"""The attribution stage in one process, as the DAG chains it, on CIFAR-MNIST at smoke scale (a fake archive)."""
+"""The attribution stages and the report in one process, as the DAG chains them, on CIFAR-MNIST at smoke scale
+(a fake archive)."""
 
 import numpy as np
 import pandas as pd
@@ -7,15 +8,33 @@ import torch
 from safetensors.torch import load_file
 from test_data import write_archive
 
-from diffattr import attribution
 from diffattr.checkpoints import read_index
 from diffattr.config import compose
 from diffattr.data import ImageSet, load_dataset
+from diffattr.methods import merge_job, requested_families, run_job, shard_count
+from diffattr.queries import build_queries
 from diffattr.report import write_report
 from diffattr.sampling import write_samples
 from diffattr.train import train
 
 WITH_SELF_INFLUENCE = ["tracin", "retrac", "retrac_train_only", "retrac_test_only", "trak", "dtrak"]
+
+
+def run_stages(run, device):
+    """Every stage of ``run`` but the norm study, in DAG order."""
+    cfg, layout = run.cfg, run.layout
+    for split in ("train", "test"):
+        load_dataset(cfg.data, split).save(layout.path("data", split=split))
+    train(cfg, layout.path("train_log").parent, ImageSet.load(layout.path("data", split="train")), device)
+    last = read_index(layout.path("checkpoint_index").parent)[-1].name
+    write_samples(cfg, layout, last, device)
+    build_queries(cfg, layout, last)
+    for family, methods in requested_families(cfg.attribution.methods).items():
+        for shard in range(shard_count(family, cfg)):
+            run_job(run, family.name, shard, device)
+        for method in methods if family.sharded else ():
+            merge_job(run, method)
+    write_report(cfg, layout)
 
 
 @pytest.fixture(scope="module")
@@ -26,22 +45,10 @@ def outlier_run(tmp_path_factory):
     run = compose("smoke", ["data=cifar_mnist", f"data.archive={archive}", "data.verify_checksum=false",
                             "data.per_class=8", "data.n_outliers=4", "attribution.self_influence_timesteps=3",
                             "attribution.self_influence_noises=2", f"results_dir={work / 'results'}"])
-    cfg, device, threads = run.cfg, torch.device("cpu"), torch.get_num_threads()
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny tensors: a second thread only adds synchronisation
     try:
-        for split in ("train", "test"):
-            load_dataset(cfg.data, split).save(run.dir / "data" / split)
-        train(cfg, run.dir, ImageSet.load(run.dir / "data" / "train"), device)
-        last = read_index(run.dir / "checkpoints")[-1].name
-        write_samples(cfg, run.dir, last, device)
-        attribution.build_queries(cfg, run.dir, last)
-        attribution.run_tracin(cfg, run.dir, 0, device)
-        attribution.run_tracin(cfg, run.dir, 1, device)  # smoke: grads.shards=2
-        for method in ("trak", "dtrak"):
-            attribution.run_trak(cfg, run.dir, method, device)
-        attribution.run_journey_trak(cfg, run.dir, device)
-        attribution.merge_tracin(cfg, run.dir)
-        write_report(cfg, run.dir)
+        run_stages(run, torch.device("cpu"))
     finally:
         torch.set_num_threads(threads)
     return run
@@ -49,7 +56,7 @@ def outlier_run(tmp_path_factory):
 
 def test_outlier_table_scores_self_influence_over_the_whole_training_set(outlier_run):
     table = pd.read_csv(outlier_run.dir / "tables" / "outliers.csv").set_index("method")
-    outlier = ImageSet.load(outlier_run.dir / "data" / "train").is_outlier.numpy()
+    outlier = ImageSet.load(outlier_run.layout.path("data", split="train")).is_outlier.numpy()
     assert (table.n_train == 12).all() and outlier.sum() == 4
     assert (table.outlier_fraction_in_train_set == 4 / 12).all()
     assert table.loc[WITH_SELF_INFLUENCE, "self_influence_auroc"].between(0, 1).all()
@@ -59,7 +66,7 @@ def test_outlier_table_scores_self_influence_over_the_whole_training_set(outlier
     from sklearn.metrics import roc_auc_score
 
     for method in WITH_SELF_INFLUENCE:
-        own = load_file(str(attribution.score_path(outlier_run.dir, method)))["self_influence"].numpy()
+        own = load_file(str(outlier_run.layout.scores(method)))["self_influence"].numpy()
         assert own.shape == (12,) and np.isfinite(own).all()
         assert table.loc[method, "self_influence_auroc"] == pytest.approx(roc_auc_score(outlier, own))
 
@@ -67,7 +74,7 @@ def test_outlier_table_scores_self_influence_over_the_whole_training_set(outlier
 @pytest.mark.parametrize("method", WITH_SELF_INFLUENCE)
 def test_self_influence_of_a_training_query_is_its_own_score(outlier_run, method):
     """The stage wires ids and seeds so that a training image's self-influence is its tracing diagonal."""
-    dense = load_file(str(attribution.score_path(outlier_run.dir, method)))
+    dense = load_file(str(outlier_run.layout.scores(method)))
     train_ids = dense["train_ids"].tolist()
     pairs = [(row, train_ids.index(q)) for row, q in enumerate(dense["query_ids"].tolist()) if q in train_ids]
     assert len(pairs) == 8  # smoke: 8 training-image queries

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffattr import influence
+from diffattr import metrics
 
 # 4 queries x 6 training examples; with k = 2 the top lists are {0,1}, {0,2}, {0,3}, {4,3}; example 5 never appears.
 HAND = np.array([
@@ -17,7 +17,7 @@ TRAIN_IDS = np.array([10, 11, 12, 13, 14, 15])
 
 
 def test_topk_table_lists_each_querys_best_examples_in_rank_order():
-    table = influence.topk_table(HAND, [100, 101, 102, 103], TRAIN_IDS, k=2)
+    table = metrics.topk_table(HAND, [100, 101, 102, 103], TRAIN_IDS, k=2)
     assert list(table.columns) == ["query_id", "rank", "train_id", "score"]
     assert table[table.query_id == 103].train_id.tolist() == [14, 13]
     assert table[table.query_id == 103].score.tolist() == [5.0, 4.0]
@@ -25,17 +25,17 @@ def test_topk_table_lists_each_querys_best_examples_in_rank_order():
 
 
 def test_topk_ties_break_by_training_set_order():
-    table = influence.topk_table(np.zeros((1, 4)), [0], [7, 5, 9, 1], k=3)
+    table = metrics.topk_table(np.zeros((1, 4)), [0], [7, 5, 9, 1], k=3)
     assert table.train_id.tolist() == [7, 5, 9]
 
 
 def test_topk_counts_is_the_number_of_queries_whose_topk_holds_the_example():
-    assert influence.topk_counts(HAND, 2).tolist() == [3, 1, 1, 2, 1, 0]
+    assert metrics.topk_counts(HAND, 2).tolist() == [3, 1, 1, 2, 1, 0]
 
 
 @pytest.mark.parametrize("threshold, expected", [(0.25, 5), (0.5, 2), (0.75, 1), (1.0, 0)])
 def test_general_influence_counts_examples_in_at_least_a_fraction_of_topk_lists(threshold, expected):
-    result = influence.general_influence(HAND, k=2, threshold=threshold)
+    result = metrics.general_influence(HAND, k=2, threshold=threshold)
     assert result["n_general"] == expected
     assert result["n_distinct"] == 5
 
@@ -45,11 +45,11 @@ def test_general_influence_table_pools_all_queries_and_compares_with_tracin():
     retrac[:, 0] = -2.0  # example 0, in 3 of 4 TracIn lists, leaves every list
     scores = {"tracin": {"train": HAND[:2], "generated": HAND[2:]}, "retrac": {"train": retrac[:2],
                                                                                  "generated": retrac[2:]}}
-    table = influence.general_influence_table(scores, ks=[2], thresholds=[0.5])
+    table = metrics.general_influence_table(scores, ks=[2], thresholds=[0.5])
     assert set(table.query_kind) == {"train", "generated", "all"}
     row = table[(table.method == "tracin") & (table.query_kind == "all")].iloc[0]
     assert (row.n_general, row.n_distinct, row.n_queries, row.ratio_to_tracin) == (2, 5, 4, 1.0)
-    expected = influence.general_influence(retrac, 2, 0.5)["n_general"]
+    expected = metrics.general_influence(retrac, 2, 0.5)["n_general"]
     got = table[(table.method == "retrac") & (table.query_kind == "all")].iloc[0]
     assert got.n_general == expected
     assert got.ratio_to_tracin == pytest.approx(expected / 2)
@@ -62,39 +62,39 @@ def test_self_retrieval_rates_count_queries_ranking_their_own_id_first_or_in_top
     scores[0, 2] = 10  # query 22 ranks itself 1st
     scores[1, 5] = np.sort(scores[1])[-3] + 1e-6  # query 25 ranks itself 3rd... at worst
     scores[2, 7] = -10  # query 27 ranks itself last
-    ranks = influence.self_ranks(scores, [22, 25, 27], train_ids)
+    ranks = metrics.self_ranks(scores, [22, 25, 27], train_ids)
     assert ranks[0] == 1 and 2 <= ranks[1] <= 3 and ranks[2] == 8
-    assert influence.self_retrieval_rates(scores, [22, 25, 27], train_ids) == {"top1": pytest.approx(1 / 3),
+    assert metrics.self_retrieval_rates(scores, [22, 25, 27], train_ids) == {"top1": pytest.approx(1 / 3),
                                                                                 "top5": pytest.approx(2 / 3)}
 
 
 def test_self_retrieval_rejects_queries_that_are_not_training_images():
     with pytest.raises(ValueError, match="not training images"):
-        influence.self_ranks(HAND, [10, 99, 11, 12], TRAIN_IDS)
+        metrics.self_ranks(HAND, [10, 99, 11, 12], TRAIN_IDS)
 
 
 def test_outlier_topk_fraction_averages_outlier_share_over_in_class_queries():
     is_outlier = np.array([True, False, False, True, False, False])
     # top-2 lists: {0,1} -> 1/2, {0,2} -> 1/2, {0,3} -> 2/2, {4,3} -> 1/2
-    assert influence.outlier_topk_fraction(HAND, is_outlier, k=2) == pytest.approx(5 / 8)
-    assert influence.outlier_topk_fraction(HAND, is_outlier, k=2, query_mask=[True, True, False, False]) == 0.5
+    assert metrics.outlier_topk_fraction(HAND, is_outlier, k=2) == pytest.approx(5 / 8)
+    assert metrics.outlier_topk_fraction(HAND, is_outlier, k=2, query_mask=[True, True, False, False]) == 0.5
 
 
 def test_outlier_auroc_is_one_when_self_influence_separates_outliers():
-    assert influence.outlier_auroc([0.1, 5.0, 0.2, 7.0], [False, True, False, True]) == 1.0
-    assert influence.outlier_auroc([5.0, 0.1, 7.0, 0.2], [False, True, False, True]) == 0.0
+    assert metrics.outlier_auroc([0.1, 5.0, 0.2, 7.0], [False, True, False, True]) == 1.0
+    assert metrics.outlier_auroc([5.0, 0.1, 7.0, 0.2], [False, True, False, True]) == 0.0
 
 
 @pytest.mark.parametrize("channels", [1, 3])
 def test_influence_figures_are_written(tmp_path, channels):
     from diffattr.figures import influence as figs
 
-    counts = {"tracin": influence.topk_counts(HAND, 2), "retrac": np.array([1, 2, 2, 1, 1, 1])}
+    counts = {"tracin": metrics.topk_counts(HAND, 2), "retrac": np.array([1, 2, 2, 1, 1, 1])}
     figs.save(figs.general_influence_histograms(counts, n_queries=4, k=2, threshold=0.5), tmp_path / "hist.png")
     figs.save(figs.score_vs_grad_norm({"tracin": HAND.mean(0), "retrac": HAND.mean(0)}, np.arange(1, 7.0),
                                       is_outlier=np.arange(6) < 2), tmp_path / "scatter.pdf")
     images = torch.rand(6, channels, 8, 8) * 2 - 1
-    table = influence.topk_table(HAND[:2], [10, 11], TRAIN_IDS, k=6)
+    table = metrics.topk_table(HAND[:2], [10, 11], TRAIN_IDS, k=6)
     figs.save(figs.topk_figure(table, images[:2], [10, 11], images, TRAIN_IDS), tmp_path / "topk.png")
     for name in ("hist.png", "scatter.pdf", "topk.png"):
         assert (tmp_path / name).stat().st_size > 1000

@@ -1,12 +1,12 @@
 """Gradient norms of one shard of the training set (``job.shard=i``) at every checkpoint: grid and recorded."""
 
 from diffattr.cli import entry
-from diffattr.gradnorms import compute_shard
+from diffattr.norm_study import compute_shard
 
 
 @entry
 def main(run, device):
-    compute_shard(run.cfg, run.dir, run.cfg.job.shard, device)
+    compute_shard(run.cfg, run.layout, run.cfg.job.shard, device)
 
 
 if __name__ == "__main__":

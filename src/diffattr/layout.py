@@ -1,0 +1,181 @@
+"""Where every artifact lives, named once: the Snakemake rules and the Python stages both read these templates.
+
+Under ``<results_dir>/<experiment>/``:
+
+- ``stages/<stage>/<key>/`` holds what a stage computed. ``<key>`` is a hash of the part of the config that stage
+  depends on (and of its upstream stages' keys), so runs that agree on it share the artifact: an ablation of
+  ``attribution.*`` keys trains nothing, one of ``norm_study.*`` keys attributes nothing.
+- ``<run>/`` is what a user reads: one directory per override set with its ``config.yaml``, a ``manifest.yaml``
+  naming the stage directories it used, its tables and figures.
+- ``sweeps/<name>/`` compares the runs of a sweep.
+
+What each stage depends on (:func:`stage_dependencies`):
+data <- ``data.*`` (a CIFAR archive by its md5, never by its path); train <- data + ``model.*`` + ``train.*``;
+samples <- train + ``sample.*``; norm_study <- train + ``norm_study.*``; queries <- samples + the query keys of
+``attribution.*``; each method family <- queries + the keys the family declares (``diffattr.methods``).
+The shard count and ``job.*`` never enter a key: merged results do not depend on them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from omegaconf import DictConfig, OmegaConf
+
+# (name, template relative to results/<experiment>/, what it holds). Placeholders: a stage name stands for that
+# stage's key; {family} and {method_key} for a method family and its key; {run} for the run directory.
+ARTIFACTS: tuple[tuple[str, str, str], ...] = (
+    ("data", "stages/data/{data}/{split}",
+     "images.safetensors ([N,C,H,W] float32 in [-1,1]) + index.parquet (sample_id, label, class_name, is_outlier)"),
+    ("checkpoint", "stages/train/{train}/checkpoints/{checkpoint}",
+     "unet/ (config.json + safetensors), optimizer.pt, ema.pt, replay.parquet, state.json"),
+    ("checkpoint_index", "stages/train/{train}/checkpoints/index.json",
+     "the completed checkpoints (epoch, step, lr, batch size, N, mean loss)"),
+    ("train_log", "stages/train/{train}/train_log.parquet",
+     "replay log: step, epoch, lr, batch_size, sample_id, timestep, noise_seed, loss"),
+    ("samples", "stages/samples/{samples}/{checkpoint}.safetensors", "generated query images and their seeds"),
+    ("samples_grid", "stages/samples/{samples}/{checkpoint}.png", "the grid of those images"),
+    ("norm_shard", "stages/norm_study/{norm_study}/{kind}_shard_{shard}_of_{shards}.parquet",
+     "gradient norms of one shard, kind grid or recorded"),
+    ("norm_parts", "stages/norm_study/{norm_study}/parts/shard_{shard}_of_{shards}",
+     "resumable per-checkpoint pieces of a shard"),
+    ("query_images", "stages/queries/{queries}/images.safetensors", "query images and their query ids"),
+    ("query_table", "stages/queries/{queries}/queries.parquet",
+     "query_id, query_kind, source_id, label, heldout"),
+    ("method_shard", "stages/attribution/{family}/{method_key}/shard_{shard}_of_{shards}",
+     "what one job of a method family computed (TRAK family: features.safetensors, lambda.csv)"),
+    ("method_scores", "stages/attribution/{family}/{method_key}/scores/{method}.safetensors",
+     "dense scores [Q, N] float64, query_ids, train_ids, self_influence [N] where defined (a sharded family's "
+     "merge; an unsharded one leaves <method>.safetensors in its shard_0_of_1/; Journey-TRAK adds step_scores "
+     "[Q, S, N] and steps)"),
+    ("stage_log", "stages/logs/{job}.log", "one log per stage job"),
+    ("config", "{run}/config.yaml", "the resolved Hydra config of the run"),
+    ("manifest", "{run}/manifest.yaml", "the stage directories the run used, each with the config it is keyed by"),
+    ("norm_table", "{run}/tables/grad_norms.parquet",
+     "checkpoint, loss_type, sample_id, timestep, noise_seed, norm, loss, label"),
+    ("norm_recorded_table", "{run}/tables/grad_norms_recorded.parquet",
+     "the same at each example's recorded training timestep (plus its step)"),
+    ("scores_long", "{run}/scores/{method}.parquet", "long: query_id, query_kind, train_id, score (reported queries)"),
+    ("table", "{run}/tables/{name}",
+     "topk.parquet, general_influence.csv, tracing.csv, outliers.csv (cifar_mnist)"),
+    ("figure", "{run}/figures/{name}.png",
+     "norm_vs_timestep, norm_at_recorded_timestep, general_influence, score_vs_grad_norm, topk_<method>"),
+    ("run_log", "{run}/logs/{job}.log", "one log per report job of the run"),
+    ("sweep_summary", "sweeps/{sweep}/summary.csv", "one row per run x method: swept keys and headline metrics"),
+    ("sweep_figure", "sweeps/{sweep}/summary.png", "headline metrics against the swept values"),
+)
+TEMPLATES = {name: template for name, template, _ in ARTIFACTS}
+STAGES = ("data", "train", "samples", "norm_study", "queries")
+QUERY_KEYS = ("n_train_queries", "n_test_queries", "n_generated_queries", "heldout_fraction", "seed")
+# Keys of a group that say how or where to compute, not what: never part of a stage key.
+_NOT_KEYED = {"data": ("archive", "url", "md5", "verify_checksum", "cache_dir", "download"),
+              "sample": ("checkpoints",)}
+
+
+def digest(obj: Any) -> str:
+    """12 hex digits of the sha1 of ``obj`` as canonical JSON."""
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _group(cfg: DictConfig, name: str) -> dict:
+    values = OmegaConf.to_container(cfg[name], resolve=True)
+    for key in _NOT_KEYED.get(name, ()):
+        values.pop(key, None)
+    return values
+
+
+def stage_dependencies(cfg: DictConfig) -> dict[str, dict]:
+    """For every stage of the run (and ``attribution/<family>`` for each requested method family): what its key
+    is a hash of. Upstream stages enter by their keys."""
+    from .data import source_identity
+    from .methods import requested_families
+
+    deps: dict[str, dict] = {}
+    keys: dict[str, str] = {}
+
+    def add(stage, value):
+        deps[stage] = value
+        keys[stage] = digest(value)
+
+    add("data", {**_group(cfg, "data"), "source": source_identity(cfg.data)})
+    add("train", {"data": keys["data"], "model": _group(cfg, "model"), "train": _group(cfg, "train")})
+    add("samples", {"train": keys["train"], "sample": _group(cfg, "sample")})
+    add("norm_study", {"train": keys["train"], "norm_study": _group(cfg, "norm_study")})
+    add("queries", {"samples": keys["samples"], **{k: cfg.attribution[k] for k in QUERY_KEYS}})
+    for family, variants in requested_families(cfg.attribution.methods).items():
+        add(f"attribution/{family.name}", {"queries": keys["queries"], "family": family.name,
+                                            **family.depends_on(cfg, variants)})
+    return deps
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The paths of one run: its directory and the keyed stage directories it reads and writes."""
+
+    root: Path  # <results_dir>/<experiment>
+    run: str
+    keys: Mapping[str, str]  # stage (or attribution/<family>) -> key
+
+    @classmethod
+    def of(cls, cfg: DictConfig, run: str) -> "Layout":
+        deps = stage_dependencies(cfg)
+        return cls(Path(cfg.results_dir) / cfg.experiment, run, {s: digest(v) for s, v in deps.items()})
+
+    def path(self, artifact: str, /, **fields: Any) -> Path:
+        """The ``artifact`` of :data:`ARTIFACTS`, with the run's stage keys filled in."""
+        if "family" in fields:
+            fields.setdefault("method_key", self.keys[f"attribution/{fields['family']}"])
+        return self.root / TEMPLATES[artifact].format(run=self.run, **self.keys, **fields)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.root / self.run
+
+    def scores(self, method: str) -> Path:
+        """The dense score file of a method: merged from the shards of a sharded family, else in its one job's
+        directory."""
+        from .methods import family_of
+
+        family = family_of(method)
+        if family.sharded:
+            return self.path("method_scores", family=family.name, method=method)
+        return self.path("method_shard", family=family.name, shard=0, shards=1) / f"{method}.safetensors"
+
+    def scores_input(self, method: str) -> Path:
+        """What the DAG must have made for :meth:`scores` to exist (a directory output, for unsharded families)."""
+        from .methods import family_of
+
+        return self.scores(method) if family_of(method).sharded else self.scores(method).parent
+
+
+def pattern(artifact: str, root: str | Path, /, **fixed: Any) -> str:
+    """The template of ``artifact`` under ``root`` for a Snakemake rule: placeholders not in ``fixed`` stay
+    wildcards."""
+    template = TEMPLATES[artifact]
+    for key, value in fixed.items():
+        template = template.replace("{" + key + "}", str(value))
+    return f"{root}/{template}"
+
+
+def results_readme() -> str:
+    """``results/README.md``, generated from :data:`ARTIFACTS` (a test keeps the file equal to it)."""
+    lines = ["# results/", "",
+             "Generated by `snakemake`; nothing here but this file is tracked. This page is written by",
+             "`python -m diffattr.layout > results/README.md` from `diffattr.layout.ARTIFACTS`.", "",
+             "Stage artifacts live under `stages/<stage>/<key>/`, where `<key>` hashes the config that stage depends",
+             "on, so runs that agree on it share them; each run directory names the stages it used in its",
+             "`manifest.yaml`. Placeholders: `{data}`, `{train}`, ... are stage keys; `{run}` is `default` or the sorted",
+             "overrides (+ a hash when needed).", "", "```", "results/<experiment>/"]
+    width = max(len(t) for _, t, _ in ARTIFACTS) + 2
+    for _, template, what in ARTIFACTS:
+        lines.append(f"  {template:<{width}}{what}")
+    lines += ["```", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(results_readme(), end="")

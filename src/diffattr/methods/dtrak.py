@@ -1,0 +1,36 @@
+"""D-TRAK (Zheng et al., ICLR 2024, arXiv 2311.00500): TRAK's kernel with another output function on both sides,
+L_Square by default (their best). It shares TRAK's settings (projection, K, ensemble, lambda grid)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from ..settings import knob
+from . import Family, Job, register
+from .trak import LAMBDA_KEYS, TrakSettings, run_with_spec
+
+
+def _outputs():
+    from ..outputs import OUTPUTS
+
+    return OUTPUTS
+
+
+@dataclass
+class DTrakSettings:
+    dtrak_output: str = knob("square", "D-TRAK's output function (diffattr.outputs)", choices=_outputs)
+
+
+def run(job: Job) -> None:
+    from ..kernels.trak import d_trak_spec
+
+    a = job.cfg.attribution
+    run_with_spec(job, d_trak_spec(a.trak_timesteps, output=a.dtrak_output, seed=a.seed))
+
+
+register(Family(
+    name="dtrak",
+    variants={"dtrak": "TRAK's kernel with D-TRAK's output function on both sides (attribution.dtrak_output)"},
+    run=run, settings=DTrakSettings, uses=(*(f.name for f in fields(TrakSettings)), *LAMBDA_KEYS),
+    self_influence=True,
+))

@@ -1,0 +1,67 @@
+"""Journey-TRAK (Georgiev et al. 2023, arXiv 2312.06205): per-step attribution of each generated image along its
+own (replayed) sampling trajectory. Train features: the loss summed over K random timesteps; target at step t: the
+loss of the predicted x0 re-noised at t, averaged over noises. It shares TRAK's projection, ensemble and lambda grid."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..settings import knob
+from . import Family, Job, register
+from .trak import LAMBDA_KEYS, features, members, select_lambda
+
+
+@dataclass
+class JourneyTrakSettings:
+    journey_train_timesteps: int = knob(20, "train features: loss summed over K random timesteps", min=1)
+    journey_steps: int = knob(10, "sampling steps attributed per generated image", min=1)
+    journey_noises: int = knob(20, "noises averaged per step target", min=1)
+
+
+def run(job: Job) -> None:
+    import numpy as np
+    import torch
+
+    from ..atomic import save_tensors
+    from ..kernels import trak as kernels
+    from ..projectors import make_projector
+    from ..sampling import generate, sampler_timesteps
+
+    cfg, a = job.cfg, job.cfg.attribution
+    train_set = job.train_set()
+    queries, query_images = job.queries()
+    generated = queries[queries.query_kind == "generated"]
+    scheduler = job.scheduler()
+    spec = kernels.journey_train_spec(a.journey_train_timesteps, seed=a.seed)
+    steps = sampler_timesteps(cfg)
+    keep = steps[np.unique(np.linspace(0, len(steps) - 1, a.journey_steps).round().astype(int))]
+    # the generated image's journey: the trajectory of the sampler that made it (seeded, so replayed exactly)
+    last = job.load_unet(job.checkpoints()[-1], ema=cfg.sample.use_ema)
+    _, trajectory = generate(last, scheduler, generated.source_id.tolist(), cfg.sample.num_inference_steps,
+                             cfg.sample.batch_size, keep_steps=keep.tolist())
+    labelled = queries.query_kind != "generated"
+    phi_trains, phi_labelled, phi_gen, projector = [], [], [], None
+    for state in members(job):
+        model = job.load_unet(state)
+        projector = projector or make_projector(a.projector, model, a.proj_dim, seed=a.seed)
+        phi_trains.append(features(job, model, train_set.images, train_set.ids, spec, projector))
+        # held-out real queries, featurised like training images, choose lambda (generated ones have no labels)
+        phi_labelled.append(features(job, model, query_images[torch.tensor(labelled.to_numpy())],
+                                     torch.tensor(queries.source_id[labelled].to_numpy()), spec, projector))
+        step_ids, phi = kernels.journey_query_features(model, scheduler, trajectory,
+                                                       torch.tensor(generated.query_id.to_numpy()), projector,
+                                                       steps=keep.tolist(), n_noise=a.journey_noises, seed=a.seed)
+        phi_gen.append(phi)
+    choice = select_lambda(job, queries[labelled].reset_index(drop=True), phi_labelled, phi_trains, train_set)
+    step_scores = kernels.ensemble_scores(phi_gen, phi_trains, choice.lam)  # [Q, S, N]
+    save_tensors({"scores": step_scores.mean(1), "step_scores": step_scores, "steps": step_ids,
+                  "query_ids": torch.tensor(generated.query_id.to_numpy()), "train_ids": train_set.ids},
+                 job.out / "journey_trak.safetensors")
+
+
+register(Family(
+    name="journey_trak",
+    variants={"journey_trak": "per-step attribution of each generated image along its own sampling trajectory"},
+    run=run, settings=JourneyTrakSettings,
+    uses=("projector", "proj_dim", "trak_checkpoints", "lambda_grid", *LAMBDA_KEYS),
+))

@@ -1,0 +1,66 @@
+"""Cluster resources of each compute job (memory, minutes), scaled from the run's config: the rules pass them to
+Snakemake, so the SLURM profile needs no per-rule numbers.
+
+Rates are the measured ones of the README (one H100: training ~1,700 samples/s and ~1,100 per-example gradients/s
+on the 35.7M-parameter UNet, scaled by parameter count for other models), with a safety factor: a job that asks for
+too little is killed, one that asks for twice what it needs only waits a little longer in the queue.
+"""
+
+from __future__ import annotations
+
+import math
+
+from omegaconf import DictConfig
+
+PARAMS = {"micro": 0.03e6, "tiny": 0.7e6, "ddpm_cifar10": 35.7e6}  # measured by diffattr.grads.num_trainable
+TRAIN_PER_S, GRADS_PER_S = 1700.0, 1100.0  # at 35.7M parameters, one H100
+SAFETY, BASE_MB, BASE_MIN = 2.0, 4000, 10
+DATASET_SIZE = {"digits": 1437, "cifar10": 50_000, "cifar_mnist": 5_000}  # training images without per-class limits
+
+
+def n_train(cfg: DictConfig) -> int:
+    d = cfg.data
+    classes = len(d.classes) if d.classes else 10
+    n = DATASET_SIZE[d.name] if d.per_class is None else d.per_class * classes
+    return n + d.n_outliers
+
+
+def params(cfg: DictConfig) -> float:
+    return PARAMS.get(cfg.model.name, 35.7e6)
+
+
+def _minutes(work: float, rate: float, cfg: DictConfig) -> int:
+    scale = max(params(cfg) / 35.7e6, 0.05)  # small models are not proportionally faster
+    return BASE_MIN + math.ceil(SAFETY * work * scale / rate / 60)
+
+
+def job_resources(stage: str, cfg: DictConfig, family: str = "") -> dict[str, int]:
+    """``mem_mb`` and ``runtime`` (minutes) of one job of ``stage`` (an attribution stage names its family)."""
+    a, n, p = cfg.attribution, n_train(cfg), params(cfg)
+    n_ckpt = math.ceil(cfg.train.epochs / cfg.train.checkpoint_every)
+    queries = a.n_train_queries + a.n_test_queries + a.n_generated_queries
+    if stage == "train":
+        return {"mem_mb": BASE_MB + int(p * 16 / 1e6) * 4,
+                "runtime": _minutes(cfg.train.epochs * n, TRAIN_PER_S, cfg)}
+    if stage == "sample":
+        steps = cfg.sample.num_inference_steps or cfg.model.num_train_timesteps
+        return {"mem_mb": BASE_MB, "runtime": _minutes(cfg.sample.n * steps, 3 * TRAIN_PER_S, cfg)}
+    if stage == "norm_study":
+        s = cfg.norm_study
+        work = n_ckpt * (s.n_examples * s.n_timesteps + n) * len(s.losses) / cfg.shards
+        return {"mem_mb": BASE_MB + int(s.batch_size * p * 8 / 1e6), "runtime": _minutes(work, GRADS_PER_S, cfg)}
+    if stage == "attribution" and family == "tracin":
+        per_ckpt = n + queries * a.test_timesteps * a.test_noises + n * a.self_influence_timesteps * \
+            a.self_influence_noises
+        work = n_ckpt * per_ckpt / cfg.shards
+        mem = 2 * queries * p * 4 + 3 * a.block_size * p * 4  # query gradients raw + normalised, one train block
+        return {"mem_mb": BASE_MB + int(mem / 1e6), "runtime": _minutes(work, GRADS_PER_S, cfg)}
+    if stage == "attribution":  # the TRAK families and any other unsharded one: features of every image
+        k = a.get("proj_dim", 4096)
+        members = a.get("trak_checkpoints", 1)
+        per_image = max(a.get("trak_timesteps", 100), a.get("journey_train_timesteps", 0))
+        journeys = a.n_generated_queries * a.get("journey_steps", 0) * a.get("journey_noises", 0)
+        work = members * ((n + queries) * per_image + journeys)
+        mem = members * (n + queries) * k * 4 + 2 * min(n, k) ** 2 * 8
+        return {"mem_mb": BASE_MB + int(mem / 1e6), "runtime": _minutes(work, GRADS_PER_S, cfg)}
+    return {"mem_mb": BASE_MB, "runtime": BASE_MIN}

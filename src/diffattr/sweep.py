@@ -1,0 +1,69 @@
+"""A sweep's comparison: one row per run x method with the swept keys and every headline metric of the run's tables.
+
+Headline metrics: from ``general_influence.csv`` (all queries pooled) ``n_general`` and ``ratio_to_tracin`` at each
+k and threshold; from ``tracing.csv`` ``top1`` and ``top5``; from ``outliers.csv`` (when the run has one)
+``outlier_fraction_top10`` and ``self_influence_auroc``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from omegaconf import OmegaConf
+
+from .atomic import save_figure, write_csv
+
+OUTLIER_METRICS = ("outlier_fraction_top10", "self_influence_auroc")
+
+
+def summary_table(run_dirs: Sequence[Path], keys: Sequence[str]) -> pd.DataFrame:
+    rows = []
+    for run_dir in map(Path, run_dirs):
+        cfg = OmegaConf.load(run_dir / "config.yaml")
+        swept = {key: _plain(OmegaConf.select(cfg, key.lstrip("+~"))) for key in keys}
+        general = pd.read_csv(run_dir / "tables" / "general_influence.csv")
+        general = general[general.query_kind == "all"]
+        metrics: dict[str, dict] = {m: {} for m in general.method.unique()}
+        for r in general.itertuples():
+            metrics[r.method][f"n_general_top{r.k}_{r.threshold:g}"] = r.n_general
+            metrics[r.method][f"ratio_to_tracin_top{r.k}_{r.threshold:g}"] = r.ratio_to_tracin
+        for r in pd.read_csv(run_dir / "tables" / "tracing.csv").itertuples():
+            metrics[r.method].update(tracing_top1=r.top1, tracing_top5=r.top5)
+        if (run_dir / "tables" / "outliers.csv").exists():
+            for r in pd.read_csv(run_dir / "tables" / "outliers.csv").to_dict("records"):
+                metrics[r["method"]].update({m: r[m] for m in OUTLIER_METRICS})
+        rows += [{"run": run_dir.name, **swept, "method": m, **values} for m, values in metrics.items()]
+    return pd.DataFrame(rows)
+
+
+def summary_figure(table: pd.DataFrame, keys: Sequence[str]) -> Figure:
+    """One panel per headline metric: its value for every run (x, labelled by the swept values), a line per method."""
+    metrics = [c for c in table.columns if c not in ("run", "method", *keys) and not c.startswith("ratio_to")]
+    labels = table.drop_duplicates("run").set_index("run")[list(keys)].astype(str).agg(", ".join, axis=1) \
+        if keys else pd.Series({r: r for r in table.run.unique()})
+    runs = list(labels.index)
+    fig = Figure(figsize=(4.2 * len(metrics), 3.6), layout="constrained")
+    for ax, metric in zip(np.atleast_1d(fig.subplots(1, len(metrics))), metrics):
+        for method, part in table.groupby("method", sort=False):
+            values = part.set_index("run")[metric].reindex(runs)
+            ax.plot(range(len(runs)), values.to_numpy(dtype=float), marker="o", label=method)
+        ax.set_xticks(range(len(runs)), [labels[r] for r in runs], rotation=30, ha="right", fontsize=7)
+        ax.set_title(metric, fontsize=9)
+    fig.axes[0].legend(fontsize=7)
+    if keys:
+        fig.suptitle("swept: " + ", ".join(keys), fontsize=9)
+    return fig
+
+
+def write_summary(run_dirs: Sequence[Path], keys: Sequence[str], table_path: Path, figure_path: Path) -> None:
+    table = summary_table(run_dirs, keys)
+    write_csv(table, table_path)
+    save_figure(summary_figure(table, keys), figure_path, dpi=120)
+
+
+def _plain(value):
+    return str(OmegaConf.to_container(value)) if OmegaConf.is_config(value) else value
