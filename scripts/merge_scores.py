@@ -1,4 +1,4 @@
-"""The dense score file of one method (``job.method=NAME``) from its family's shard directories."""
+"""The dense score files of a sharded method family's job (``job.family=NAME``) from its shard directories."""
 
 from diffattr.cli import entry
 from diffattr.methods import merge_job
@@ -6,7 +6,7 @@ from diffattr.methods import merge_job
 
 @entry
 def main(run, device):
-    merge_job(run, run.cfg.job.method)
+    merge_job(run, run.cfg.job.family)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 import pytest
 
-from diffattr.config import ConfigError, compose, run_name
+from diffattr.config import ConfigError, compose, run_name, sweep_from_config, sweep_points
 
 
 def test_every_experiment_composes_and_validates():
@@ -16,7 +16,7 @@ def test_cifar2_is_automobile_and_horse():
 
 def test_run_dir_is_named_by_overrides_and_ignores_job_keys():
     a = compose("digits", ["train.epochs=3"])
-    b = compose("digits", ["train.epochs=3", "job.threads=1", "job.shard=2"])
+    b = compose("digits", ["train.epochs=3", "job.threads=1", "job.shard=2", "shards=3"])
     c = compose("digits", ["train.epochs=4"])
     assert a.dir == b.dir
     assert a.dir != c.dir
@@ -39,6 +39,14 @@ def test_run_name_is_order_independent_and_injective():
         ("model=tinyy", ["model/tinyy", "ddpm_cifar10", "micro", "tiny"]),
         ("train.loss=l3", ["train.loss", "l2", "l1"]),
         ("data.name=imagenet", ["data.name", "cifar10"]),
+        ("attribution.projector=sketch", ["attribution.projector", "countsketch", "rademacher"]),
+        ("attribution.dtrak_output=sqare", ["attribution.dtrak_output", "square", "elbo"]),
+        ("norm_study.losses=[l2,l3]", ["norm_study.losses", "l3", "l1"]),
+        ("attribution.methods=[tracin,trakk]", ["attribution.methods", "trakk", "journey_trak"]),
+        ("attribution.block_size=0", ["attribution.block_size", ">= 1"]),
+        ("shards=0", ["shards", ">= 1"]),
+        ("attribution.self_influence_timesteps=-1", ["attribution.self_influence_timesteps", ">= 0"]),
+        ("grads.shards=2", ["grads", "norm_study"]),
     ],
 )
 def test_bad_override_names_key_and_valid_choices(override, expected):
@@ -56,3 +64,22 @@ def test_unknown_experiment_lists_experiments():
 def test_model_unet_accepts_any_diffusers_argument():
     run = compose("digits", ["model.unet.dropout=0.1"])
     assert run.cfg.model.unet.dropout == 0.1
+
+
+def test_comma_separated_values_sweep_every_combination():
+    points = sweep_points(["attribution.test_noises=1,2,4", "train.seed=0,1", "norm_study.losses=[l2,l1]"])
+    assert len(points) == 6 and ["attribution.test_noises=4", "train.seed=1", "norm_study.losses=[l2,l1]"] in points
+    assert sweep_points(["train.epochs=3"]) == [["train.epochs=3"]]
+    single = sweep_from_config({"overrides": ["train.epochs=3"]})
+    assert single.name is None and single.points == [["train.epochs=3"]]
+    swept = sweep_from_config({"overrides": ["train.seed=0,1"]})
+    assert swept.name == "train.seed=0,1" and swept.keys == ["train.seed"]
+
+
+def test_a_sweep_file_holds_hydra_sweeper_params():
+    sweep = sweep_from_config({"sweep": "test_noises"})
+    assert sweep.name == "test_noises" and sweep.keys == ["attribution.test_noises"]
+    assert [p[-1] for p in sweep.points] == ["attribution.test_noises=1", "attribution.test_noises=2",
+                                             "attribution.test_noises=4"]
+    with pytest.raises(ConfigError, match="test_noises"):
+        sweep_from_config({"sweep": "no_such_sweep"})

@@ -29,11 +29,11 @@ def run_stages(run, device):
     last = read_index(layout.path("checkpoint_index").parent)[-1].name
     write_samples(cfg, layout, last, device)
     build_queries(cfg, layout, last)
-    for family, methods in requested_families(cfg.attribution.methods).items():
+    for family in requested_families(cfg.attribution.methods):
         for shard in range(shard_count(family, cfg)):
             run_job(run, family.name, shard, device)
-        for method in methods if family.sharded else ():
-            merge_job(run, method)
+        if family.sharded:
+            merge_job(run, family.name)
     write_report(cfg, layout)
 
 

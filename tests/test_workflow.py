@@ -220,8 +220,8 @@ def test_norm_tables_do_not_depend_on_the_shard_count(smoke_run):
 
 
 @pytest.mark.parametrize("override, expected, untouched", [
-    # only the TracIn family's jobs (two shards, four merges) and the new run's reports
-    ("attribution.test_noises=3", {"attribute": 2, "merge_scores": 4},
+    # only the TracIn family's jobs (two shards, one merge) and the new run's reports
+    ("attribution.test_noises=3", {"attribute": 2, "merge_scores": 1},
      ("prepare_data", "train", "sample", "norm_study", "queries")),
     ("norm_study.n_timesteps=4", {"norm_study": 2},
      ("prepare_data", "train", "sample", "queries", "attribute", "merge_scores")),

@@ -217,11 +217,14 @@ def _explain(e: BaseException) -> str:
     if cause is not None and str(cause).splitlines() and str(cause).splitlines()[0] not in text:
         text += f" ({str(cause).splitlines()[0]})"
     unknown = re.search(r"Could not override '([\w.]+)'", text)
-    if unknown and "." in unknown.group(1):
-        parent = unknown.group(1).rsplit(".", 1)[0]
-        node = OmegaConf.select(OmegaConf.structured(settings_class()), parent)
-        if node is not None:
-            text += f" Valid keys of {parent}: {', '.join(node.keys())}."
+    if unknown:
+        # the deepest part of the key that exists, e.g. the root for a renamed group (grads. -> norm_study.)
+        schema, parts = OmegaConf.structured(settings_class()), unknown.group(1).split(".")[:-1]
+        while parts and OmegaConf.select(schema, ".".join(parts)) is None:
+            parts.pop()
+        parent = ".".join(parts)
+        node = OmegaConf.select(schema, parent) if parent else schema
+        text += f" Valid keys of {parent or 'the root'}: {', '.join(node.keys())}."
     return text
 
 

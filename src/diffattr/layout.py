@@ -48,10 +48,10 @@ ARTIFACTS: tuple[tuple[str, str, str], ...] = (
      "query_id, query_kind, source_id, label, heldout"),
     ("method_shard", "stages/attribution/{family}/{method_key}/shard_{shard}_of_{shards}",
      "what one job of a method family computed (TRAK family: features.safetensors, lambda.csv)"),
-    ("method_scores", "stages/attribution/{family}/{method_key}/scores/{method}.safetensors",
-     "dense scores [Q, N] float64, query_ids, train_ids, self_influence [N] where defined (a sharded family's "
-     "merge; an unsharded one leaves <method>.safetensors in its shard_0_of_1/; Journey-TRAK adds step_scores "
-     "[Q, S, N] and steps)"),
+    ("method_merged", "stages/attribution/{family}/{method_key}/merged",
+     "<method>.safetensors: dense scores [Q, N] float64, query_ids, train_ids, self_influence [N] where defined "
+     "(a sharded family's merge of every method of its job; an unsharded family leaves <method>.safetensors in its "
+     "shard_0_of_1/; Journey-TRAK adds step_scores [Q, S, N] and steps)"),
     ("stage_log", "stages/logs/{job}.log", "one log per stage job"),
     ("config", "{run}/config.yaml", "the resolved Hydra config of the run"),
     ("manifest", "{run}/manifest.yaml", "the stage directories the run used, each with the config it is keyed by"),
@@ -69,6 +69,7 @@ ARTIFACTS: tuple[tuple[str, str, str], ...] = (
     ("sweep_figure", "sweeps/{sweep}/summary.png", "headline metrics against the swept values"),
 )
 TEMPLATES = {name: template for name, template, _ in ARTIFACTS}
+SCORE_VS_NORM = "score_vs_grad_norm"  # the report draws it when a method's score files carry train_grad_norms
 STAGES = ("data", "train", "samples", "norm_study", "queries")
 QUERY_KEYS = ("n_train_queries", "n_test_queries", "n_generated_queries", "heldout_fraction", "seed")
 # Keys of a group that say how or where to compute, not what: never part of a stage key.
@@ -141,15 +142,21 @@ class Layout:
         from .methods import family_of
 
         family = family_of(method)
-        if family.sharded:
-            return self.path("method_scores", family=family.name, method=method)
-        return self.path("method_shard", family=family.name, shard=0, shards=1) / f"{method}.safetensors"
+        where = self.path("method_merged", family=family.name) if family.sharded else \
+            self.path("method_shard", family=family.name, shard=0, shards=1)
+        return where / f"{method}.safetensors"
 
-    def scores_input(self, method: str) -> Path:
-        """What the DAG must have made for :meth:`scores` to exist (a directory output, for unsharded families)."""
-        from .methods import family_of
 
-        return self.scores(method) if family_of(method).sharded else self.scores(method).parent
+def report_extras(cfg: DictConfig) -> list[tuple[str, str, str, str]]:
+    """Outputs of a run's report that only some runs have: (artifact, name, caption, report category)."""
+    from .methods import requested_families
+
+    out = []
+    if any(f.grad_norms for f in requested_families(cfg.attribution.methods)):
+        out.append(("figure", SCORE_VS_NORM, "score_vs_grad_norm", "Attribution"))
+    if cfg.data.name == "cifar_mnist" and cfg.data.n_outliers > 0:
+        out.append(("table", "outliers.csv", "outliers", "Tables"))
+    return out
 
 
 def pattern(artifact: str, root: str | Path, /, **fixed: Any) -> str:

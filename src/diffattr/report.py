@@ -15,13 +15,12 @@ from safetensors.torch import load_file
 
 from . import metrics
 from .atomic import write_csv, write_parquet
-from .layout import Layout
+from .layout import SCORE_VS_NORM, Layout
 from .queries import load_queries
 from .data import ImageSet
 from .exceptions import StageError
 from .figures import influence as figs
 
-SCORE_VS_NORM = "score_vs_grad_norm"  # drawn when a method's score files carry train_grad_norms
 TOPK_FIGURE = 6  # the papers' layout: each query with its top-6 training images
 FIGURE_QUERIES_PER_KIND = 2
 
@@ -65,22 +64,6 @@ def write_report(cfg: DictConfig, layout: Layout) -> None:
     if outliers:
         write_csv(pd.DataFrame(outliers), layout.path("table", name="outliers.csv"))
     _general_influence_figures(layout, grouped, scores, a, train_set.is_outlier.numpy())
-
-
-def report_extras(cfg: DictConfig) -> list[tuple[str, str, str, str]]:
-    """Outputs of the report that only some runs have: (artifact, name, caption, report category)."""
-    from .methods import requested_families
-
-    out = []
-    if any(f.grad_norms for f in requested_families(cfg.attribution.methods)):
-        out.append(("figure", SCORE_VS_NORM, "score_vs_grad_norm", "Attribution"))
-    if has_outliers(cfg):
-        out.append(("table", "outliers.csv", "outliers", "Tables"))
-    return out
-
-
-def has_outliers(cfg: DictConfig) -> bool:
-    return cfg.data.name == "cifar_mnist" and cfg.data.n_outliers > 0
 
 
 def _write_long(path: Path, s: np.ndarray, ids, kinds, train_ids) -> None:

@@ -139,7 +139,6 @@ class JobSettings:
     shard: int = knob(0, min=0)
     threads: int = knob(0, "torch threads; the DAG passes the rule's `threads` (0: torch's default)", min=0)
     family: str = ""  # which method family an attribution job computes
-    method: str = ""  # which method's dense scores a merge job writes
     checkpoint: str = ""  # which checkpoint a per-checkpoint job works on (e.g. epoch_0005)
     device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:N
 

@@ -33,16 +33,15 @@ rule attribute:
         "{params.cmd} 2>&1 | tee {log}"
 
 
-# The dense score file of one method from its family's shards.
+# The dense score files of every method of a sharded family's job, from its shards.
 rule merge_scores:
     input:
-        lambda wc: method_shards(run_of(f"attribution/{wc.family}", wc.method_key),
-                                 requested_family(run_of(f"attribution/{wc.family}", wc.method_key), wc.family)),
+        lambda wc: method_shards(run_of(f"attribution/{wc.family}", wc.method_key), families()[wc.family]),
     output:
-        P("method_scores"),
+        directory(P("method_merged")),
     params:
-        cmd=lambda wc: stage_cmd(f"attribution/{wc.family}", wc.method_key, "merge_scores", f"job.method={wc.method}"),
+        cmd=lambda wc: stage_cmd(f"attribution/{wc.family}", wc.method_key, "merge_scores", f"job.family={wc.family}"),
     log:
-        P("stage_log", job="merge_{family}_{method_key}_{method}"),
+        P("stage_log", job="merge_{family}_{method_key}"),
     shell:
         "{params.cmd} > {log} 2>&1"

@@ -6,7 +6,7 @@ import sys
 from diffattr.checkpoints import checkpoint_epochs, checkpoint_name
 from diffattr.config import compose, resolved_yaml, stage_overrides, sweep_from_config
 from diffattr.layout import pattern
-from diffattr.methods import requested_families, shard_count
+from diffattr.methods import families, shard_count
 from diffattr.resources import job_resources
 
 EXPERIMENT = str(config.get("experiment", "digits"))
@@ -74,11 +74,6 @@ def train_inputs(run):
 def method_shards(run, family):
     n = shard_count(family, run.cfg)
     return [path_of(run, "method_shard", family=family.name, shard=i, shards=n) for i in range(n)]
-
-
-def requested_family(run, name):
-    (family,) = [f for f in requested_families(run.cfg.attribution.methods) if f.name == name]
-    return family
 
 
 def needs(what, stage):

@@ -1,6 +1,6 @@
 # What a user reads, one set of rules per run: its config and manifest, the norm-study tables and figures, and the
 # attribution report. Their outputs depend on the run's settings (methods, dataset), so each run gets its own rules.
-from diffattr.report import report_extras
+from diffattr.layout import report_extras
 
 for _i, _run in enumerate(RUNS):
     _methods = list(_run.cfg.attribution.methods)
@@ -46,7 +46,7 @@ for _i, _run in enumerate(RUNS):
             f"attribution_report_{_i}"
         input:
             config=path_of(_run, "config"),
-            scores=[str(_run.layout.scores_input(m)) for m in _methods],
+            scores=[str(_run.layout.scores(m).parent) for m in _methods],
             queries=path_of(_run, "query_table"),
         output:
             topk=report(path_of(_run, "table", name="topk.parquet"), caption="../report/topk_table.rst",

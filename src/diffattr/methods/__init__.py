@@ -89,13 +89,19 @@ def run_job(run, family_name: str, shard: int, device) -> None:
         family.run(_job(run, family, shard, tmp, device))
 
 
-def merge_job(run, method: str) -> None:
-    """The dense score file of ``method`` from all shard directories of its family's job."""
-    family = family_of(method)
+def merge_job(run, family_name: str) -> None:
+    """The dense score file of every method of the run's job of a sharded family, from all its shard directories,
+    written atomically into its ``method_merged`` directory."""
+    from ..atomic import atomic_path
+
+    family = families()[family_name]
     n = shard_count(family, run.cfg)
     dirs = [run.layout.path("method_shard", family=family.name, shard=i, shards=n) for i in range(n)]
-    target = run.layout.scores(method)
-    family.merge(_job(run, family, 0, target.parent), dirs, method, target)
+    with atomic_path(run.layout.path("method_merged", family=family.name), suffix="") as tmp:
+        tmp.mkdir()
+        job = _job(run, family, 0, tmp)
+        for method in job.variants:
+            family.merge(job, dirs, method, tmp / f"{method}.safetensors")
 
 
 @dataclass(frozen=True, eq=False)  # identity hash: families key dicts
@@ -110,8 +116,8 @@ class Family:
     sharded: bool = False  # split over the training set into `shards` jobs, combined by `merge`
     self_influence: bool = False  # its score files may carry self_influence [N]
     grad_norms: bool = False  # its score files carry train_grad_norms [C, N]: the report plots scores against them
-    # merge(job, shard_dirs, method, target): a sharded family's dense score file of one variant from its shards
-    # (an unsharded family's job writes <variant>.safetensors itself)
+    # merge(job, shard_dirs, method, target): a sharded family's dense score file of one variant from its shards,
+    # called for every variant of the job (an unsharded family's job writes <variant>.safetensors itself)
     merge: Callable[[Job, Sequence[Path], str, Path], None] | None = None
     # what the job's result depends on beyond the queries (default: its own settings, `uses` and COMMON_KEYS)
     depends: Callable[["DictConfig", Sequence[str]], dict] | None = None
