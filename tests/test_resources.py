@@ -20,3 +20,9 @@ def test_tracin_time_grows_with_its_test_side_and_shrinks_with_shards():
     runtime = {name: job_resources("attribution", cfg, "tracin")["runtime"]
                for name, cfg in (("base", base), ("more", more), ("sharded", sharded))}
     assert runtime["more"] > runtime["base"] > runtime["sharded"]
+
+
+def test_the_report_and_merge_scale_with_queries_and_training_set():
+    smoke, paper = compose("smoke").cfg, compose("cifar10_paper").cfg
+    for stage in ("report", "merge", "data"):
+        assert job_resources(stage, paper)["mem_mb"] > job_resources(stage, smoke)["mem_mb"], stage

@@ -35,7 +35,8 @@ def _minutes(work: float, rate: float, cfg: DictConfig) -> int:
 
 
 def job_resources(stage: str, cfg: DictConfig, family: str = "") -> dict[str, int]:
-    """``mem_mb`` and ``runtime`` (minutes) of one job of ``stage`` (an attribution stage names its family)."""
+    """``mem_mb`` and ``runtime`` (minutes) of one job of ``stage``: train, sample, norm_study, attribution (with
+    its ``family``), merge, data, report; any other stage gets the base request."""
     a, n, p = cfg.attribution, n_train(cfg), params(cfg)
     n_ckpt = math.ceil(cfg.train.epochs / cfg.train.checkpoint_every)
     queries = a.n_train_queries + a.n_test_queries + a.n_generated_queries
@@ -63,4 +64,14 @@ def job_resources(stage: str, cfg: DictConfig, family: str = "") -> dict[str, in
         work = members * ((n + queries) * per_image + journeys)
         mem = members * (n + queries) * k * 4 + 2 * min(n, k) ** 2 * 8
         return {"mem_mb": BASE_MB + int(mem / 1e6), "runtime": _minutes(work, GRADS_PER_S, cfg)}
-    return {"mem_mb": BASE_MB, "runtime": BASE_MIN}
+    dense = queries * n * 8  # one [Q, N] float64 score matrix
+    if stage == "data":  # both splits in memory, float32, plus the decoded archive
+        pixels = cfg.data.channels * cfg.data.resolution ** 2
+        return {"mem_mb": BASE_MB + int(n * 1.2 * max(pixels, 3072) * 4 * 3 / 1e6), "runtime": BASE_MIN}
+    if stage == "merge":  # every shard of a side, four normalisations, plus the merged copy
+        return {"mem_mb": BASE_MB + int(dense * 4 * 3 / 1e6), "runtime": BASE_MIN + math.ceil(dense * 4 / 1e9)}
+    if stage == "report":  # every method's dense scores, and its long table (about three times their size)
+        methods = len(a.methods)
+        return {"mem_mb": BASE_MB + int(methods * dense * 4 / 1e6),
+                "runtime": BASE_MIN + math.ceil(methods * dense / 8 / 2e7)}
+    return {"mem_mb": BASE_MB, "runtime": BASE_MIN}  # configs, queries, the norm report

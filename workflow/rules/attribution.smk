@@ -39,6 +39,9 @@ rule merge_scores:
         lambda wc: method_shards(run_of(f"attribution/{wc.family}", wc.method_key), families()[wc.family]),
     output:
         directory(P("method_merged")),
+    resources:
+        mem_mb=needs("mem_mb", "merge"),
+        runtime=needs("runtime", "merge"),
     params:
         cmd=lambda wc: stage_cmd(f"attribution/{wc.family}", wc.method_key, "merge_scores", f"job.family={wc.family}"),
     log:

@@ -80,8 +80,9 @@ def needs(what, stage):
     """A rule's resource ``what`` (mem_mb, runtime) for the job of ``stage`` its wildcards name, from its config."""
 
     def get(wc):
-        if stage == "attribution":
+        if stage in ("attribution", "merge"):
             return job_resources(stage, run_of(f"attribution/{wc.family}", wc.method_key).cfg, wc.family)[what]
-        return job_resources(stage, run_of(stage, getattr(wc, stage)).cfg)[what]
+        key_stage = {"sample": "samples"}.get(stage, stage)
+        return job_resources(stage, run_of(key_stage, getattr(wc, key_stage)).cfg)[what]
 
     return get

@@ -2,6 +2,9 @@ rule prepare_data:
     output:
         train=directory(P("data", split="train")),
         test=directory(P("data", split="test")),
+    resources:
+        mem_mb=needs("mem_mb", "data"),
+        runtime=needs("runtime", "data"),
     params:
         cmd=lambda wc: stage_cmd("data", wc.data, "prepare_data"),
     log:

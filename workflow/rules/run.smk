@@ -62,6 +62,8 @@ for _i, _run in enumerate(RUNS):
             scores=[path_of(_run, "scores_long", method=m) for m in _methods],
             extra=[report(path_of(_run, kind, name=name), caption=f"../report/{caption}.rst", category=category)
                    for kind, name, caption, category in report_extras(_run.cfg)],
+        resources:
+            **job_resources("report", _run.cfg),
         params:
             cmd=hydra_cmd(_run, "report"),
         log:

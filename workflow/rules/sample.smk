@@ -7,8 +7,8 @@ rule sample:
     threads: THREADS
     resources:
         gpu=1,
-        mem_mb=lambda wc: job_resources("sample", run_of("samples", wc.samples).cfg)["mem_mb"],
-        runtime=lambda wc: job_resources("sample", run_of("samples", wc.samples).cfg)["runtime"],
+        mem_mb=needs("mem_mb", "sample"),
+        runtime=needs("runtime", "sample"),
     params:
         cmd=lambda wc, threads: stage_cmd("samples", wc.samples, "sample", f"job.checkpoint={wc.checkpoint}",
                                           f"job.threads={threads}"),
