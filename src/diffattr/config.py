@@ -148,16 +148,19 @@ def make_run(cfg: DictConfig, overrides: Sequence[str]) -> Run:
 def sweep_points(overrides: Sequence[str]) -> list[list[str]]:
     """The override lists of a sweep: every combination of the comma-separated values (Hydra's basic sweeper
     syntax, e.g. ``attribution.test_noises=1,2,4``); one list, the overrides themselves, when nothing is swept."""
+    choices = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override()
+               else [o.input_line] for o in _parse(overrides)]
+    return [list(point) for point in itertools.product(*choices)]
+
+
+def _parse(overrides: Sequence[str]):
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
     try:
-        parsed = OverridesParser.create().parse_overrides([str(o) for o in overrides])
+        return OverridesParser.create().parse_overrides([str(o) for o in overrides])
     except HydraException as e:
         raise ConfigError(f"bad override: {_explain(e)}") from None
-    choices = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override()
-               else [o.input_line] for o in parsed]
-    return [list(point) for point in itertools.product(*choices)]
 
 
 @dataclass(frozen=True)
@@ -189,10 +192,7 @@ def sweep_from_config(config) -> Sweep:
 
 def swept_keys(overrides: Sequence[str]) -> list[str]:
     """The keys that take several values in ``overrides``."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    return [o.get_key_element() for o in OverridesParser.create().parse_overrides([str(o) for o in overrides])
-            if o.is_sweep_override()]
+    return [o.get_key_element() for o in _parse(overrides) if o.is_sweep_override()]
 
 
 def from_hydra(cfg: DictConfig) -> Run:
@@ -231,20 +231,18 @@ def _explain(e: BaseException) -> str:
 def stage_overrides(run: Run, stage: str) -> list[str]:
     """The overrides of ``run`` that ``stage`` (or ``attribution/<family>``) depends on, in a canonical form: what
     a stage job is started with, so the same stage gets the same command from every run that shares it."""
-    from .layout import QUERY_KEYS
+    from .layout import config_prefixes
     from .methods import families, requested_families
 
-    chain = {"data": ("data",), "train": ("data", "model", "train"), "samples": ("data", "model", "train", "sample"),
-             "norm_study": ("data", "model", "train", "norm_study", "shards")}
-    queries = (*chain["samples"], *(f"attribution.{k}" for k in QUERY_KEYS))
     extra: list[str] = []
     if stage.startswith("attribution/"):
         family = families()[stage.split("/", 1)[1]]
-        prefixes = (*queries, *(f"attribution.{k}" for k in family.keys()), *(("shards",) if family.sharded else ()))
+        prefixes = (*config_prefixes("queries"), *(f"attribution.{k}" for k in family.keys()),
+                    *(("shards",) if family.sharded else ()))
         variants = family.job_variants(requested_families(run.cfg.attribution.methods)[family])
         extra = [f"attribution.methods=[{','.join(variants)}]"]
-    else:
-        prefixes = queries if stage == "queries" else chain[stage]
+    else:  # the norm study is sharded: its jobs need the shard count, though no key holds it
+        prefixes = (*config_prefixes(stage), *(("shards",) if stage == "norm_study" else ()))
     nested = tuple(p + "." for p in prefixes)
     kept = [o for o in run.overrides if (_override_key(o) in prefixes or _override_key(o).startswith(nested))
             and _override_key(o) not in UNKEYED_OVERRIDES]
@@ -261,8 +259,7 @@ def _override_key(override: str) -> str:
 def manifest_yaml(run: Run) -> str:
     """``<run>/manifest.yaml``: each stage directory the run uses (relative to the run), its key and what the key
     is a hash of."""
-    from .layout import stage_dependencies
-
-    stages = {stage: {"dir": f"../stages/{stage}/{run.layout.keys[stage]}", "key": run.layout.keys[stage],
-                      "depends_on": deps} for stage, deps in stage_dependencies(run.cfg).items()}
+    keys = run.layout.keys
+    stages = {stage: {"dir": f"../stages/{stage}/{keys[stage]}", "key": keys[stage], "depends_on": deps}
+              for stage, deps in run.layout.depends.items()}
     return OmegaConf.to_yaml(OmegaConf.create({"run": run.name, "overrides": list(run.overrides), "stages": stages}))

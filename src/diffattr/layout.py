@@ -72,6 +72,10 @@ TEMPLATES = {name: template for name, template, _ in ARTIFACTS}
 SCORE_VS_NORM = "score_vs_grad_norm"  # the report draws it when a method's score files carry train_grad_norms
 STAGES = ("data", "train", "samples", "norm_study", "queries")
 QUERY_KEYS = ("n_train_queries", "n_test_queries", "n_generated_queries", "heldout_fraction", "seed")
+# Each stage's upstream stage and the config it adds to that stage's key: whole groups, or single keys.
+UPSTREAM = {"data": None, "train": "data", "samples": "train", "norm_study": "train", "queries": "samples"}
+OWN_CONFIG = {"data": ("data",), "train": ("model", "train"), "samples": ("sample",), "norm_study": ("norm_study",),
+              "queries": tuple(f"attribution.{k}" for k in QUERY_KEYS)}
 # Keys of a group that say how or where to compute, not what: never part of a stage key.
 _NOT_KEYED = {"data": ("archive", "url", "md5", "verify_checksum", "cache_dir", "download"),
               "sample": ("checkpoints",)}
@@ -89,6 +93,12 @@ def _group(cfg: DictConfig, name: str) -> dict:
     return values
 
 
+def config_prefixes(stage: str) -> tuple[str, ...]:
+    """Every group or key a stage depends on, its upstream stages' included."""
+    own = OWN_CONFIG[stage]
+    return own if UPSTREAM[stage] is None else (*config_prefixes(UPSTREAM[stage]), *own)
+
+
 def stage_dependencies(cfg: DictConfig) -> dict[str, dict]:
     """For every stage of the run (and ``attribution/<family>`` for each requested method family): what its key
     is a hash of. Upstream stages enter by their keys."""
@@ -103,9 +113,9 @@ def stage_dependencies(cfg: DictConfig) -> dict[str, dict]:
         keys[stage] = digest(value)
 
     add("data", {**_group(cfg, "data"), "source": source_identity(cfg.data)})
-    add("train", {"data": keys["data"], "model": _group(cfg, "model"), "train": _group(cfg, "train")})
-    add("samples", {"train": keys["train"], "sample": _group(cfg, "sample")})
-    add("norm_study", {"train": keys["train"], "norm_study": _group(cfg, "norm_study")})
+    for stage in ("train", "samples", "norm_study"):
+        upstream = UPSTREAM[stage]
+        add(stage, {upstream: keys[upstream], **{group: _group(cfg, group) for group in OWN_CONFIG[stage]}})
     add("queries", {"samples": keys["samples"], **{k: cfg.attribution[k] for k in QUERY_KEYS}})
     for family, variants in requested_families(cfg.attribution.methods).items():
         add(f"attribution/{family.name}", {"queries": keys["queries"], "family": family.name,
@@ -120,11 +130,12 @@ class Layout:
     root: Path  # <results_dir>/<experiment>
     run: str
     keys: Mapping[str, str]  # stage (or attribution/<family>) -> key
+    depends: Mapping[str, dict]  # stage -> what its key is a hash of
 
     @classmethod
     def of(cls, cfg: DictConfig, run: str) -> "Layout":
         deps = stage_dependencies(cfg)
-        return cls(Path(cfg.results_dir) / cfg.experiment, run, {s: digest(v) for s, v in deps.items()})
+        return cls(Path(cfg.results_dir) / cfg.experiment, run, {s: digest(v) for s, v in deps.items()}, deps)
 
     def path(self, artifact: str, /, **fields: Any) -> Path:
         """The ``artifact`` of :data:`ARTIFACTS`, with the run's stage keys filled in."""

@@ -60,10 +60,10 @@ def recorded_rows(replay: pd.DataFrame, state) -> pd.DataFrame:
 def norms_of_rows(unet, scheduler, train_set: ImageSet, rows: pd.DataFrame, losses, chunks, device,
                   desc: str = "") -> pd.DataFrame:
     """Gradient norm and loss of every row in ``chunks`` of ``rows`` (sample_id, timestep, noise_seed)."""
-    out = []
+    out, positions = [], train_set.positions(rows.sample_id.to_numpy())  # one lookup table for all chunks
     for chunk in tqdm(chunks, desc=desc, unit="chunk", leave=False):
         part = rows.iloc[chunk]
-        index = torch.from_numpy(train_set.positions(part.sample_id.to_numpy()))
+        index = torch.from_numpy(positions[chunk])
         x0 = train_set.images[index].to(device)
         t = torch.as_tensor(part.timestep.to_numpy().copy(), dtype=torch.long, device=device)
         noise = noise_from_seeds(part.noise_seed.to_numpy(), x0.shape[1:]).to(device)

@@ -32,19 +32,20 @@ def P(artifact, /, **fixed):
     return pattern(artifact, ROOT, **fixed)
 
 
+def script_cmd(script, *args):
+    """Shell command running scripts/<script>.py with the interpreter that runs Snakemake."""
+    return " ".join(shlex.quote(a) for a in [sys.executable, f"{workflow.basedir}/scripts/{script}.py", *args])
+
+
 def hydra_cmd(run, script, *job_overrides):
-    """Shell command running scripts/<script>.py on ``run``, plus per-job keys (job.*) that name no run or stage."""
-    args = [f"experiment={EXPERIMENT}", *run.overrides, *job_overrides]
-    path = f"{workflow.basedir}/scripts/{script}.py"
-    return " ".join(shlex.quote(a) for a in [sys.executable, path, *args])
+    """The command of a run's job: the run's overrides, plus per-job keys (job.*) that name no run or stage."""
+    return script_cmd(script, f"experiment={EXPERIMENT}", *run.overrides, *job_overrides)
 
 
 def stage_cmd(stage, key, script, *job_overrides):
     """The command of a stage job: the overrides of a run with that key, kept to those the stage depends on, so the
     command (a param, which Snakemake reruns a job for) is the same whichever run asks for the stage."""
-    run = run_of(stage, key)
-    args = [f"experiment={EXPERIMENT}", *stage_overrides(run, stage), *job_overrides]
-    return " ".join(shlex.quote(a) for a in [sys.executable, f"{workflow.basedir}/scripts/{script}.py", *args])
+    return script_cmd(script, f"experiment={EXPERIMENT}", *stage_overrides(run_of(stage, key), stage), *job_overrides)
 
 
 def path_of(run, artifact, /, **fields):

@@ -9,11 +9,9 @@ if SWEEP.name:
             table=report(P("sweep_summary", sweep=SWEEP.name), caption="../report/sweep_summary.rst", category="Sweep"),
             figure=report(P("sweep_figure", sweep=SWEEP.name), caption="../report/sweep_figure.rst", category="Sweep"),
         params:
-            cmd=" ".join(shlex.quote(a) for a in [sys.executable, f"{workflow.basedir}/scripts/sweep_summary.py",
-                                                 "--table", P("sweep_summary", sweep=SWEEP.name),
-                                                 "--figure", P("sweep_figure", sweep=SWEEP.name),
-                                                 "--keys", ",".join(SWEEP.keys),
-                                                 *[str(r.dir) for r in RUNS]]),
+            cmd=script_cmd("sweep_summary", "--table", P("sweep_summary", sweep=SWEEP.name), "--figure",
+                           P("sweep_figure", sweep=SWEEP.name), "--keys", ",".join(SWEEP.keys),
+                           *[str(r.dir) for r in RUNS]),
         log:
             P("sweep_summary", sweep=SWEEP.name).replace("summary.csv", "summary.log"),
         shell:

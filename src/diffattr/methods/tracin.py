@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..settings import knob
-from . import Family, Job, register
+from . import COMMON_KEYS, Family, Job, register
 
 # variant -> (train side, normalisation of diffattr.kernels.tracin)
 VARIANTS = {
@@ -46,7 +46,7 @@ def batch(variants: Sequence[str]) -> list[str]:
 
 def depends(cfg, variants) -> dict:
     a = cfg.attribution
-    keys = ["seed", "block_size", "test_timesteps", "test_noises", "self_influence_timesteps"]
+    keys = [*COMMON_KEYS, "test_timesteps", "test_noises", "self_influence_timesteps"]
     keys += ["self_influence_noises"] if a.self_influence_timesteps else []
     keys += ["expectation_timesteps"] if "expectation" in sides(variants) else []
     return {"sides": sides(variants), **{k: a[k] for k in keys}}
