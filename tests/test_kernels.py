@@ -349,24 +349,67 @@ def test_trak_features_with_identity_projector_are_the_summed_gradients(data, sp
     n_params = diffattr.grads.num_trainable(model)
     projector = make_projector("identity", model, n_params)
     phi = trak.trak_features(model, SCHEDULER, train, TRAIN_IDS, projector, spec, block_size=3)
-    timesteps = trak.feature_timesteps(spec, TRAIN_IDS, 1000)
-    expected = []
-    for i, sid in enumerate(TRAIN_IDS.tolist()):
-        gs = torch.stack([reference_grad(model, train[i], int(timesteps[i, j]), noise_from_seeds(
-            [int(derive_seeds(spec.seed, noise.FEATURE_NOISE, sid, j))], SHAPE)[0], spec.output)
-            for j in range(timesteps.shape[1])])
-        expected.append(gs.sum(0) if spec.reduce == "sum" else gs.mean(0))
-    expected = torch.stack(expected)
-    torch.testing.assert_close(phi.double(), expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
-    phi_q = trak.trak_features(model, SCHEDULER, queries, QUERY_IDS, projector, spec)
+    phi_q = trak.trak_features(model, SCHEDULER, queries, QUERY_IDS, projector, spec, role="query")
+    for images, ids, stream, features in ((train, TRAIN_IDS, noise.FEATURE_NOISE, phi),
+                                          (queries, QUERY_IDS, noise.QUERY_FEATURE_NOISE, phi_q)):
+        timesteps, _ = trak.feature_draws(spec, ids, 1000, "train" if stream == noise.FEATURE_NOISE else "query")
+        expected = []
+        for i, sid in enumerate(ids.tolist()):
+            gs = torch.stack([reference_grad(model, images[i], int(timesteps[i, j]), noise_from_seeds(
+                [int(derive_seeds(spec.seed, stream, sid, j))], SHAPE)[0], spec.output)
+                for j in range(timesteps.shape[1])])
+            expected.append(gs.sum(0) if spec.reduce == "sum" else gs.mean(0))
+        expected = torch.stack(expected)
+        torch.testing.assert_close(features.double(), expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
     torch.testing.assert_close(trak.trak_scores(phi_q, phi, 0.5, relative=False), closed_form(phi_q, phi, 0.5))
 
 
 def test_random_feature_timesteps_depend_on_the_example_alone():
-    full = trak.feature_timesteps(trak.journey_train_spec(20), TRAIN_IDS, 1000)
-    part = trak.feature_timesteps(trak.journey_train_spec(20), TRAIN_IDS[[4, 1]], 1000)
-    assert full.shape == (len(TRAIN_IDS), 20) and torch.equal(part, full[[4, 1]])
+    full, seeds = trak.feature_draws(trak.journey_train_spec(20), TRAIN_IDS, 1000)
+    part, part_seeds = trak.feature_draws(trak.journey_train_spec(20), TRAIN_IDS[[4, 1]], 1000)
+    assert full.shape == seeds.shape == (len(TRAIN_IDS), 20)
+    assert torch.equal(part, full[[4, 1]]) and torch.equal(part_seeds, seeds[[4, 1]])
     assert len(torch.unique(full)) > 20
+
+
+@pytest.mark.parametrize("spec", [trak.trak_spec(10), trak.journey_train_spec(10)], ids=["even", "random"])
+def test_no_query_shares_a_timestep_and_noise_with_any_training_row(spec):
+    ids = torch.arange(50)  # the same integers on both sides: source ids of generated and test queries collide
+    t_train, s_train = trak.feature_draws(spec, ids, 1000, "train")
+    t_query, s_query = trak.feature_draws(spec, ids, 1000, "query")
+    train_pairs = set(zip(t_train.reshape(-1).tolist(), s_train.reshape(-1).tolist()))
+    query_pairs = set(zip(t_query.reshape(-1).tolist(), s_query.reshape(-1).tolist()))
+    assert len(train_pairs) == len(query_pairs) == ids.numel() * spec.n_timesteps
+    assert not train_pairs & query_pairs
+    assert not set(s_train.reshape(-1).tolist()) & set(s_query.reshape(-1).tolist())  # not even the noise alone
+    with pytest.raises(ValueError, match="role"):
+        trak.feature_draws(spec, ids, 1000, "test")
+
+
+def test_a_generated_query_does_not_favour_the_training_image_whose_id_equals_its_seed():
+    """The method's query features (keyed by query id) against the old keying by source id, which gave generated
+    query j the (t, eps) draws of training image j: at large t x_t is mostly that shared noise."""
+    from diffattr.methods.trak import features, query_features
+    from diffattr.projectors import make_projector
+
+    model, n = make_unet(2), 32
+    gen = torch.Generator().manual_seed(7)
+    train, generated = (torch.rand(n, *SHAPE, generator=gen) * 2 - 1 for _ in range(2))
+    seeds = np.arange(n)  # generated query j was sampled with seed j, and training image j has sample id j
+    queries = pd.DataFrame({"query_id": seeds + 2_000_000, "query_kind": "generated", "source_id": seeds})
+    job = SimpleNamespace(scheduler=lambda: SCHEDULER, device="cpu",
+                          cfg=SimpleNamespace(attribution=SimpleNamespace(block_size=16)))
+    spec, projector = trak.trak_spec(10, seed=3), make_projector("countsketch", model, 512, seed=0)
+    phi_train = features(job, model, train, torch.arange(n), spec, projector)
+
+    def own_rank_one(phi_query):
+        scores = trak.trak_scores(phi_query, phi_train, 0.1)
+        return (scores.argmax(1) == torch.arange(n)).double().mean().item()
+
+    shared = own_rank_one(features(job, model, generated, torch.from_numpy(seeds), spec, projector))
+    fixed = own_rank_one(query_features(job, model, queries, generated, spec, projector))
+    assert shared >= 0.5  # the collision the old keying caused: the test can tell
+    assert fixed <= 4 / n  # chance is 1/n; with independent draws no training image is favoured
 
 
 def test_journey_query_features_are_the_renoised_x0_hat_loss_gradients(data):

@@ -24,10 +24,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..noise import FEATURE_NOISE, FEATURE_TIMESTEPS, HELDOUT_SPLIT, JOURNEY_NOISE, derive_seeds, noise_from_seeds
+from ..noise import (FEATURE_NOISE, FEATURE_TIMESTEPS, HELDOUT_SPLIT, JOURNEY_NOISE, QUERY_FEATURE_NOISE,
+                     QUERY_FEATURE_TIMESTEPS, derive_seeds, noise_from_seeds)
 from ..grads import dropout_off
 from ..timesteps import evenly_spaced_timesteps
-
 
 
 @dataclass(frozen=True)
@@ -56,45 +56,60 @@ def d_trak_spec(n_timesteps: int = 100, output: str = "square", seed: int = 0) -
     return FeatureSpec(output=output, n_timesteps=n_timesteps, schedule="even", reduce="mean", seed=seed)
 
 
-def feature_timesteps(spec: FeatureSpec, ids: torch.Tensor, num_train_timesteps: int) -> torch.Tensor:
-    """[N, K] timesteps of each example's K evaluations; ``random`` ones depend on (seed, id) alone."""
+# role -> (timestep stream, noise stream): a query's draws never coincide with a training row's, whatever the ids
+STREAMS = {"train": (FEATURE_TIMESTEPS, FEATURE_NOISE), "query": (QUERY_FEATURE_TIMESTEPS, QUERY_FEATURE_NOISE)}
+
+
+def feature_draws(spec: FeatureSpec, ids: torch.Tensor, num_train_timesteps: int,
+                  role: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(timesteps, noise seeds)``, both [N, K]: the K (t, eps) pairs at which each example is featurised.
+
+    They depend on (spec.seed, role, id, pair index) alone, not on batching or on the other examples. ``role``
+    ``train`` keys training rows by sample id; ``query`` keys queries by query id on streams of their own, so a
+    query (a training image included) is featurised with draws independent of every training row's, as TracIn's
+    test side is. ``even`` timesteps are the same grid for every example; only the noise then differs.
+    """
+    if role not in STREAMS:
+        raise ValueError(f"unknown feature role {role!r} ({' | '.join(STREAMS)})")
+    timestep_stream, noise_stream = STREAMS[role]
     ids = torch.as_tensor(ids).long()
+    K = spec.n_timesteps
     if spec.schedule == "even":
-        grid = evenly_spaced_timesteps(spec.n_timesteps, num_train_timesteps)
-        return grid.expand(len(ids), len(grid)).clone()
-    if spec.schedule != "random":
+        grid = evenly_spaced_timesteps(K, num_train_timesteps)
+        timesteps = grid.expand(len(ids), len(grid)).clone()
+    elif spec.schedule == "random":
+        seeds = derive_seeds(spec.seed, timestep_stream, ids).reshape(-1)
+        timesteps = torch.stack([torch.randint(0, num_train_timesteps, (K,),
+                                               generator=torch.Generator().manual_seed(int(s))) for s in seeds]) \
+            if len(ids) else torch.zeros(0, K, dtype=torch.long)
+    else:
         raise ValueError(f"unknown timestep schedule {spec.schedule!r} (random | even)")
-    seeds = derive_seeds(spec.seed, FEATURE_TIMESTEPS, ids).reshape(-1)
-    return torch.stack([torch.randint(0, num_train_timesteps, (spec.n_timesteps,),
-                                      generator=torch.Generator().manual_seed(int(s))) for s in seeds]) \
-        if len(ids) else torch.zeros(0, spec.n_timesteps, dtype=torch.long)
+    pairs = torch.arange(timesteps.shape[1])
+    noise_seeds = derive_seeds(spec.seed, noise_stream, ids[:, None], pairs[None, :]).reshape(timesteps.shape)
+    return timesteps, noise_seeds
 
 
 def trak_features(model, scheduler, x0: torch.Tensor, ids: torch.Tensor, projector, spec: FeatureSpec, *,
-                  block_size: int = 64, batch_size: int | None = None) -> torch.Tensor:
+                  role: str = "train", block_size: int = 64, batch_size: int | None = None) -> torch.Tensor:
     """[N, k] features ``P^T grad f`` of images ``x0`` [N, C, H, W] with ids ``ids`` at one checkpoint.
 
-    f is ``spec.reduce`` over K (timestep, noise) pairs of ``spec.output``; by linearity the feature is the same
-    reduction of the K projected per-pair gradients. Noise of pair j of example i: ``derive_seeds(seed, STREAM, id,
-    j)``, so features do not depend on batching or on which other examples are in the set.
+    f is ``spec.reduce`` over the K (timestep, noise) pairs of ``feature_draws(spec, ids, T, role)`` of
+    ``spec.output``; by linearity the feature is the same reduction of the K projected per-pair gradients.
     """
     from ..grads import projected_grads
 
     if spec.reduce not in ("sum", "mean"):
         raise ValueError(f"unknown reduction {spec.reduce!r} (sum | mean)")
-    ids = torch.as_tensor(ids).long()
-    timesteps = feature_timesteps(spec, ids, scheduler.config.num_train_timesteps)
+    timesteps, noise_seeds = feature_draws(spec, ids, scheduler.config.num_train_timesteps, role)
     K = timesteps.shape[1]
     kwargs = {} if batch_size is None else {"batch_size": batch_size}
     out = []
     for start in range(0, len(x0), block_size):
         rows = slice(start, start + block_size)
-        x, t = x0[rows], timesteps[rows]
-        pair = torch.arange(K).repeat(len(x))
-        seeds = derive_seeds(spec.seed, FEATURE_NOISE, ids[rows].repeat_interleave(K), pair)
-        noise = noise_from_seeds(seeds.reshape(-1), x0.shape[1:])
-        phi = projected_grads(model, scheduler, x.repeat_interleave(K, 0), t.reshape(-1), noise, projector,
-                              output=spec.output, **kwargs).view(len(x), K, -1)
+        x = x0[rows]
+        noise = noise_from_seeds(noise_seeds[rows].reshape(-1), x0.shape[1:])
+        phi = projected_grads(model, scheduler, x.repeat_interleave(K, 0), timesteps[rows].reshape(-1), noise,
+                              projector, output=spec.output, **kwargs).view(len(x), K, -1)
         out.append((phi.sum(1) if spec.reduce == "sum" else phi.mean(1)).cpu())
     return torch.cat(out) if out else torch.zeros(0, projector.k)
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from ..settings import knob
 from . import Family, Job, register
-from .trak import LAMBDA_KEYS, features, members, select_lambda
+from .trak import LAMBDA_KEYS, features, members, query_features, select_lambda
 
 
 @dataclass
@@ -46,8 +46,8 @@ def run(job: Job) -> None:
         projector = projector or make_projector(a.projector, model, a.proj_dim, seed=a.seed)
         phi_trains.append(features(job, model, train_set.images, train_set.ids, spec, projector))
         # held-out real queries, featurised like training images, choose lambda (generated ones have no labels)
-        phi_labelled.append(features(job, model, query_images[torch.tensor(labelled.to_numpy())],
-                                     torch.tensor(queries.source_id[labelled].to_numpy()), spec, projector))
+        phi_labelled.append(query_features(job, model, queries[labelled],
+                                           query_images[torch.tensor(labelled.to_numpy())], spec, projector))
         step_ids, phi = kernels.journey_query_features(model, scheduler, trajectory,
                                                        torch.tensor(generated.query_id.to_numpy()), projector,
                                                        steps=keep.tolist(), n_noise=a.journey_noises, seed=a.seed)

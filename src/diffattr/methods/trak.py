@@ -36,11 +36,20 @@ def members(job: Job):
     return job.checkpoints()[-job.cfg.attribution.trak_checkpoints:]
 
 
-def features(job: Job, model, images, ids, spec, projector):
+def features(job: Job, model, images, ids, spec, projector, role: str = "train"):
     from ..kernels import trak as kernels
 
-    return kernels.trak_features(model, job.scheduler(), images.to(job.device), ids, projector, spec,
+    return kernels.trak_features(model, job.scheduler(), images.to(job.device), ids, projector, spec, role=role,
                                  block_size=job.cfg.attribution.block_size)
+
+
+def query_features(job: Job, model, queries, images, spec, projector):
+    """Features of the query images, keyed by query id on the queries' own noise streams: a training-image query is
+    featurised with draws independent of its training row (as TracIn's test side), and no query shares a draw with
+    any training image whose id happens to equal its source id."""
+    import torch
+
+    return features(job, model, images, torch.tensor(queries.query_id.to_numpy()), spec, projector, role="query")
 
 
 def select_lambda(job: Job, queries, phi_queries, phi_trains, train_set):
@@ -76,13 +85,12 @@ def run_with_spec(job: Job, spec) -> None:
     a, (method,) = job.cfg.attribution, job.variants
     train_set = job.train_set()
     queries, query_images = job.queries()
-    query_ids = torch.tensor(queries.source_id.to_numpy())
     phi_trains, phi_queries, projector = [], [], None
     for state in members(job):
         model = job.load_unet(state)
         projector = projector or make_projector(a.projector, model, a.proj_dim, seed=a.seed)
         phi_trains.append(features(job, model, train_set.images, train_set.ids, spec, projector))
-        phi_queries.append(features(job, model, query_images, query_ids, spec, projector))
+        phi_queries.append(query_features(job, model, queries, query_images, spec, projector))
     choice = select_lambda(job, queries, phi_queries, phi_trains, train_set)
     scores = kernels.ensemble_scores(phi_queries, phi_trains, choice.lam)
     self_influence = torch.stack([kernels.self_scores(p, choice.lam) for p in phi_trains]).mean(0)
