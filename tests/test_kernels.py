@@ -332,6 +332,23 @@ def test_trak_with_lambda_zero_and_more_features_than_examples_interpolates_the_
         trak.trak_scores(phi_t[:1, :2], torch.ones(4, 2), 0.0)  # rank 1 < k = 2
 
 
+def test_a_near_singular_gram_matrix_is_refused_and_the_choice_says_which_lambda():
+    gen = torch.Generator().manual_seed(0)
+    phi_t = torch.randn(6, 20, generator=gen, dtype=torch.float64)
+    phi_t[5] = phi_t[4] + 1e-6 * torch.randn(20, generator=gen, dtype=torch.float64)  # two near-duplicate rows
+    assert torch.linalg.cholesky_ex(phi_t @ phi_t.T).info == 0  # factorisable: only the pivot check can refuse it
+    with pytest.raises(np.linalg.LinAlgError, match="near-singular"):
+        trak.trak_scores(phi_t[:2], phi_t, 0.0)
+    assert torch.isfinite(trak.trak_scores(phi_t[:2], phi_t, 1e-3)).all()
+    ids = np.arange(40)
+    choice = trak.select_lambda([torch.randn(40, 20, generator=gen, dtype=torch.float64)], [phi_t], ids,
+                                lambda scores, rows: 1.0, grid=LAMBDA_GRID, fraction=0.5)
+    assert choice.table.refused.tolist()[0].startswith("TRAK Gram matrix (6x6) is near-singular at lambda=0")
+    assert (choice.table.refused[1:] == "").all() and np.isnan(choice.table.criterion[0])
+    with pytest.raises(ValueError, match="every lambda"):
+        trak.select_lambda([phi_t], [phi_t], np.arange(6), lambda scores, rows: 1.0, grid=[0.0], fraction=1.0)
+
+
 def frozen_head(seed):
     """A UNet whose only trainable parameters are conv_out's (73), so an identity projection is k = P."""
     model = make_unet(seed)

@@ -194,14 +194,24 @@ def _ridge(phi_train: torch.Tensor, lam: float, relative: bool) -> float:
     return float(lam) * (phi_train.square().sum().item() / phi_train.shape[1] if relative else 1.0)
 
 
+# Smallest squared Cholesky pivot, relative to the largest diagonal entry, that a solve accepts: below it the Gram
+# matrix is numerically singular (condition ~1e10 and worse) and the scores would be float64 rounding noise.
+PIVOT_RTOL = 1e-10
+
+
 def _ridge_solve(gram: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Tensor:
-    """``(gram + ridge I)^{-1} rhs`` by Cholesky; a singular system raises ``LinAlgError``."""
+    """``(gram + ridge I)^{-1} rhs`` by Cholesky; a singular or near-singular system raises ``LinAlgError``."""
     gram = gram.clone()
     gram.diagonal().add_(ridge)
     chol, info = torch.linalg.cholesky_ex(gram)
+    n = gram.shape[0]
     if int(info) != 0:
-        raise np.linalg.LinAlgError(f"TRAK Gram matrix ({gram.shape[0]}x{gram.shape[0]}) is singular at "
-                                    f"lambda={ridge:g}; use lam > 0")
+        raise np.linalg.LinAlgError(f"TRAK Gram matrix ({n}x{n}) is singular at lambda={ridge:g}; use lam > 0")
+    pivot = (chol.diagonal().square().min() / gram.diagonal().max()).item()
+    if pivot < PIVOT_RTOL:
+        raise np.linalg.LinAlgError(f"TRAK Gram matrix ({n}x{n}) is near-singular at lambda={ridge:g} (smallest "
+                                    f"pivot {pivot:.1e} of the largest diagonal entry, limit {PIVOT_RTOL:g}); "
+                                    f"use lam > 0")
     return torch.cholesky_solve(rhs, chol)
 
 
@@ -261,7 +271,7 @@ class LambdaChoice:
     lam: float
     relative: bool
     heldout_ids: np.ndarray  # the queries the choice was made on; never report scores of these
-    table: pd.DataFrame  # lam, criterion (NaN where the Gram matrix was singular)
+    table: pd.DataFrame  # lam, criterion (NaN where refused), refused (why the Gram matrix was refused, or '')
 
 
 def select_lambda(phi_queries: Sequence[torch.Tensor], phi_trains: Sequence[torch.Tensor], query_ids,
@@ -280,15 +290,17 @@ def select_lambda(phi_queries: Sequence[torch.Tensor], phi_trains: Sequence[torc
         raise ValueError(f"no query of {len(ids)} falls in the held-out fraction {fraction}; raise the fraction")
     index = torch.from_numpy(rows)
     held = [q.index_select(0, index) for q in phi_queries]
-    values = []
+    values, refused = [], []
     for lam in grid:
         try:
             values.append(criterion(ensemble_scores(held, phi_trains, lam, relative=relative), rows))
-        except np.linalg.LinAlgError:
+            refused.append("")
+        except np.linalg.LinAlgError as err:
             values.append(float("nan"))
-    table = pd.DataFrame({"lam": [float(g) for g in grid], "criterion": values})
-    valid = table.dropna()
+            refused.append(str(err))
+    table = pd.DataFrame({"lam": [float(g) for g in grid], "criterion": values, "refused": refused})
+    valid = table[table["refused"] == ""]
     if valid.empty:
-        raise ValueError("every lambda of the grid gave a singular Gram matrix")
+        raise ValueError(f"every lambda of the grid gave a singular or near-singular Gram matrix: {refused[-1]}")
     best = valid[valid["criterion"] == valid["criterion"].max()]["lam"].max()
     return LambdaChoice(float(best), relative, ids[rows], table)

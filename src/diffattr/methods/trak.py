@@ -70,6 +70,8 @@ def select_lambda(job: Job, queries, phi_queries, phi_trains, train_set):
                                    criterion, grid=list(a.lambda_grid), fraction=a.heldout_fraction, salt=a.seed)
     table = choice.table.assign(method=job.variants[0], chosen=lambda t: t.lam == choice.lam,
                                 n_heldout=len(choice.heldout_ids))
+    for row in table[table.refused != ""].itertuples():
+        print(f"{job.variants[0]}: lambda={row.lam:g} refused: {row.refused}", flush=True)
     write_csv(table, job.out / "lambda.csv")
     return choice
 
