@@ -342,11 +342,11 @@ def test_a_near_singular_gram_matrix_is_refused_and_the_choice_says_which_lambda
     assert torch.isfinite(trak.trak_scores(phi_t[:2], phi_t, 1e-3)).all()
     ids = np.arange(40)
     choice = trak.select_lambda([torch.randn(40, 20, generator=gen, dtype=torch.float64)], [phi_t], ids,
-                                lambda scores, rows: 1.0, grid=LAMBDA_GRID, fraction=0.5)
+                                grid=LAMBDA_GRID, fraction=0.5)
     assert choice.table.refused.tolist()[0].startswith("TRAK Gram matrix (6x6) is near-singular at lambda=0")
     assert (choice.table.refused[1:] == "").all() and np.isnan(choice.table.criterion[0])
     with pytest.raises(ValueError, match="every lambda"):
-        trak.select_lambda([phi_t], [phi_t], np.arange(6), lambda scores, rows: 1.0, grid=[0.0], fraction=1.0)
+        trak.select_lambda([phi_t], [phi_t], np.arange(6), grid=[0.0], fraction=1.0)
 
 
 def frozen_head(seed):
@@ -473,30 +473,49 @@ def test_heldout_split_is_deterministic_order_free_and_near_the_fraction():
     assert not np.array_equal(trak.heldout_mask(ids, 0.25, salt=2), mask)
 
 
-def test_select_lambda_scores_only_heldout_queries_and_records_them():
+def test_select_lambda_reads_only_heldout_queries_and_records_them():
     gen = torch.Generator().manual_seed(0)
     ids = np.arange(40)
     phi_q, phi_t = torch.randn(40, 5, generator=gen), torch.randn(30, 5, generator=gen)
-    seen = []
-
-    def criterion(scores, rows):
-        seen.append(rows)
-        assert scores.shape == (len(rows), 30)
-        return 1.0  # a tie everywhere: the largest lambda wins
-
-    choice = trak.select_lambda([phi_q], [phi_t], ids, criterion, grid=LAMBDA_GRID, fraction=0.3)
+    choice = trak.select_lambda([phi_q], [phi_t], ids, grid=LAMBDA_GRID, fraction=0.3)
     heldout = trak.heldout_mask(ids, 0.3)
     assert 0 < heldout.sum() < len(ids)
-    assert all(np.array_equal(r, np.nonzero(heldout)[0]) for r in seen)
     assert np.array_equal(choice.heldout_ids, ids[heldout])
-    assert not set(choice.heldout_ids) & set(ids[~heldout])
-    assert choice.lam == max(LAMBDA_GRID) and len(choice.table) == len(LAMBDA_GRID)
+    reported = phi_q.clone()
+    reported[~torch.from_numpy(heldout)] = torch.randn(int((~heldout).sum()), 5, generator=gen)
+    again = trak.select_lambda([reported], [phi_t], ids, grid=LAMBDA_GRID, fraction=0.3)
+    pd.testing.assert_frame_equal(again.table, choice.table)  # the reported queries' features never enter
+    assert len(choice.table) == len(LAMBDA_GRID) and choice.lam == \
+        choice.table.lam[choice.table.criterion.idxmin()]
 
 
-def test_label_agreement_leaves_a_training_query_out_of_its_own_list():
-    train_labels = np.array([0, 0, 0, 1, 1, 1])
-    scores = torch.tensor([[0.0, 0.25, 9.0, 0.2, 0.1, 5.0]])  # the query is training row 2 (class 0)
-    assert trak.label_agreement([0], train_labels, k=1)(scores, np.array([0])) == 1.0
-    assert trak.label_agreement([0], train_labels, k=1, query_train_positions=[2])(scores, np.array([0])) == 0.0
-    assert trak.label_agreement([0], train_labels, k=3, query_train_positions=[2])(scores, np.array([0])) == \
-        pytest.approx(1 / 3)
+def test_reconstruction_error_is_the_cross_validated_ridge_regression_of_the_query_feature():
+    gen = torch.Generator().manual_seed(1)
+    phi_t, phi_q = torch.randn(7, 12, generator=gen, dtype=torch.float64), torch.randn(3, 12, generator=gen,
+                                                                                        dtype=torch.float64)
+    lam, order = 0.2, torch.randperm(12, generator=torch.Generator().manual_seed(5))
+    expected = []
+    for held in order.chunk(3):
+        fit = torch.tensor([c for c in order.tolist() if c not in held.tolist()])
+        A, B = phi_t[:, fit], phi_t[:, held]
+        ridge = lam * A.square().sum() / len(fit)
+        coef = torch.linalg.solve(A @ A.T + ridge * torch.eye(7, dtype=torch.float64), A @ phi_q[:, fit].T)  # [N, Q]
+        expected.append(((coef.T @ B - phi_q[:, held]).square().sum(1) / phi_q[:, held].square().sum(1)))
+    got = trak.reconstruction_error([phi_q], [phi_t], lam, folds=3, seed=5)
+    assert got == pytest.approx(torch.cat(expected).mean().item(), rel=1e-9)
+
+
+def test_lambda_choice_prefers_a_ridge_when_the_training_features_overfit_and_none_when_they_do_not():
+    """With more training rows than fitted coordinates the unregularised regression interpolates noise and the
+    held-out coordinates punish it; with few rows and a query in their span, lambda -> 0 is best."""
+    gen = torch.Generator().manual_seed(2)
+    basis = torch.randn(3, 64, generator=gen, dtype=torch.float64)
+    low_rank = torch.randn(5, 3, generator=gen, dtype=torch.float64) @ basis
+    queries = torch.randn(8, 3, generator=gen, dtype=torch.float64) @ basis
+    exact = trak.select_lambda([queries], [low_rank + 1e-3 * torch.randn(5, 64, generator=gen, dtype=torch.float64)],
+                               np.arange(8), grid=LAMBDA_GRID, fraction=1.0)
+    assert exact.lam == 0.0
+    noisy = torch.randn(200, 64, generator=gen, dtype=torch.float64)
+    overfit = trak.select_lambda([queries], [noisy], np.arange(8), grid=LAMBDA_GRID, fraction=1.0)
+    assert overfit.lam > 0.0
+    assert overfit.table.criterion.iloc[0] > overfit.table.criterion.min()

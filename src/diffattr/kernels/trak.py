@@ -18,7 +18,7 @@ smaller of the k x k and N x N Gram matrices (the two are equal by the push-thro
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -239,31 +239,27 @@ def heldout_mask(query_ids: torch.Tensor | np.ndarray, fraction: float = 0.25, s
     return h.astype(np.float64) / 2.0**62 < fraction
 
 
-def label_agreement(query_labels, train_labels, k: int = 10,
-                    query_train_positions=None) -> Callable[[torch.Tensor, np.ndarray], float]:
-    """Criterion: mean fraction of a query's top-k training examples that share its class (Hanawa et al. 2021's
-    identical-class test); higher is better.
+def reconstruction_error(phi_queries: Sequence[torch.Tensor], phi_trains: Sequence[torch.Tensor], lam: float, *,
+                         relative: bool = True, folds: int = 2, seed: int = 0) -> float:
+    """Cross-validated error of the kernel's own regression: the choice criterion for lambda (lower is better).
 
-    ``query_train_positions[j]`` is the row of query j in the training set (-1 if it is not a training image); the
-    query itself is left out of its own list, or training-image queries would score by trivial self-retrieval.
-    Self-retrieval is not used as the criterion: with k >= N and lambda -> 0 the kernel interpolates the training
-    features and ranks every training query first, so it always picks lambda = 0.
+    TRAK's scores of a query are the ridge coefficients that rebuild its feature from the training features:
+    ``tau(q, .) = argmin_a ||Phi^T a - phi(q)||^2 + lambda ||a||^2`` (push-through identity). The k coordinates of a
+    random projection are exchangeable, so they are split into ``folds`` groups; the coefficients fitted on the other
+    groups predict each held-out group, and the error is ``||Phi_B^T a - phi_B(q)||^2 / ||phi_B(q)||^2``, averaged
+    over queries, folds and ensemble members. It reads no label and no reported metric.
     """
-    from ..metrics import topk_indices
-
-    query_labels, train_labels = np.asarray(query_labels), np.asarray(train_labels)
-    positions = None if query_train_positions is None else np.asarray(query_train_positions)
-
-    def criterion(scores: torch.Tensor, rows: np.ndarray) -> float:
-        s = scores.clone()
-        if positions is not None:
-            own = positions[rows]
-            hit = own >= 0
-            s[torch.from_numpy(np.nonzero(hit)[0]), torch.from_numpy(own[hit])] = -torch.inf
-        top = topk_indices(s, k)
-        return float((train_labels[top] == query_labels[rows][:, None]).mean())
-
-    return criterion
+    total, count = 0.0, 0
+    for phi_q, phi_t in zip(phi_queries, phi_trains, strict=True):
+        k = phi_t.shape[1]
+        order = torch.randperm(k, generator=torch.Generator().manual_seed(seed))
+        for held in order.chunk(folds):
+            fit = order[~torch.isin(order, held)]
+            coef = trak_scores(phi_q[:, fit], phi_t[:, fit], lam, relative=relative)  # [Q, N]
+            target = phi_q[:, held].double()
+            error = (coef @ phi_t[:, held].double() - target).square().sum(1) / target.square().sum(1)
+            total, count = total + error.sum().item(), count + len(error)
+    return total / count
 
 
 @dataclass
@@ -271,18 +267,19 @@ class LambdaChoice:
     lam: float
     relative: bool
     heldout_ids: np.ndarray  # the queries the choice was made on; never report scores of these
-    table: pd.DataFrame  # lam, criterion (NaN where refused), refused (why the Gram matrix was refused, or '')
+    table: pd.DataFrame  # lam, criterion (held-out reconstruction error, NaN where refused), refused (why, or '')
 
 
-def select_lambda(phi_queries: Sequence[torch.Tensor], phi_trains: Sequence[torch.Tensor], query_ids,
-                  criterion: Callable[[torch.Tensor, np.ndarray], float], *, grid: Sequence[float],
-                  fraction: float = 0.25, salt: int = 0, relative: bool = True) -> LambdaChoice:
-    """lambda from ``grid`` maximising ``criterion`` on the held-out queries (``heldout_mask(query_ids, ...)``).
+def select_lambda(phi_queries: Sequence[torch.Tensor], phi_trains: Sequence[torch.Tensor], query_ids, *,
+                  grid: Sequence[float], fraction: float = 0.25, salt: int = 0, relative: bool = True,
+                  folds: int = 2) -> LambdaChoice:
+    """lambda from ``grid`` minimising the ``reconstruction_error`` of the held-out queries
+    (``heldout_mask(query_ids, fraction, salt)``); every refused lambda is recorded with the reason.
 
-    ``phi_queries[m]`` holds the features of *all* queries of the pool for member m; only the held-out rows are
-    scored. ``criterion(scores [H, N], rows)`` gets the ensemble scores of the held-out queries and their rows in
-    the pool (e.g. ``label_agreement``; an LDS on held-out queries where subset-trained models exist). Ties go to
-    the largest lambda, the better-conditioned kernel.
+    ``phi_queries[m]`` holds the features of *all* queries of the pool for member m; only the held-out rows enter.
+    The criterion is a proxy until counterfactual validation (an LDS on held-out queries) exists; it is the same for
+    every method of the family and reads neither labels nor any metric the report shows. Ties go to the largest
+    lambda, the better-conditioned kernel.
     """
     ids = np.asarray(query_ids, dtype=np.int64)
     rows = np.nonzero(heldout_mask(ids, fraction, salt))[0]
@@ -293,7 +290,7 @@ def select_lambda(phi_queries: Sequence[torch.Tensor], phi_trains: Sequence[torc
     values, refused = [], []
     for lam in grid:
         try:
-            values.append(criterion(ensemble_scores(held, phi_trains, lam, relative=relative), rows))
+            values.append(reconstruction_error(held, phi_trains, lam, relative=relative, folds=folds, seed=salt))
             refused.append("")
         except np.linalg.LinAlgError as err:
             values.append(float("nan"))
@@ -302,5 +299,5 @@ def select_lambda(phi_queries: Sequence[torch.Tensor], phi_trains: Sequence[torc
     valid = table[table["refused"] == ""]
     if valid.empty:
         raise ValueError(f"every lambda of the grid gave a singular or near-singular Gram matrix: {refused[-1]}")
-    best = valid[valid["criterion"] == valid["criterion"].max()]["lam"].max()
+    best = valid[valid["criterion"] == valid["criterion"].min()]["lam"].max()
     return LambdaChoice(float(best), relative, ids[rows], table)

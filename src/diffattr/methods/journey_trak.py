@@ -45,14 +45,14 @@ def run(job: Job) -> None:
         model = job.load_unet(state)
         projector = projector or make_projector(a.projector, model, a.proj_dim, seed=a.seed)
         phi_trains.append(features(job, model, train_set.images, train_set.ids, spec, projector))
-        # held-out real queries, featurised like training images, choose lambda (generated ones have no labels)
+        # the held-out real queries, featurised like training images, choose lambda; every generated query is reported
         phi_labelled.append(query_features(job, model, queries[labelled],
                                            query_images[torch.tensor(labelled.to_numpy())], spec, projector))
         step_ids, phi = kernels.journey_query_features(model, scheduler, trajectory,
                                                        torch.tensor(generated.query_id.to_numpy()), projector,
                                                        steps=keep.tolist(), n_noise=a.journey_noises, seed=a.seed)
         phi_gen.append(phi)
-    choice = select_lambda(job, queries[labelled].reset_index(drop=True), phi_labelled, phi_trains, train_set)
+    choice = select_lambda(job, queries[labelled].reset_index(drop=True), phi_labelled, phi_trains)
     step_scores = kernels.ensemble_scores(phi_gen, phi_trains, choice.lam)  # [Q, S, N]
     save_tensors({"scores": step_scores.mean(1), "step_scores": step_scores, "steps": step_ids,
                   "query_ids": torch.tensor(generated.query_id.to_numpy()), "train_ids": train_set.ids},

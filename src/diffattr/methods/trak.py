@@ -1,6 +1,6 @@
 """TRAK for diffusion models (Park et al., ICML 2023, as D-TRAK's paper runs it): projected loss gradients at K evenly
-spaced timesteps, the kernel inverse with lambda chosen on held-out queries, an ensemble over the last checkpoints.
-The helpers here serve D-TRAK and Journey-TRAK too. Kernels: ``diffattr.kernels.trak``."""
+spaced timesteps, the kernel inverse with lambda chosen on held-out queries by a label-free proxy, an ensemble over
+the last checkpoints. The helpers here serve D-TRAK and Journey-TRAK too. Kernels: ``diffattr.kernels.trak``."""
 
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ class TrakSettings:
                                     factory=lambda: [0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0])
 
 
-# lambda is chosen by the same-class agreement of the top-k on the held-out queries
-LAMBDA_KEYS = ("topk", "heldout_fraction")
+# lambda is chosen on the held-out labelled queries (their labels are not read)
+LAMBDA_KEYS = ("heldout_fraction",)
 
 
 def members(job: Job):
@@ -52,22 +52,17 @@ def query_features(job: Job, model, queries, images, spec, projector):
     return features(job, model, images, torch.tensor(queries.query_id.to_numpy()), spec, projector, role="query")
 
 
-def select_lambda(job: Job, queries, phi_queries, phi_trains, train_set):
-    """lambda maximising same-class top-k agreement on the held-out labelled queries; written to lambda.csv."""
+def select_lambda(job: Job, queries, phi_queries, phi_trains):
+    """lambda minimising the held-out queries' cross-validated feature reconstruction error; written to lambda.csv."""
     import numpy as np
 
     from ..atomic import write_csv
     from ..kernels import trak as kernels
 
     a = job.cfg.attribution
-    labelled = (queries.query_kind != "generated").to_numpy()
-    rows = np.nonzero(labelled)[0]
-    position = train_set.positions(queries.source_id.to_numpy(), missing=-1)
-    own = np.where(queries.query_kind.to_numpy() == "train", position, -1)[rows]
-    criterion = kernels.label_agreement(queries.label.to_numpy()[rows], train_set.labels.numpy(), k=a.topk,
-                                        query_train_positions=own)
+    rows = np.nonzero((queries.query_kind != "generated").to_numpy())[0]
     choice = kernels.select_lambda([q[rows] for q in phi_queries], phi_trains, queries.query_id.to_numpy()[rows],
-                                   criterion, grid=list(a.lambda_grid), fraction=a.heldout_fraction, salt=a.seed)
+                                   grid=list(a.lambda_grid), fraction=a.heldout_fraction, salt=a.seed)
     table = choice.table.assign(method=job.variants[0], chosen=lambda t: t.lam == choice.lam,
                                 n_heldout=len(choice.heldout_ids))
     for row in table[table.refused != ""].itertuples():
@@ -93,7 +88,7 @@ def run_with_spec(job: Job, spec) -> None:
         projector = projector or make_projector(a.projector, model, a.proj_dim, seed=a.seed)
         phi_trains.append(features(job, model, train_set.images, train_set.ids, spec, projector))
         phi_queries.append(query_features(job, model, queries, query_images, spec, projector))
-    choice = select_lambda(job, queries, phi_queries, phi_trains, train_set)
+    choice = select_lambda(job, queries, phi_queries, phi_trains)
     scores = kernels.ensemble_scores(phi_queries, phi_trains, choice.lam)
     self_influence = torch.stack([kernels.self_scores(p, choice.lam) for p in phi_trains]).mean(0)
     save_tensors({f"phi_train.{i}": p for i, p in enumerate(phi_trains)}, job.out / "features.safetensors")
