@@ -429,22 +429,25 @@ def test_a_generated_query_does_not_favour_the_training_image_whose_id_equals_it
     assert fixed <= 4 / n  # chance is 1/n; with independent draws no training image is favoured
 
 
-def test_journey_query_features_are_the_renoised_x0_hat_loss_gradients(data):
+def test_journey_query_features_are_the_renoised_x0_hat_loss_gradients_of_the_generating_model(data):
+    """x0_hat comes from the generating model; the gradient is taken at another member's weights."""
     from diffattr.projectors import make_projector
 
-    model = frozen_head(1)
-    projector = make_projector("identity", model, diffattr.grads.num_trainable(model))
+    generating, member = make_unet(3), frozen_head(1)
+    projector = make_projector("identity", member, diffattr.grads.num_trainable(member))
     gen = torch.Generator().manual_seed(3)
     trajectory = {t: torch.randn(len(QUERY_IDS), *SHAPE, generator=gen) for t in (999, 500, 10)}
-    steps, phi = trak.journey_query_features(model, SCHEDULER, trajectory, QUERY_IDS, projector, n_noise=2, seed=5)
+    x0_hats = trak.predicted_x0_path(generating, SCHEDULER, trajectory)
+    steps, phi = trak.journey_query_features(member, SCHEDULER, x0_hats, QUERY_IDS, projector, n_noise=2, seed=5)
     assert steps.tolist() == [10, 500, 999] and phi.shape == (2, 3, projector.k)
     for s, t in enumerate(steps.tolist()):
         abar = SCHEDULER.alphas_cumprod[t]
         with torch.no_grad():
-            eps = model(trajectory[t], torch.full((2,), t)).sample
+            eps = generating(trajectory[t], torch.full((2,), t)).sample
         x0_hat = ((trajectory[t] - (1 - abar).sqrt() * eps) / abar.sqrt()).clamp(-1, 1)
+        torch.testing.assert_close(x0_hats[t], x0_hat)
         for q, qid in enumerate(QUERY_IDS.tolist()):
-            expected = torch.stack([reference_grad(model, x0_hat[q], t, noise_from_seeds(
+            expected = torch.stack([reference_grad(member, x0_hat[q], t, noise_from_seeds(
                 [int(derive_seeds(5, noise.JOURNEY_NOISE, qid, t, r))], SHAPE)[0]) for r in range(2)]).mean(0)
             torch.testing.assert_close(phi[q, s].double(), expected, rtol=1e-4,
                                        atol=1e-5 * expected.abs().max().item())
@@ -452,6 +455,23 @@ def test_journey_query_features_are_the_renoised_x0_hat_loss_gradients(data):
     per_step = trak.ensemble_scores([phi], [phi_t], 0.1)
     assert per_step.shape == (2, 3, 9)
     torch.testing.assert_close(per_step[:, 1], trak.trak_scores(phi[:, 1], phi_t, 0.1))
+
+
+def test_journey_aggregates_are_the_raw_and_the_per_step_normalised_means():
+    gen = torch.Generator().manual_seed(4)
+    phis = [torch.randn(2, 3, 6, generator=gen) for _ in range(2)]  # two members: [Q, S, k]
+    phis[0][:, 2] *= 100  # one step with huge target gradients dominates the raw mean
+    step_scores = torch.randn(2, 3, 5, generator=gen, dtype=torch.float64)
+    out = trak.journey_aggregates(step_scores, phis)
+    torch.testing.assert_close(out["raw"], step_scores.mean(1))
+    norms = (phis[0].double().norm(dim=-1) + phis[1].double().norm(dim=-1)) / 2
+    torch.testing.assert_close(out["normalized"], (step_scores / norms[..., None]).mean(1))
+    # the normalised aggregate is unchanged when one step's target (features and so scores) is rescaled
+    scaled = step_scores.clone()
+    scaled[:, 1] *= 7
+    out2 = trak.journey_aggregates(scaled, [p * torch.tensor([1.0, 7.0, 1.0])[None, :, None] for p in phis])
+    torch.testing.assert_close(out2["normalized"], out["normalized"])
+    assert not torch.allclose(out2["raw"], out["raw"])
 
 
 def test_ensemble_scores_average_the_members():

@@ -77,7 +77,9 @@ def test_smoke_pipeline_leaves_every_artifact(smoke_run):
 def test_attribution_tables_and_figures(smoke_run):
     _, path = smoke_run
     run = path.dir
-    methods = ["tracin", "retrac", "retrac_train_only", "retrac_test_only", "trak", "dtrak", "journey_trak"]
+    methods = ["tracin", "retrac", "retrac_train_only", "retrac_test_only", "trak", "dtrak", "journey_trak",
+               "journey_trak_normalized"]
+    journeys = {"journey_trak", "journey_trak_normalized"}
     queries = pd.read_parquet(path("query_table"))
     reported = queries[~queries.heldout]
     assert set(queries.query_kind) == {"train", "test", "generated"} and queries.query_id.is_unique
@@ -85,7 +87,7 @@ def test_attribution_tables_and_figures(smoke_run):
     for method in methods:
         long = pd.read_parquet(path("scores_long", method=method))
         assert list(long.columns) == ["query_id", "query_kind", "train_id", "score"]
-        expected = reported if method != "journey_trak" else reported[reported.query_kind == "generated"]
+        expected = reported if method not in journeys else reported[reported.query_kind == "generated"]
         assert set(long.query_id) == set(expected.query_id)  # held-out queries are never reported
         assert len(long) == len(expected) * n_train and long.score.notna().all()
         assert (run / "figures" / f"topk_{method}.png").stat().st_size > 10_000
@@ -96,7 +98,7 @@ def test_attribution_tables_and_figures(smoke_run):
     assert "ratio_to_tracin" in general and set(general.query_kind) >= {"all", "train", "test", "generated"}
     assert (general[general.method == "tracin"].ratio_to_tracin.dropna() == 1).all()
     tracing = pd.read_csv(run / "tables" / "tracing.csv")
-    assert set(tracing.method) == set(methods) - {"journey_trak"}
+    assert set(tracing.method) == set(methods) - journeys
     assert tracing[["top1", "top5"]].apply(lambda c: c.between(0, 1)).all().all()
     lam = pd.read_csv(path("method_shard", family="trak", shard=0, shards=1) / "lambda.csv")
     assert lam.chosen.sum() == 1

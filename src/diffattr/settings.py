@@ -113,7 +113,8 @@ class QuerySettings:
     """The attribution keys every method shares: the queries and the report (METHODS.md §2-4, §7)."""
 
     methods: List[str] = knob(help="methods to run (any registered variant)", factory=lambda: [
-        "tracin", "retrac", "retrac_train_only", "retrac_test_only", "trak", "dtrak", "journey_trak"],
+        "tracin", "retrac", "retrac_train_only", "retrac_test_only", "trak", "dtrak", "journey_trak",
+        "journey_trak_normalized"],
         choices=lambda: _methods())
     n_train_queries: int = knob(64, "training images as queries (image tracing)", min=0)
     n_test_queries: int = knob(64, "held-out images of the same classes", min=0)

@@ -7,8 +7,9 @@ averaged over checkpoints or models (an ensemble). What differs between the meth
   example, fresh noise each (``journey_train_spec``).
 - D-TRAK (Zheng et al., ICLR 2024): ``L_Square = mean ||eps_theta(x_t, t)||^2`` on *both* sides, K evenly spaced
   timesteps, one noise per timestep (``d_trak_spec(K)``).
-- Journey-TRAK target: at sampling step t, the loss of the predicted clean image ``x0_hat(t)`` re-noised at t,
-  averaged over ~20 noises (``journey_query_features``), giving one score per (query, step).
+- Journey-TRAK target: at sampling step t, the loss of the predicted clean image ``x0_hat(t)`` (computed once, with
+  the generating model) re-noised at t, averaged over ~20 noises (``journey_query_features``), giving one score per
+  (query, step); ``journey_aggregates`` averages them over steps raw and per-step normalised.
 
 lambda is relative by default: the ridge added is ``lam * ||Phi||_F^2 / k`` (``lam`` times the mean diagonal entry
 of Phi^T Phi), so one grid fits every model and projection size. The inverse is a float64 Cholesky solve in the
@@ -41,14 +42,15 @@ class FeatureSpec:
     seed: int = 0
 
 
-def trak_spec(n_timesteps: int = 100, seed: int = 0) -> FeatureSpec:
-    """TRAK as D-TRAK's paper runs it: the diffusion loss at K evenly spaced timesteps, one noise each."""
-    return FeatureSpec(output="loss", n_timesteps=n_timesteps, schedule="even", reduce="mean", seed=seed)
+def trak_spec(n_timesteps: int = 100, output: str = "loss", seed: int = 0) -> FeatureSpec:
+    """TRAK as D-TRAK's paper runs it: the diffusion (training) loss at K evenly spaced timesteps, one noise each."""
+    return FeatureSpec(output=output, n_timesteps=n_timesteps, schedule="even", reduce="mean", seed=seed)
 
 
-def journey_train_spec(n_timesteps: int = 20, seed: int = 0) -> FeatureSpec:
-    """Journey-TRAK's train side (Georgiev et al.): the loss summed over K random timesteps, fresh noise each."""
-    return FeatureSpec(output="loss", n_timesteps=n_timesteps, schedule="random", reduce="sum", seed=seed)
+def journey_train_spec(n_timesteps: int = 20, output: str = "loss", seed: int = 0) -> FeatureSpec:
+    """Journey-TRAK's train side (Georgiev et al.): the training loss summed over K random timesteps, fresh noise
+    each."""
+    return FeatureSpec(output=output, n_timesteps=n_timesteps, schedule="random", reduce="sum", seed=seed)
 
 
 def d_trak_spec(n_timesteps: int = 100, output: str = "square", seed: int = 0) -> FeatureSpec:
@@ -132,25 +134,31 @@ def predicted_x0(model, scheduler, x_t: torch.Tensor, t: int, clip: bool | None 
     return x0
 
 
-def journey_query_features(model, scheduler, trajectory: Mapping[int, torch.Tensor], query_ids: torch.Tensor,
+def predicted_x0_path(model, scheduler, trajectory: Mapping[int, torch.Tensor],
+                      clip: bool | None = None) -> dict[int, torch.Tensor]:
+    """``{t: x0_hat(t)}`` of a sampling trajectory ``{t: x_t}`` under ``model``: Journey-TRAK's targets, computed once
+    with the generating model (as the authors do) and reused for every ensemble member."""
+    return {int(t): predicted_x0(model, scheduler, x_t, int(t), clip).cpu() for t, x_t in trajectory.items()}
+
+
+def journey_query_features(model, scheduler, x0_hats: Mapping[int, torch.Tensor], query_ids: torch.Tensor,
                            projector, *, steps: Sequence[int] | None = None, n_noise: int = 20, seed: int = 0,
-                           output: str = "loss", clip: bool | None = None,
-                           batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                           output: str = "loss", batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Journey-TRAK target features ``(steps [S], phi [Q, S, k])`` of generated images at chosen sampling steps.
 
-    ``trajectory`` maps a timestep t to ``x_t`` [Q, C, H, W], the sampler's input to ``eps_theta(., t)`` (what
-    ``diffattr.sampling.generate(keep_steps=...)`` returns). The target at t is ``output`` at ``x0_hat(t)``
-    re-noised at t, averaged over ``n_noise`` noises fixed by ``derive_seeds(seed, STREAM, query_id, t, r)``;
-    x0_hat is a constant (no gradient flows through it).
+    ``x0_hats`` maps a sampling step t to the predicted clean images x0_hat(t) [Q, C, H, W] of the generating model
+    along the image's own trajectory (``predicted_x0_path``). The target at t is ``output`` at x0_hat(t) re-noised
+    at t, averaged over ``n_noise`` noises fixed by ``derive_seeds(seed, STREAM, query_id, t, r)``; x0_hat is a
+    constant (no gradient flows through it), the gradient is taken at ``model``'s weights.
     """
     from ..grads import projected_grads
 
-    steps = sorted(trajectory) if steps is None else [int(s) for s in steps]
+    steps = sorted(x0_hats) if steps is None else [int(s) for s in steps]
     query_ids = torch.as_tensor(query_ids).long()
     kwargs = {} if batch_size is None else {"batch_size": batch_size}
     R, feats = int(n_noise), []
     for t in steps:
-        x0_hat = predicted_x0(model, scheduler, trajectory[t], t, clip)
+        x0_hat = x0_hats[t]
         per_step = []
         for q in range(len(query_ids)):
             seeds = derive_seeds(seed, JOURNEY_NOISE, int(query_ids[q]), t, torch.arange(R))
@@ -160,6 +168,19 @@ def journey_query_features(model, scheduler, trajectory: Mapping[int, torch.Tens
             per_step.append(phi.mean(0).cpu())
         feats.append(torch.stack(per_step))
     return torch.tensor(steps, dtype=torch.long), torch.stack(feats, 1)
+
+
+def journey_aggregates(step_scores: torch.Tensor, phi_steps: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The two aggregates over sampling steps of Journey-TRAK's per-step scores [Q, S, N]:
+
+    - ``raw``: the mean over steps (dominated by the steps whose target gradients are largest);
+    - ``normalized``: each step's scores divided by the norm of its target feature ``||phi(q, t)||`` (the mean over
+      ensemble members ``phi_steps`` [Q, S, k]) before the mean, so every step weighs alike: ReTrac's per-timestep
+      normalisation of the test side, applied to the journey.
+    """
+    norms = torch.stack([p.double().norm(dim=-1) for p in phi_steps]).mean(0)  # [Q, S]
+    scale = 1.0 / norms.clamp_min(torch.finfo(torch.float64).tiny)
+    return {"raw": step_scores.mean(1), "normalized": (step_scores * scale[..., None]).mean(1)}
 
 
 def trak_scores(phi_query: torch.Tensor, phi_train: torch.Tensor, lam: float = 0.0, *,

@@ -1,6 +1,8 @@
 """Journey-TRAK (Georgiev et al. 2023, arXiv 2312.06205): per-step attribution of each generated image along its
 own (replayed) sampling trajectory. Train features: the loss summed over K random timesteps; target at step t: the
-loss of the predicted x0 re-noised at t, averaged over noises. It shares TRAK's projection, ensemble and lambda grid."""
+loss of the predicted x0 re-noised at t, averaged over noises, with x0_hat computed once by the generating model (as
+the authors do). Two aggregates over steps: the raw mean and the per-step-normalised mean. It shares TRAK's
+projection, ensemble and lambda grid."""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ from dataclasses import dataclass
 from ..settings import knob
 from . import Family, Job, register
 from .trak import LAMBDA_KEYS, features, members, query_features, select_lambda
+
+AGGREGATES = {"journey_trak": "raw", "journey_trak_normalized": "normalized"}  # variant -> journey_aggregates key
 
 
 @dataclass
@@ -24,6 +28,7 @@ def run(job: Job) -> None:
 
     from ..atomic import save_tensors
     from ..kernels import trak as kernels
+    from ..outputs import LOSS_OUTPUTS
     from ..projectors import make_projector
     from ..sampling import generate, sampler_timesteps
 
@@ -31,14 +36,17 @@ def run(job: Job) -> None:
     train_set = job.train_set()
     queries, query_images = job.queries()
     generated = queries[queries.query_kind == "generated"]
-    scheduler = job.scheduler()
-    spec = kernels.journey_train_spec(a.journey_train_timesteps, seed=a.seed)
+    scheduler, output = job.scheduler(), LOSS_OUTPUTS[cfg.train.loss]
+    spec = kernels.journey_train_spec(a.journey_train_timesteps, output=output, seed=a.seed)
     steps = sampler_timesteps(cfg)
-    keep = steps[np.unique(np.linspace(0, len(steps) - 1, a.journey_steps).round().astype(int))]
-    # the generated image's journey: the trajectory of the sampler that made it (seeded, so replayed exactly)
-    last = job.load_unet(job.checkpoints()[-1], ema=cfg.sample.use_ema)
-    _, trajectory = generate(last, scheduler, generated.source_id.tolist(), cfg.sample.num_inference_steps,
-                             cfg.sample.batch_size, keep_steps=keep.tolist())
+    keep = steps[np.unique(np.linspace(0, len(steps) - 1, a.journey_steps).round().astype(int))].tolist()
+    # the generated image's journey: the trajectory of the sampler that made it (seeded, so replayed exactly), and
+    # its x0_hat at each kept step under the same (generating) weights, once for every ensemble member
+    generating = job.load_unet(job.checkpoints()[-1], ema=cfg.sample.use_ema)
+    _, trajectory = generate(generating, scheduler, generated.source_id.tolist(), cfg.sample.num_inference_steps,
+                             cfg.sample.batch_size, keep_steps=keep)
+    x0_hats = kernels.predicted_x0_path(generating, scheduler, trajectory)
+    del generating, trajectory
     labelled = queries.query_kind != "generated"
     phi_trains, phi_labelled, phi_gen, projector = [], [], [], None
     for state in members(job):
@@ -48,20 +56,28 @@ def run(job: Job) -> None:
         # the held-out real queries, featurised like training images, choose lambda; every generated query is reported
         phi_labelled.append(query_features(job, model, queries[labelled],
                                            query_images[torch.tensor(labelled.to_numpy())], spec, projector))
-        step_ids, phi = kernels.journey_query_features(model, scheduler, trajectory,
+        step_ids, phi = kernels.journey_query_features(model, scheduler, x0_hats,
                                                        torch.tensor(generated.query_id.to_numpy()), projector,
-                                                       steps=keep.tolist(), n_noise=a.journey_noises, seed=a.seed)
+                                                       steps=keep, n_noise=a.journey_noises, seed=a.seed,
+                                                       output=output)
         phi_gen.append(phi)
     choice = select_lambda(job, queries[labelled].reset_index(drop=True), phi_labelled, phi_trains)
     step_scores = kernels.ensemble_scores(phi_gen, phi_trains, choice.lam)  # [Q, S, N]
-    save_tensors({"scores": step_scores.mean(1), "step_scores": step_scores, "steps": step_ids,
-                  "query_ids": torch.tensor(generated.query_id.to_numpy()), "train_ids": train_set.ids},
-                 job.out / "journey_trak.safetensors")
+    aggregates = kernels.journey_aggregates(step_scores, phi_gen)
+    for variant, aggregate in AGGREGATES.items():
+        save_tensors({"scores": aggregates[aggregate], "step_scores": step_scores, "steps": step_ids,
+                      "query_ids": torch.tensor(generated.query_id.to_numpy()), "train_ids": train_set.ids},
+                     job.out / f"{variant}.safetensors")
 
 
 register(Family(
     name="journey_trak",
-    variants={"journey_trak": "per-step attribution of each generated image along its own sampling trajectory"},
-    run=run, settings=JourneyTrakSettings,
+    variants={
+        "journey_trak": "per-step attribution of each generated image along its own sampling trajectory, mean over "
+                        "steps",
+        "journey_trak_normalized": "the same per-step scores, each step divided by its target feature's norm before "
+                                   "the mean",
+    },
+    run=run, settings=JourneyTrakSettings, batch=lambda requested: list(AGGREGATES),
     uses=("projector", "proj_dim", "trak_checkpoints", "lambda_grid", *LAMBDA_KEYS),
 ))

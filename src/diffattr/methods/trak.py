@@ -98,9 +98,10 @@ def run_with_spec(job: Job, spec) -> None:
 
 def run(job: Job) -> None:
     from ..kernels.trak import trak_spec
+    from ..outputs import LOSS_OUTPUTS
 
     a = job.cfg.attribution
-    run_with_spec(job, trak_spec(a.trak_timesteps, seed=a.seed))
+    run_with_spec(job, trak_spec(a.trak_timesteps, output=LOSS_OUTPUTS[job.cfg.train.loss], seed=a.seed))
 
 
 register(Family(
