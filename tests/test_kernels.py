@@ -106,12 +106,14 @@ def reference_query_side(model, queries, seed, n_noise, ids=QUERY_IDS):
     return torch.stack(raw), torch.stack(unit), torch.stack(norms)
 
 
-def reference_train_side(model, train, draws, c, train_side, n_timesteps, seed):
+def reference_train_side(model, train, draws, c, train_side, n_timesteps, seed, train_noise="recorded"):
     raw, unit = [], []
     for i, sid in enumerate(TRAIN_IDS.tolist()):
         if train_side == "recorded":
             row = draws[(draws.checkpoint == c) & (draws.sample_id == sid)].iloc[0]
-            g = reference_grad(model, train[i], row.timestep, noise_from_seeds([int(row.noise_seed)], SHAPE)[0])
+            noise_seed = int(row.noise_seed) if train_noise == "recorded" else \
+                int(derive_seeds(seed, noise.TRACIN_FRESH_NOISE, sid, int(row.step)))
+            g = reference_grad(model, train[i], row.timestep, noise_from_seeds([noise_seed], SHAPE)[0])
             raw.append(g)
             unit.append(g / g.norm())
         else:
@@ -153,10 +155,11 @@ def test_weights_are_lr_times_batch_times_epoch_gap_over_n():
 PAIRS = {"none": ("raw", "raw"), "both": ("unit", "unit"), "train": ("raw", "unit"), "test": ("unit", "raw")}
 
 
-@pytest.mark.parametrize("train_side", ["recorded", "expectation"])
-def test_tracin_and_retrac_match_the_formula_over_autograd_gradients(models, data, replay, train_side):
+@pytest.mark.parametrize("train_side, train_noise", [("recorded", "recorded"), ("recorded", "fresh"),
+                                                     ("expectation", "recorded")])
+def test_tracin_and_retrac_match_the_formula_over_autograd_gradients(models, data, replay, train_side, train_noise):
     result, qgs, draws, weights = run_tracin(models, data, replay, train_side, self_timesteps=QUERY_TIMESTEPS,
-                                             self_noises=2)
+                                             self_noises=2, train_noise=train_noise)
     train, queries = data
     expected = {k: 0 for k in tracin.NORMALIZATIONS}
     self_influence = {k: 0 for k in tracin.NORMALIZATIONS}
@@ -164,7 +167,8 @@ def test_tracin_and_retrac_match_the_formula_over_autograd_gradients(models, dat
         q_raw, q_unit, q_norms = reference_query_side(model, queries, seed=9, n_noise=2)
         torch.testing.assert_close(qgs[c].raw.double(), q_raw, rtol=1e-4, atol=1e-5 * q_raw.abs().max().item())
         torch.testing.assert_close(qgs[c].timestep_norms, q_norms, rtol=1e-4, atol=0)
-        t_raw, t_unit = reference_train_side(model, train, draws, c, train_side, n_timesteps=2, seed=4)
+        t_raw, t_unit = reference_train_side(model, train, draws, c, train_side, n_timesteps=2, seed=4,
+                                             train_noise=train_noise)
         expected["none"] = expected["none"] + weights[c] * q_raw @ t_raw.T
         expected["both"] = expected["both"] + weights[c] * q_unit @ t_unit.T
         expected["train"] = expected["train"] + weights[c] * q_raw @ t_unit.T
@@ -182,6 +186,24 @@ def test_tracin_and_retrac_match_the_formula_over_autograd_gradients(models, dat
         for c in range(len(models)):
             want = draws[draws.checkpoint == c].set_index("sample_id").loc[TRAIN_IDS.numpy(), "timestep"]
             assert result.train_timesteps[c].tolist() == want.tolist()
+
+
+def test_fresh_train_noise_differs_from_the_replayed_one_and_is_refused_when_unknown(models, data, replay):
+    recorded, *_ = run_tracin(models, data, replay)
+    fresh, *_ = run_tracin(models, data, replay, train_noise="fresh")
+    assert torch.equal(fresh.train_timesteps, recorded.train_timesteps)  # same recorded timesteps
+    assert not torch.allclose(fresh.train_grad_norms, recorded.train_grad_norms)  # other noise
+    assert fresh.meta["train_noise"] == "fresh"
+    with pytest.raises(ValueError, match="unknown train noise"):
+        run_tracin(models, data, replay, train_noise="replayed")
+
+
+def test_an_all_zero_train_gradient_is_a_zero_unit_vector_not_nan():
+    g = torch.tensor([[0.0, 0.0, 0.0], [3.0, 0.0, 4.0]])
+    unit, n = tracin._unit_rows(g)
+    assert unit.dtype == torch.float32 and n.dtype == torch.float64
+    assert torch.equal(unit[0], torch.zeros(3)) and torch.allclose(unit[1], torch.tensor([0.6, 0.0, 0.8]))
+    assert n.tolist() == [0.0, 5.0]
 
 
 def _scaling(factor, match_x0=None, match_t=None):

@@ -13,6 +13,7 @@ import torch
 TRAIN_ORDER, TRAIN_TIMESTEP, TRAIN_NOISE, TRAIN_DROPOUT = 1, 2, 3, 4  # diffattr.train, keyed by epoch or step
 SAMPLE_INITIAL, SAMPLE_STEPS = 11, 12  # diffattr.sampling, keyed by the image's seed
 QUERY_NOISE, TRACIN_TRAIN_NOISE = 101, 102  # TracIn test side (and self-influence), expectation train side
+TRACIN_FRESH_NOISE = 103  # TracIn recorded train side with train_noise=fresh: the recorded timestep, new noise
 FEATURE_TIMESTEPS, FEATURE_NOISE, JOURNEY_NOISE, HELDOUT_SPLIT = 201, 202, 203, 204  # TRAK family, training rows
 QUERY_FEATURE_TIMESTEPS, QUERY_FEATURE_NOISE = 205, 206  # TRAK family, queries: never a training row's draws
 

@@ -2,9 +2,11 @@
 
 ``I(z, z') = sum_c w_c g_train(c, z) . g_test(c, z')`` over checkpoints c, on every trainable parameter.
 
-- Train side ``recorded`` (the authors' code): one gradient per checkpoint, at the timestep and noise with which z was
-  last drawn before checkpoint c (the replay log); ``expectation``: the mean over K evenly spaced timesteps, each
-  with noise fixed per (example, timestep).
+- Train side ``recorded``: one gradient per checkpoint, at the timestep with which z was last drawn before checkpoint
+  c (the replay log) and, with ``train_noise="recorded"``, the noise it was drawn with; ``train_noise="fresh"``
+  draws new noise at that timestep instead, as the authors' ``diffusion_tracin.py`` does (only their norm plot
+  replays the noise). ``expectation``: the mean over K evenly spaced timesteps, each with noise fixed per
+  (example, timestep).
 - Test side: ``(1/|S|) sum_t (1/R) sum_r grad l(theta_c; z', t, eps_r)``; ReTrac's version normalises each timestep's
   noise-averaged gradient before the average over t.
 - Normalisations (all four come out of one pass over the gradients): ``none`` = TracIn, ``both`` = ReTrac,
@@ -28,12 +30,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..noise import QUERY_NOISE, TRACIN_TRAIN_NOISE, derive_seeds, noise_from_seeds
+from ..noise import QUERY_NOISE, TRACIN_FRESH_NOISE, TRACIN_TRAIN_NOISE, derive_seeds, noise_from_seeds
 from ..sharding import shard_blocks
 from ..timesteps import evenly_spaced_timesteps
 
 NORMALIZATIONS = ("none", "both", "train", "test")  # TracIn, ReTrac, train side only, test side only
 TRAIN_SIDES = ("recorded", "expectation")
+TRAIN_NOISES = ("recorded", "fresh")  # the recorded train side's noise: replayed, or new at the recorded timestep
 
 
 def tracin_weights(checkpoints: Sequence) -> np.ndarray:
@@ -142,7 +145,7 @@ class TracInScores:
 def tracin_shard_sides(models: Iterable, query_grads: Iterable[QueryGradients], weights: Sequence[float], scheduler,
                        train_images: torch.Tensor, train_ids: torch.Tensor, *,
                        train_sides: Sequence[str] = ("recorded",), draws: pd.DataFrame | None = None,
-                       n_timesteps: int = 10, seed: int = 0, output: str = "loss", shard: int = 0,
+                       train_noise: str = "recorded", n_timesteps: int = 10, seed: int = 0, output: str = "loss", shard: int = 0,
                        n_shards: int = 1, block_size: int = 64,
                        self_timesteps: torch.Tensor | None = None, self_noises: int = 1,
                        batch_size: int | None = None) -> dict[str, TracInScores]:
@@ -152,7 +155,8 @@ def tracin_shard_sides(models: Iterable, query_grads: Iterable[QueryGradients], 
 
     ``models``, ``query_grads`` and ``weights`` run over the same checkpoints in the same order (iterables are read
     once, so models may be loaded lazily). ``draws`` (from ``recorded_draws``) is required for the ``recorded``
-    side; ``expectation`` averages K = ``n_timesteps`` evenly spaced timesteps with noise fixed by
+    side, whose noise is the recorded one or, with ``train_noise="fresh"``, ``derive_seeds(seed, STREAM, sample_id,
+    step)`` of the recorded draw's step; ``expectation`` averages K = ``n_timesteps`` evenly spaced timesteps with noise fixed by
     ``derive_seeds(seed, STREAM, sample_id, t)`` and, for the normalised variants, normalises each timestep's
     gradient before the average (the train-side analogue of ReTrac's test side).
     ``self_timesteps`` (S') and ``self_noises`` (R') turn on the self-influence of every row: the row as a query
@@ -162,6 +166,8 @@ def tracin_shard_sides(models: Iterable, query_grads: Iterable[QueryGradients], 
     for side in train_sides:
         if side not in TRAIN_SIDES:
             raise ValueError(f"unknown train side {side!r} ({' | '.join(TRAIN_SIDES)})")
+    if train_noise not in TRAIN_NOISES:
+        raise ValueError(f"unknown train noise {train_noise!r} ({' | '.join(TRAIN_NOISES)})")
     if "recorded" in train_sides and draws is None:
         raise ValueError("train_side='recorded' needs the draws table (recorded_draws(replay, checkpoints))")
     train_ids = torch.as_tensor(train_ids).long()
@@ -197,7 +203,7 @@ def tracin_shard_sides(models: Iterable, query_grads: Iterable[QueryGradients], 
             for side in train_sides:
                 if side == "recorded":
                     raw, unit, n = _recorded_block(model, scheduler, train_images[rows], recorded.iloc[sl], output,
-                                                   batch_size)
+                                                   batch_size, None if train_noise == "recorded" else seed)
                     c_steps[side][sl] = torch.tensor(recorded["timestep"].to_numpy()[sl])
                 else:
                     raw, unit, n = _expectation_block(model, scheduler, train_images[rows], train_ids[rows],
@@ -221,7 +227,7 @@ def tracin_shard_sides(models: Iterable, query_grads: Iterable[QueryGradients], 
         n_ckpt += 1
     if n_ckpt == 0 or n_ckpt != len(weights):
         raise ValueError(f"{n_ckpt} checkpoints (models and query gradients) but {len(weights)} weights")
-    meta = {"output": output, "n_timesteps": n_timesteps, "seed": seed,
+    meta = {"output": output, "n_timesteps": n_timesteps, "seed": seed, "train_noise": train_noise,
             "self_timesteps": None if self_timesteps is None else torch.as_tensor(self_timesteps).tolist(),
             "self_noises": self_noises if with_self else None}
     return {side: TracInScores(scores[side], index, train_ids[index], query_ids, weights, torch.stack(norms[side]),
@@ -268,15 +274,26 @@ def _draws_of(draws: pd.DataFrame, checkpoint: int, ids: torch.Tensor) -> pd.Dat
     return table.loc[wanted].reset_index()
 
 
-def _recorded_block(model, scheduler, x0, draws, output, batch_size):
+def _recorded_block(model, scheduler, x0, draws, output, batch_size, fresh_seed=None):
+    """Gradients at each row's recorded draw: its timestep and its noise, or (``fresh_seed`` given) new noise keyed
+    by the draw's (sample id, step)."""
     from ..grads import per_sample_grads
 
     t = torch.tensor(draws["timestep"].to_numpy(), dtype=torch.long)
-    noise = noise_from_seeds(draws["noise_seed"].to_numpy(), x0.shape[1:])
+    seeds = draws["noise_seed"].to_numpy() if fresh_seed is None else derive_seeds(
+        fresh_seed, TRACIN_FRESH_NOISE, draws["sample_id"].to_numpy(), draws["step"].to_numpy()).reshape(-1)
+    noise = noise_from_seeds(seeds, x0.shape[1:])
     g = per_sample_grads(model, scheduler, x0, t, noise, output=output,
                          **({} if batch_size is None else {"batch_size": batch_size}))
+    unit, n = _unit_rows(g)
+    return g, unit, n
+
+
+def _unit_rows(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(g / ||g||, ||g||)`` per row, norms in float64; an all-zero row stays zero (its float32 norm is clamped to the
+    float32 tiny, not a float64 one that would underflow to 0 and give 0/0)."""
     n = g.double().norm(dim=1)
-    return g, g / _safe(n).float()[:, None], n
+    return g / _safe(n.to(g.dtype))[:, None], n
 
 
 def _own_query_block(model, scheduler, x0, ids, timesteps, n_noise, seed, output, batch_size, train_vectors):

@@ -33,6 +33,8 @@ class TracInSettings:
     self_influence_timesteps: int = knob(0, "S' of I(z, z), every training example as its own query; 0: skip",
                                          min=0)
     self_influence_noises: int = knob(1, "R' of I(z, z)", min=1)
+    train_noise: str = knob("recorded", "noise of the recorded train side: the replayed one, or fresh noise at the "
+                            "recorded timestep (the authors' diffusion_tracin.py)", choices=lambda: ("recorded", "fresh"))
 
 
 def sides(variants: Sequence[str]) -> list[str]:
@@ -49,6 +51,7 @@ def depends(cfg, variants) -> dict:
     keys = [*COMMON_KEYS, "test_timesteps", "test_noises", "self_influence_timesteps"]
     keys += ["self_influence_noises"] if a.self_influence_timesteps else []
     keys += ["expectation_timesteps"] if "expectation" in sides(variants) else []
+    keys += ["train_noise"] if "recorded" in sides(variants) else []
     return {"sides": sides(variants), **{k: a[k] for k in keys}}
 
 
@@ -90,7 +93,7 @@ def run(job: Job) -> None:
         if "recorded" in train_sides else None
     results = kernels.tracin_shard_sides(
         models(), grads(), kernels.tracin_weights(states), scheduler,
-        train_set.images.to(device), train_set.ids, train_sides=train_sides, draws=draws,
+        train_set.images.to(device), train_set.ids, train_sides=train_sides, draws=draws, train_noise=a.train_noise,
         n_timesteps=a.expectation_timesteps, seed=a.seed, output=output, shard=job.shard, n_shards=job.shards,
         block_size=a.block_size, self_timesteps=self_t, self_noises=a.self_influence_noises)
     for side, result in results.items():
@@ -117,7 +120,7 @@ def merge(job: Job, shard_dirs: Sequence[Path], method: str, target: Path) -> No
 register(Family(
     name="tracin",
     variants={
-        "tracin": "Diffusion-TracIn: sum_c w_c g_train(c, z) . g_test(c, z'); train side at the recorded draw",
+        "tracin": "Diffusion-TracIn: sum_c w_c g_train(c, z) . g_test(c, z'); train side at the recorded timestep",
         "retrac": "Diffusion-ReTrac: train gradient unit-normalised, test side normalised per timestep",
         "retrac_train_only": "ReTrac's normalisation on the train side only",
         "retrac_test_only": "ReTrac's normalisation on the test side only",
