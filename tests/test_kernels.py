@@ -12,7 +12,7 @@ import diffattr.grads
 from diffattr import noise
 from diffattr.kernels import tracin, trak
 from diffattr.replay import recorded_draws
-from diffattr.timesteps import evenly_spaced_timesteps
+from diffattr.timesteps import timestep_grid
 from diffattr.models import build_scheduler, build_unet
 from diffattr.noise import derive_seeds, noise_from_seeds
 
@@ -106,7 +106,7 @@ def reference_query_side(model, queries, seed, n_noise, ids=QUERY_IDS):
     return torch.stack(raw), torch.stack(unit), torch.stack(norms)
 
 
-def reference_train_side(model, train, draws, c, train_side, n_timesteps, seed, train_noise="recorded"):
+def reference_train_side(model, train, draws, c, train_side, n_timesteps, seed, train_noise="recorded", grid="ends"):
     raw, unit = [], []
     for i, sid in enumerate(TRAIN_IDS.tolist()):
         if train_side == "recorded":
@@ -119,7 +119,7 @@ def reference_train_side(model, train, draws, c, train_side, n_timesteps, seed, 
         else:
             gs = torch.stack([reference_grad(model, train[i], t, noise_from_seeds(
                 [int(derive_seeds(seed, noise.TRACIN_TRAIN_NOISE, sid, t))], SHAPE)[0])
-                for t in evenly_spaced_timesteps(n_timesteps).tolist()])
+                for t in timestep_grid(n_timesteps, 1000, grid).tolist()])
             raw.append(gs.mean(0))
             unit.append((gs / gs.norm(dim=1, keepdim=True)).mean(0))
     return torch.stack(raw), torch.stack(unit)
@@ -155,11 +155,14 @@ def test_weights_are_lr_times_batch_times_epoch_gap_over_n():
 PAIRS = {"none": ("raw", "raw"), "both": ("unit", "unit"), "train": ("raw", "unit"), "test": ("unit", "raw")}
 
 
-@pytest.mark.parametrize("train_side, train_noise", [("recorded", "recorded"), ("recorded", "fresh"),
-                                                     ("expectation", "recorded")])
-def test_tracin_and_retrac_match_the_formula_over_autograd_gradients(models, data, replay, train_side, train_noise):
+@pytest.mark.parametrize("train_side, train_noise, grid", [("recorded", "recorded", "ends"),
+                                                           ("recorded", "fresh", "ends"),
+                                                           ("expectation", "recorded", "ends"),
+                                                           ("expectation", "recorded", "dtrak")])
+def test_tracin_and_retrac_match_the_formula_over_autograd_gradients(models, data, replay, train_side, train_noise,
+                                                                     grid):
     result, qgs, draws, weights = run_tracin(models, data, replay, train_side, self_timesteps=QUERY_TIMESTEPS,
-                                             self_noises=2, train_noise=train_noise)
+                                             self_noises=2, train_noise=train_noise, grid=grid)
     train, queries = data
     expected = {k: 0 for k in tracin.NORMALIZATIONS}
     self_influence = {k: 0 for k in tracin.NORMALIZATIONS}
@@ -168,7 +171,7 @@ def test_tracin_and_retrac_match_the_formula_over_autograd_gradients(models, dat
         torch.testing.assert_close(qgs[c].raw.double(), q_raw, rtol=1e-4, atol=1e-5 * q_raw.abs().max().item())
         torch.testing.assert_close(qgs[c].timestep_norms, q_norms, rtol=1e-4, atol=0)
         t_raw, t_unit = reference_train_side(model, train, draws, c, train_side, n_timesteps=2, seed=4,
-                                             train_noise=train_noise)
+                                             train_noise=train_noise, grid=grid)
         expected["none"] = expected["none"] + weights[c] * q_raw @ t_raw.T
         expected["both"] = expected["both"] + weights[c] * q_unit @ t_unit.T
         expected["train"] = expected["train"] + weights[c] * q_raw @ t_unit.T
@@ -409,6 +412,18 @@ def test_random_feature_timesteps_depend_on_the_example_alone():
     assert full.shape == seeds.shape == (len(TRAIN_IDS), 20)
     assert torch.equal(part, full[[4, 1]]) and torch.equal(part_seeds, seeds[[4, 1]])
     assert len(torch.unique(full)) > 20
+
+
+def test_timestep_grids_are_the_papers():
+    assert timestep_grid(100, 1000, "ends").tolist() == np.linspace(0, 999, 100).round().astype(int).tolist()
+    authors = timestep_grid(100, 1000, "authors")
+    assert authors[0] == 1 and authors[-1] == 999 and len(authors) == 100
+    assert timestep_grid(100, 1000, "dtrak").tolist() == list(range(0, 1000, 10))
+    assert timestep_grid(3, 10, "dtrak").tolist() == [0, 3, 6]  # T // n steps, the first n
+    spec = trak.d_trak_spec(10, grid="dtrak")
+    assert trak.feature_draws(spec, TRAIN_IDS, 1000)[0][0].tolist() == list(range(0, 1000, 100))
+    with pytest.raises(ValueError, match="unknown timestep grid"):
+        timestep_grid(10, 1000, "linspace")
 
 
 @pytest.mark.parametrize("spec", [trak.trak_spec(10), trak.journey_train_spec(10)], ids=["even", "random"])

@@ -75,3 +75,31 @@ def test_registry_refuses_clashes(toy_family):
         register(Family(name="other", variants={"toy_a": "again"}, run=print))
     with pytest.raises(ValueError, match="merge"):
         register(Family(name="sharded_toy", variants={"st": "x"}, run=print, sharded=True))
+
+
+@pytest.mark.parametrize("weights, use_ema, expect_ema", [("generating", True, True), ("generating", False, False),
+                                                          ("raw", True, False)])
+def test_jobs_attribute_the_generating_weights_unless_asked_for_the_raw_ones(tmp_path, weights, use_ema, expect_ema):
+    import torch
+    from diffusers.training_utils import EMAModel
+    from omegaconf import OmegaConf
+    from types import SimpleNamespace
+
+    from diffattr.models import build_unet
+
+    model_cfg = {"unet": {"block_out_channels": [8, 16], "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+                          "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "layers_per_block": 1,
+                          "norm_num_groups": 4, "attention_head_dim": 8}}
+    torch.manual_seed(0)
+    unet = build_unet(model_cfg, 8, 1)
+    unet.save_pretrained(tmp_path / "unet")
+    ema = EMAModel(unet.parameters())
+    ema.shadow_params = [p.detach() + 1.0 for p in unet.parameters()]  # EMA weights, recognisably not the raw ones
+    torch.save(ema.state_dict(), tmp_path / "ema.pt")
+    cfg = OmegaConf.create({"attribution": {"weights": weights}, "sample": {"use_ema": use_ema}})
+    job = methods.Job(cfg, SimpleNamespace(path=lambda artifact, checkpoint: tmp_path), families()["trak"], ["trak"],
+                      0, 1, tmp_path, "cpu")
+    loaded = job.load_unet(SimpleNamespace(name="epoch_0001"))
+    first_raw, first_loaded = next(unet.parameters()), next(loaded.parameters())
+    assert torch.equal(first_loaded, first_raw + 1.0 if expect_ema else first_raw)
+    assert torch.equal(next(job.load_unet(SimpleNamespace(name="epoch_0001"), ema=False).parameters()), first_raw)

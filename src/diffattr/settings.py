@@ -121,6 +121,11 @@ class QuerySettings:
     n_generated_queries: int = knob(16, "the run's samples at its last checkpoint", min=0)
     heldout_fraction: float = knob(0.25, "labelled queries kept aside to choose TRAK's lambda; never reported", min=0)
     seed: int = knob(0, "query choice and every attribution noise")
+    weights: str = knob("generating", "weights whose gradients are attributed at each checkpoint: generating (the EMA "
+                        "weights when training kept them and sampling used them) | raw (the optimiser's)",
+                        choices=lambda: ("generating", "raw"))
+    timestep_grid: str = knob("ends", "the evenly spaced timestep grid of every method (diffattr.timesteps.GRIDS): "
+                              "ends | authors (Diffusion-TracIn's) | dtrak", choices=lambda: _grids())
     block_size: int = knob(64, "training rows per gradient block", min=1)
     topk: int = knob(10, "length of the rankings the report reads", min=1)
     thresholds: List[float] = knob(help="general influence: in the top-k of at least this fraction of queries",
@@ -131,6 +136,12 @@ def _methods():
     from .methods import variants
 
     return variants()
+
+
+def _grids():
+    from .timesteps import GRIDS
+
+    return tuple(GRIDS)
 
 
 @dataclass

@@ -32,7 +32,7 @@ import torch
 
 from ..noise import QUERY_NOISE, TRACIN_FRESH_NOISE, TRACIN_TRAIN_NOISE, derive_seeds, noise_from_seeds
 from ..sharding import shard_blocks
-from ..timesteps import evenly_spaced_timesteps
+from ..timesteps import timestep_grid
 
 NORMALIZATIONS = ("none", "both", "train", "test")  # TracIn, ReTrac, train side only, test side only
 TRAIN_SIDES = ("recorded", "expectation")
@@ -80,7 +80,7 @@ def query_gradients(model, scheduler, x0: torch.Tensor, query_ids: torch.Tensor,
     from ..grads import per_sample_grads
 
     T = scheduler.config.num_train_timesteps
-    timesteps = evenly_spaced_timesteps(100, T) if timesteps is None else torch.as_tensor(timesteps).long()
+    timesteps = timestep_grid(100, T) if timesteps is None else torch.as_tensor(timesteps).long()
     query_ids = torch.as_tensor(query_ids).long()
     S, R = len(timesteps), int(n_noise)
     per_call = max(1, rows_per_call // R)  # whole timesteps per call, so each noise average is complete
@@ -145,8 +145,8 @@ class TracInScores:
 def tracin_shard_sides(models: Iterable, query_grads: Iterable[QueryGradients], weights: Sequence[float], scheduler,
                        train_images: torch.Tensor, train_ids: torch.Tensor, *,
                        train_sides: Sequence[str] = ("recorded",), draws: pd.DataFrame | None = None,
-                       train_noise: str = "recorded", n_timesteps: int = 10, seed: int = 0, output: str = "loss", shard: int = 0,
-                       n_shards: int = 1, block_size: int = 64,
+                       train_noise: str = "recorded", n_timesteps: int = 10, grid: str = "ends", seed: int = 0,
+                       output: str = "loss", shard: int = 0, n_shards: int = 1, block_size: int = 64,
                        self_timesteps: torch.Tensor | None = None, self_noises: int = 1,
                        batch_size: int | None = None) -> dict[str, TracInScores]:
     """TracIn/ReTrac scores of every query against shard ``shard`` of ``n_shards`` of the training rows, for each
@@ -156,8 +156,8 @@ def tracin_shard_sides(models: Iterable, query_grads: Iterable[QueryGradients], 
     ``models``, ``query_grads`` and ``weights`` run over the same checkpoints in the same order (iterables are read
     once, so models may be loaded lazily). ``draws`` (from ``recorded_draws``) is required for the ``recorded``
     side, whose noise is the recorded one or, with ``train_noise="fresh"``, ``derive_seeds(seed, STREAM, sample_id,
-    step)`` of the recorded draw's step; ``expectation`` averages K = ``n_timesteps`` evenly spaced timesteps with noise fixed by
-    ``derive_seeds(seed, STREAM, sample_id, t)`` and, for the normalised variants, normalises each timestep's
+    step)`` of the recorded draw's step; ``expectation`` averages K = ``n_timesteps`` timesteps of ``grid``
+    (``diffattr.timesteps.GRIDS``) with noise fixed by ``derive_seeds(seed, STREAM, sample_id, t)`` and, for the normalised variants, normalises each timestep's
     gradient before the average (the train-side analogue of ReTrac's test side).
     ``self_timesteps`` (S') and ``self_noises`` (R') turn on the self-influence of every row: the row as a query
     (noise as in ``query_gradients`` with this ``seed``, keyed by its sample id) against its own train side.
@@ -171,6 +171,7 @@ def tracin_shard_sides(models: Iterable, query_grads: Iterable[QueryGradients], 
     if "recorded" in train_sides and draws is None:
         raise ValueError("train_side='recorded' needs the draws table (recorded_draws(replay, checkpoints))")
     train_ids = torch.as_tensor(train_ids).long()
+    T = scheduler.config.num_train_timesteps
     blocks = shard_blocks(len(train_ids), block_size, shard, n_shards)
     index = np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.int64)
     weights = np.asarray(weights, dtype=np.float64)
@@ -207,7 +208,7 @@ def tracin_shard_sides(models: Iterable, query_grads: Iterable[QueryGradients], 
                     c_steps[side][sl] = torch.tensor(recorded["timestep"].to_numpy()[sl])
                 else:
                     raw, unit, n = _expectation_block(model, scheduler, train_images[rows], train_ids[rows],
-                                                      n_timesteps, seed, output, batch_size)
+                                                      timestep_grid(n_timesteps, T, grid), seed, output, batch_size)
                 c_norms[side][sl] = n.cpu()
                 for key in NORMALIZATIONS:
                     test = tests["raw"] if key in ("none", "train") else tests["normalized"]
@@ -227,7 +228,7 @@ def tracin_shard_sides(models: Iterable, query_grads: Iterable[QueryGradients], 
         n_ckpt += 1
     if n_ckpt == 0 or n_ckpt != len(weights):
         raise ValueError(f"{n_ckpt} checkpoints (models and query gradients) but {len(weights)} weights")
-    meta = {"output": output, "n_timesteps": n_timesteps, "seed": seed, "train_noise": train_noise,
+    meta = {"output": output, "n_timesteps": n_timesteps, "grid": grid, "seed": seed, "train_noise": train_noise,
             "self_timesteps": None if self_timesteps is None else torch.as_tensor(self_timesteps).tolist(),
             "self_noises": self_noises if with_self else None}
     return {side: TracInScores(scores[side], index, train_ids[index], query_ids, weights, torch.stack(norms[side]),
@@ -327,11 +328,10 @@ def _own_query_block(model, scheduler, x0, ids, timesteps, n_noise, seed, output
     return out
 
 
-def _expectation_block(model, scheduler, x0, ids, n_timesteps, seed, output, batch_size):
+def _expectation_block(model, scheduler, x0, ids, grid, seed, output, batch_size):
     from ..grads import per_sample_grads
 
     raw = unit = None
-    grid = evenly_spaced_timesteps(n_timesteps, scheduler.config.num_train_timesteps)
     for t in grid.tolist():
         noise = noise_from_seeds(derive_seeds(seed, TRACIN_TRAIN_NOISE, ids, t).reshape(-1), x0.shape[1:])
         g = per_sample_grads(model, scheduler, x0, torch.full((len(x0),), t, dtype=torch.long), noise,

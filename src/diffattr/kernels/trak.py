@@ -28,7 +28,7 @@ import torch
 from ..noise import (FEATURE_NOISE, FEATURE_TIMESTEPS, HELDOUT_SPLIT, JOURNEY_NOISE, QUERY_FEATURE_NOISE,
                      QUERY_FEATURE_TIMESTEPS, derive_seeds, noise_from_seeds)
 from ..grads import dropout_off
-from ..timesteps import evenly_spaced_timesteps
+from ..timesteps import timestep_grid
 
 
 @dataclass(frozen=True)
@@ -40,11 +40,12 @@ class FeatureSpec:
     schedule: str = "random"  # random: K timesteps drawn per example | even: the same K evenly spaced for all
     reduce: str = "sum"  # sum | mean over the K (timestep, noise) pairs
     seed: int = 0
+    grid: str = "ends"  # the even schedule's grid (diffattr.timesteps.GRIDS)
 
 
-def trak_spec(n_timesteps: int = 100, output: str = "loss", seed: int = 0) -> FeatureSpec:
+def trak_spec(n_timesteps: int = 100, output: str = "loss", seed: int = 0, grid: str = "ends") -> FeatureSpec:
     """TRAK as D-TRAK's paper runs it: the diffusion (training) loss at K evenly spaced timesteps, one noise each."""
-    return FeatureSpec(output=output, n_timesteps=n_timesteps, schedule="even", reduce="mean", seed=seed)
+    return FeatureSpec(output=output, n_timesteps=n_timesteps, schedule="even", reduce="mean", seed=seed, grid=grid)
 
 
 def journey_train_spec(n_timesteps: int = 20, output: str = "loss", seed: int = 0) -> FeatureSpec:
@@ -53,9 +54,9 @@ def journey_train_spec(n_timesteps: int = 20, output: str = "loss", seed: int = 
     return FeatureSpec(output=output, n_timesteps=n_timesteps, schedule="random", reduce="sum", seed=seed)
 
 
-def d_trak_spec(n_timesteps: int = 100, output: str = "square", seed: int = 0) -> FeatureSpec:
+def d_trak_spec(n_timesteps: int = 100, output: str = "square", seed: int = 0, grid: str = "ends") -> FeatureSpec:
     """D-TRAK: ``output`` (best: L_Square) at K evenly spaced timesteps, one noise each, on both sides."""
-    return FeatureSpec(output=output, n_timesteps=n_timesteps, schedule="even", reduce="mean", seed=seed)
+    return FeatureSpec(output=output, n_timesteps=n_timesteps, schedule="even", reduce="mean", seed=seed, grid=grid)
 
 
 # role -> (timestep stream, noise stream): a query's draws never coincide with a training row's, whatever the ids
@@ -77,7 +78,7 @@ def feature_draws(spec: FeatureSpec, ids: torch.Tensor, num_train_timesteps: int
     ids = torch.as_tensor(ids).long()
     K = spec.n_timesteps
     if spec.schedule == "even":
-        grid = evenly_spaced_timesteps(K, num_train_timesteps)
+        grid = timestep_grid(K, num_train_timesteps, spec.grid)
         timesteps = grid.expand(len(ids), len(grid)).clone()
     elif spec.schedule == "random":
         seeds = derive_seeds(spec.seed, timestep_stream, ids).reshape(-1)

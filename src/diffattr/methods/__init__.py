@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 PLUGINS_ENV = "DIFFATTR_PLUGINS"
 # attribution.* keys every family's scores depend on (the query keys enter through the queries stage)
-COMMON_KEYS = ("seed", "block_size")
+COMMON_KEYS = ("seed", "block_size", "weights", "timestep_grid")
 
 
 @dataclass
@@ -58,9 +58,13 @@ class Job:
 
         return read_index(self.layout.path("checkpoint_index").parent)
 
-    def load_unet(self, state, ema: bool = False):
+    def load_unet(self, state, ema: bool | None = None):
+        """A checkpoint's UNet; ``ema`` None: the attributed weights (``attribution.weights``: ``generating``, the
+        EMA weights when sampling used them, else the raw ones)."""
         from ..checkpoints import load_checkpoint_unet
 
+        if ema is None:
+            ema = self.cfg.attribution.weights == "generating" and self.cfg.sample.use_ema
         return load_checkpoint_unet(self.layout.path("checkpoint", checkpoint=state.name), ema=ema).to(self.device)
 
     def scheduler(self):

@@ -25,7 +25,7 @@ def run(job: Job) -> None:
     from ..kernels.trak import d_trak_spec
 
     a = job.cfg.attribution
-    run_with_spec(job, d_trak_spec(a.trak_timesteps, output=a.dtrak_output, seed=a.seed))
+    run_with_spec(job, d_trak_spec(a.trak_timesteps, output=a.dtrak_output, seed=a.seed, grid=a.timestep_grid))
 
 
 register(Family(

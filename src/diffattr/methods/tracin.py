@@ -27,7 +27,7 @@ VARIANTS = {
 
 @dataclass
 class TracInSettings:
-    test_timesteps: int = knob(100, "S: evenly spaced timesteps of the test side (paper: 100)", min=1)
+    test_timesteps: int = knob(100, "S: timesteps of the test side on attribution.timestep_grid (paper: 100)", min=1)
     test_noises: int = knob(16, "R: noise draws per test timestep (authors: 16)", min=1)
     expectation_timesteps: int = knob(10, "K of the *_expectation variants: train side averaged over a grid", min=1)
     self_influence_timesteps: int = knob(0, "S' of I(z, z), every training example as its own query; 0: skip",
@@ -64,15 +64,15 @@ def run(job: Job) -> None:
     from ..kernels import tracin as kernels
     from ..outputs import LOSS_OUTPUTS
     from ..replay import recorded_draws
-    from ..timesteps import evenly_spaced_timesteps
+    from ..timesteps import timestep_grid
 
     cfg, a, device = job.cfg, job.cfg.attribution, job.device
     states, train_set = job.checkpoints(), job.train_set()
     queries, query_images = job.queries()
     scheduler, output = job.scheduler(), LOSS_OUTPUTS[cfg.train.loss]
     T = cfg.model.num_train_timesteps
-    test_t = evenly_spaced_timesteps(a.test_timesteps, T)
-    self_t = evenly_spaced_timesteps(a.self_influence_timesteps, T) if a.self_influence_timesteps else None
+    test_t = timestep_grid(a.test_timesteps, T, a.timestep_grid)
+    self_t = timestep_grid(a.self_influence_timesteps, T, a.timestep_grid) if a.self_influence_timesteps else None
     query_ids = torch.tensor(queries.query_id.to_numpy())
     train_sides = sides(job.variants)
 
@@ -94,7 +94,7 @@ def run(job: Job) -> None:
     results = kernels.tracin_shard_sides(
         models(), grads(), kernels.tracin_weights(states), scheduler,
         train_set.images.to(device), train_set.ids, train_sides=train_sides, draws=draws, train_noise=a.train_noise,
-        n_timesteps=a.expectation_timesteps, seed=a.seed, output=output, shard=job.shard, n_shards=job.shards,
+        n_timesteps=a.expectation_timesteps, grid=a.timestep_grid, seed=a.seed, output=output, shard=job.shard, n_shards=job.shards,
         block_size=a.block_size, self_timesteps=self_t, self_noises=a.self_influence_noises)
     for side, result in results.items():
         save_tensors(result.as_tensors(), job.out / f"{side}.safetensors", metadata={"meta": json.dumps(result.meta)})

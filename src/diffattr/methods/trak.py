@@ -101,7 +101,8 @@ def run(job: Job) -> None:
     from ..outputs import LOSS_OUTPUTS
 
     a = job.cfg.attribution
-    run_with_spec(job, trak_spec(a.trak_timesteps, output=LOSS_OUTPUTS[job.cfg.train.loss], seed=a.seed))
+    run_with_spec(job, trak_spec(a.trak_timesteps, output=LOSS_OUTPUTS[job.cfg.train.loss], seed=a.seed,
+                                 grid=a.timestep_grid))
 
 
 register(Family(
