@@ -340,14 +340,16 @@ def test_trak_scores_equal_the_closed_form(n, k):
 
 
 @pytest.mark.parametrize("n, k", [(20, 8), (6, 15)])
-def test_trak_self_scores_are_the_diagonal_of_the_training_set_scored_against_itself(n, k):
+def test_trak_self_scores_are_the_diagonal_of_the_own_query_features_scored_against_the_training_set(n, k):
     gen = torch.Generator().manual_seed(n + k)
-    phi_t = torch.randn(n, k, generator=gen, dtype=torch.float64)
+    phi_t, phi_own = (torch.randn(n, k, generator=gen, dtype=torch.float64) for _ in range(2))
     for lam in (0.1, 2.0):
-        full = closed_form(phi_t, phi_t, lam * phi_t.square().sum() / k)  # relative lambda, written out
-        torch.testing.assert_close(trak.self_scores(phi_t, lam), full.diagonal(), rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(trak.self_scores(phi_t, 0.5, relative=False),
-                               closed_form(phi_t, phi_t, 0.5).diagonal(), rtol=1e-9, atol=1e-12)
+        full = closed_form(phi_own, phi_t, lam * phi_t.square().sum() / k)  # relative lambda, written out
+        torch.testing.assert_close(trak.self_scores(phi_own, phi_t, lam), full.diagonal(), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(trak.self_scores(phi_own, phi_t, 0.5, relative=False),
+                               closed_form(phi_own, phi_t, 0.5).diagonal(), rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="one own feature per training row"):
+        trak.self_scores(phi_own[:-1], phi_t, 0.1)
 
 
 def test_trak_with_lambda_zero_and_more_features_than_examples_interpolates_the_training_set():

@@ -43,7 +43,8 @@ def outlier_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("cifar_mnist")
     archive = write_archive(work / "cifar-10-python.tar.gz")
     run = compose("smoke", ["data=cifar_mnist", f"data.archive={archive}", "data.verify_checksum=false",
-                            "data.per_class=8", "data.n_outliers=4", "attribution.self_influence_timesteps=3",
+                            "data.per_class=8", "data.n_outliers=4", "attribution.self_influence=true",
+                            "attribution.self_influence_timesteps=3",
                             "attribution.self_influence_noises=2", f"results_dir={work / 'results'}"])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny tensors: a second thread only adds synchronisation

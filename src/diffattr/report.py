@@ -75,7 +75,7 @@ def _write_long(path: Path, s: np.ndarray, ids, kinds, train_ids) -> None:
 def _outlier_row(method, s, ids, reported, train_set, self_influence) -> dict:
     """CIFAR-MNIST: outliers among the top-10 of in-class queries, and the AUROC of self-influence over the whole
     training set as an outlier detector (NaN where the method has no self-influence: Journey-TRAK, or the TracIn
-    family with ``attribution.self_influence_timesteps=0``)."""
+    family without ``attribution.self_influence``)."""
     train_ids = train_set.ids.numpy()
     outlier = train_set.is_outlier.numpy()
     in_class = (reported.loc[ids, "label"].to_numpy() != -1) & ~np.isin(ids, train_ids[outlier])

@@ -119,6 +119,8 @@ class QuerySettings:
     n_train_queries: int = knob(64, "training images as queries (image tracing)", min=0)
     n_test_queries: int = knob(64, "held-out images of the same classes", min=0)
     n_generated_queries: int = knob(16, "the run's samples at its last checkpoint", min=0)
+    self_influence: bool = knob(False, "also score every training image as its own query, I(z, z) (independent draws, "
+                                "as any query), for the outlier AUROC; costs one more pass over the training set")
     heldout_fraction: float = knob(0.25, "labelled queries kept aside to choose TRAK's lambda; never reported", min=0)
     seed: int = knob(0, "query choice and every attribution noise")
     weights: str = knob("generating", "weights whose gradients are attributed at each checkpoint: generating (the EMA "

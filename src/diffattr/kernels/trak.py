@@ -201,15 +201,20 @@ def trak_scores(phi_query: torch.Tensor, phi_train: torch.Tensor, lam: float = 0
     return scores.reshape(*lead, n)
 
 
-def self_scores(phi_train: torch.Tensor, lam: float = 0.0, *, relative: bool = True) -> torch.Tensor:
-    """[N] ``phi(i)^T (Phi^T Phi + lambda I)^{-1} phi(i)``: each training example's score for itself, its TRAK
-    self-influence (the ridge leverage of its feature), without the [N, N] score matrix when k <= N."""
-    t = phi_train.double()
+def self_scores(phi_own: torch.Tensor, phi_train: torch.Tensor, lam: float = 0.0, *,
+                relative: bool = True) -> torch.Tensor:
+    """[N] ``phi_own(i)^T (Phi^T Phi + lambda I)^{-1} phi(i)``: training example i, featurised as a query
+    (``phi_own`` [N, k], independent draws), scored against its own training row: its TRAK self-influence, the
+    diagonal of ``trak_scores(phi_own, phi_train)`` without the [N, N] score matrix when k <= N. (With
+    ``phi_own = phi_train`` it is the ridge leverage, which is 1 for every row at lambda = 0 when k >= N.)"""
+    q, t = phi_own.double(), phi_train.double()
     n, k = t.shape
+    if q.shape != t.shape:
+        raise ValueError(f"need one own feature per training row, got {tuple(q.shape)} and {tuple(t.shape)}")
     if k <= n:
-        return (t * _ridge_solve(t.T @ t, t.T, _ridge(t, lam, relative)).T).sum(1)
-    gram = t @ t.T  # diag(K (K + lambda)^{-1}) = diag((K + lambda)^{-1} K): the two commute
-    return _ridge_solve(gram, gram, _ridge(t, lam, relative)).diagonal().clone()
+        return (t * _ridge_solve(t.T @ t, q.T, _ridge(t, lam, relative)).T).sum(1)
+    # [N, N]: the scores are (Phi Phi^T + lambda)^{-1} Phi phi_own^T, transposed; their diagonal
+    return _ridge_solve(t @ t.T, t @ q.T, _ridge(t, lam, relative)).diagonal().clone()
 
 
 def _ridge(phi_train: torch.Tensor, lam: float, relative: bool) -> float:

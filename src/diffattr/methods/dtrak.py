@@ -31,6 +31,6 @@ def run(job: Job) -> None:
 register(Family(
     name="dtrak",
     variants={"dtrak": "TRAK's kernel with D-TRAK's output function on both sides (attribution.dtrak_output)"},
-    run=run, settings=DTrakSettings, uses=(*(f.name for f in fields(TrakSettings)), *LAMBDA_KEYS),
+    run=run, settings=DTrakSettings, uses=(*(f.name for f in fields(TrakSettings)), *LAMBDA_KEYS, "self_influence"),
     self_influence=True,
 ))

@@ -30,8 +30,7 @@ class TracInSettings:
     test_timesteps: int = knob(100, "S: timesteps of the test side on attribution.timestep_grid (paper: 100)", min=1)
     test_noises: int = knob(16, "R: noise draws per test timestep (authors: 16)", min=1)
     expectation_timesteps: int = knob(10, "K of the *_expectation variants: train side averaged over a grid", min=1)
-    self_influence_timesteps: int = knob(0, "S' of I(z, z), every training example as its own query; 0: skip",
-                                         min=0)
+    self_influence_timesteps: int = knob(10, "S' of I(z, z) when attribution.self_influence", min=1)
     self_influence_noises: int = knob(1, "R' of I(z, z)", min=1)
     train_noise: str = knob("recorded", "noise of the recorded train side: the replayed one, or fresh noise at the "
                             "recorded timestep (the authors' diffusion_tracin.py)", choices=lambda: ("recorded", "fresh"))
@@ -48,8 +47,8 @@ def batch(variants: Sequence[str]) -> list[str]:
 
 def depends(cfg, variants) -> dict:
     a = cfg.attribution
-    keys = [*COMMON_KEYS, "test_timesteps", "test_noises", "self_influence_timesteps"]
-    keys += ["self_influence_noises"] if a.self_influence_timesteps else []
+    keys = [*COMMON_KEYS, "test_timesteps", "test_noises", "self_influence"]
+    keys += ["self_influence_timesteps", "self_influence_noises"] if a.self_influence else []
     keys += ["expectation_timesteps"] if "expectation" in sides(variants) else []
     keys += ["train_noise"] if "recorded" in sides(variants) else []
     return {"sides": sides(variants), **{k: a[k] for k in keys}}
@@ -72,7 +71,7 @@ def run(job: Job) -> None:
     scheduler, output = job.scheduler(), LOSS_OUTPUTS[cfg.train.loss]
     T = cfg.model.num_train_timesteps
     test_t = timestep_grid(a.test_timesteps, T, a.timestep_grid)
-    self_t = timestep_grid(a.self_influence_timesteps, T, a.timestep_grid) if a.self_influence_timesteps else None
+    self_t = timestep_grid(a.self_influence_timesteps, T, a.timestep_grid) if a.self_influence else None
     query_ids = torch.tensor(queries.query_id.to_numpy())
     train_sides = sides(job.variants)
 
@@ -129,5 +128,6 @@ register(Family(
         "retrac_train_only_expectation": "train-side-only normalisation, expectation train side",
         "retrac_test_only_expectation": "test-side-only normalisation, expectation train side",
     },
-    run=run, merge=merge, depends=depends, batch=batch, settings=TracInSettings, sharded=True, self_influence=True, grad_norms=True,
+    run=run, merge=merge, depends=depends, batch=batch, settings=TracInSettings, sharded=True, self_influence=True,
+    grad_norms=True,
 ))

@@ -78,22 +78,29 @@ def run_with_spec(job: Job, spec) -> None:
     from ..atomic import save_tensors
     from ..kernels import trak as kernels
     from ..projectors import make_projector
+    from ..queries import KIND_OFFSET
 
     a, (method,) = job.cfg.attribution, job.variants
     train_set = job.train_set()
     queries, query_images = job.queries()
-    phi_trains, phi_queries, projector = [], [], None
+    phi_trains, phi_queries, phi_owns, projector = [], [], [], None
     for state in members(job):
         model = job.load_unet(state)
         projector = projector or make_projector(a.projector, model, a.proj_dim, seed=a.seed)
         phi_trains.append(features(job, model, train_set.images, train_set.ids, spec, projector))
         phi_queries.append(query_features(job, model, queries, query_images, spec, projector))
+        if a.self_influence:  # keyed as training-image queries are, so I(z, z) is their tracing diagonal
+            phi_owns.append(features(job, model, train_set.images, train_set.ids + KIND_OFFSET["train"], spec,
+                                     projector, role="query"))
     choice = select_lambda(job, queries, phi_queries, phi_trains)
     scores = kernels.ensemble_scores(phi_queries, phi_trains, choice.lam)
-    self_influence = torch.stack([kernels.self_scores(p, choice.lam) for p in phi_trains]).mean(0)
+    own = {}
+    if a.self_influence:  # every training image featurised as its own query, like a training-image query
+        own["self_influence"] = torch.stack([kernels.self_scores(o, p, choice.lam)
+                                             for o, p in zip(phi_owns, phi_trains)]).mean(0)
     save_tensors({f"phi_train.{i}": p for i, p in enumerate(phi_trains)}, job.out / "features.safetensors")
     save_tensors({"scores": scores, "query_ids": torch.tensor(queries.query_id.to_numpy()),
-                  "train_ids": train_set.ids, "self_influence": self_influence}, job.out / f"{method}.safetensors")
+                  "train_ids": train_set.ids, **own}, job.out / f"{method}.safetensors")
 
 
 def run(job: Job) -> None:
@@ -108,5 +115,5 @@ def run(job: Job) -> None:
 register(Family(
     name="trak",
     variants={"trak": "phi(q)^T (Phi^T Phi + lambda I)^-1 phi(i), projected loss gradients at K timesteps"},
-    run=run, settings=TrakSettings, uses=LAMBDA_KEYS, self_influence=True,
+    run=run, settings=TrakSettings, uses=(*LAMBDA_KEYS, "self_influence"), self_influence=True,
 ))
