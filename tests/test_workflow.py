@@ -247,7 +247,8 @@ def test_a_sweep_runs_from_one_command_and_leaves_a_summary(smoke_run):
     runs = [Paths(work, [f"attribution.test_noises={r}"]) for r in (1, 2)]
     assert list(summary.columns[:3]) == ["run", "attribution.test_noises", "method"]
     assert sorted(summary.run.unique()) == sorted(r.run.name for r in runs)
-    assert len(summary) == 2 * 7 and summary["attribution.test_noises"].tolist() == [1] * 7 + [2] * 7
+    n = len(path.run.cfg.attribution.methods)
+    assert n == 8 and len(summary) == 2 * n and summary["attribution.test_noises"].tolist() == [1] * n + [2] * n
     for run in runs:  # every headline metric is the run's own table
         general = pd.read_csv(run.dir / "tables" / "general_influence.csv").query("query_kind == 'all'")
         mine = summary[summary.run == run.run.name].set_index("method")
