@@ -103,3 +103,14 @@ def test_jobs_attribute_the_generating_weights_unless_asked_for_the_raw_ones(tmp
     first_raw, first_loaded = next(unet.parameters()), next(loaded.parameters())
     assert torch.equal(first_loaded, first_raw + 1.0 if expect_ema else first_raw)
     assert torch.equal(next(job.load_unet(SimpleNamespace(name="epoch_0001"), ema=False).parameters()), first_raw)
+
+
+@pytest.mark.parametrize("experiment", ["digits", "cifar_mnist"])
+def test_every_key_a_stage_depends_on_is_one_its_jobs_are_started_with(experiment):
+    """Stage jobs get only the overrides of their family's keys(); a key in depends_on() outside them would be dropped
+    from the job's command, and the job would compute another stage than the one the DAG waits for."""
+    cfg = compose(experiment).cfg
+    attribution_keys = {f.name for f in dataclasses.fields(settings.attribution_settings())}
+    for family, requested in requested_families(list(variants())).items():
+        used = set(family.depends_on(cfg, family.job_variants(requested))) & attribution_keys
+        assert used <= set(family.keys()), (family.name, used - set(family.keys()))

@@ -128,6 +128,6 @@ register(Family(
         "retrac_train_only_expectation": "train-side-only normalisation, expectation train side",
         "retrac_test_only_expectation": "test-side-only normalisation, expectation train side",
     },
-    run=run, merge=merge, depends=depends, batch=batch, settings=TracInSettings, sharded=True, self_influence=True,
-    grad_norms=True,
+    run=run, merge=merge, depends=depends, batch=batch, settings=TracInSettings, uses=("self_influence",),
+    sharded=True, self_influence=True, grad_norms=True,
 ))
