@@ -157,8 +157,9 @@ def tracin_shard_sides(models: Iterable, query_grads: Iterable[QueryGradients], 
     once, so models may be loaded lazily). ``draws`` (from ``recorded_draws``) is required for the ``recorded``
     side, whose noise is the recorded one or, with ``train_noise="fresh"``, ``derive_seeds(seed, STREAM, sample_id,
     step)`` of the recorded draw's step; ``expectation`` averages K = ``n_timesteps`` timesteps of ``grid``
-    (``diffattr.timesteps.GRIDS``) with noise fixed by ``derive_seeds(seed, STREAM, sample_id, t)`` and, for the normalised variants, normalises each timestep's
-    gradient before the average (the train-side analogue of ReTrac's test side).
+    (``diffattr.timesteps.GRIDS``) with noise fixed by ``derive_seeds(seed, STREAM, sample_id, t)`` and, for the
+    normalised variants, normalises each timestep's gradient before the average (the train-side analogue of
+    ReTrac's test side).
     ``self_timesteps`` (S') and ``self_noises`` (R') turn on the self-influence of every row: the row as a query
     (noise as in ``query_gradients`` with this ``seed``, keyed by its sample id) against its own train side.
     All four normalisations are returned; merge shards with ``merge_shards``.
@@ -171,7 +172,7 @@ def tracin_shard_sides(models: Iterable, query_grads: Iterable[QueryGradients], 
     if "recorded" in train_sides and draws is None:
         raise ValueError("train_side='recorded' needs the draws table (recorded_draws(replay, checkpoints))")
     train_ids = torch.as_tensor(train_ids).long()
-    T = scheduler.config.num_train_timesteps
+    expectation_grid = timestep_grid(n_timesteps, scheduler.config.num_train_timesteps, grid)
     blocks = shard_blocks(len(train_ids), block_size, shard, n_shards)
     index = np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.int64)
     weights = np.asarray(weights, dtype=np.float64)
@@ -208,7 +209,7 @@ def tracin_shard_sides(models: Iterable, query_grads: Iterable[QueryGradients], 
                     c_steps[side][sl] = torch.tensor(recorded["timestep"].to_numpy()[sl])
                 else:
                     raw, unit, n = _expectation_block(model, scheduler, train_images[rows], train_ids[rows],
-                                                      timestep_grid(n_timesteps, T, grid), seed, output, batch_size)
+                                                      expectation_grid, seed, output, batch_size)
                 c_norms[side][sl] = n.cpu()
                 for key in NORMALIZATIONS:
                     test = tests["raw"] if key in ("none", "train") else tests["normalized"]

@@ -33,7 +33,8 @@ class TracInSettings:
     self_influence_timesteps: int = knob(10, "S' of I(z, z) when attribution.self_influence", min=1)
     self_influence_noises: int = knob(1, "R' of I(z, z)", min=1)
     train_noise: str = knob("recorded", "noise of the recorded train side: the replayed one, or fresh noise at the "
-                            "recorded timestep (the authors' diffusion_tracin.py)", choices=lambda: ("recorded", "fresh"))
+                            "recorded timestep (the authors' diffusion_tracin.py)",
+                            choices=lambda: ("recorded", "fresh"))
 
 
 def sides(variants: Sequence[str]) -> list[str]:
@@ -92,7 +93,8 @@ def run(job: Job) -> None:
         if "recorded" in train_sides else None
     results = kernels.tracin_shard_sides(
         models(), grads(), kernels.tracin_weights(states), scheduler,
-        train_set.images.to(device), train_set.ids, train_sides=train_sides, draws=draws, train_noise=a.train_noise,
+        train_set.images.to(device), train_set.ids, train_sides=train_sides, draws=draws,
+        train_noise=a.train_noise,
         n_timesteps=a.expectation_timesteps, grid=a.timestep_grid, seed=a.seed, output=output, shard=job.shard, n_shards=job.shards,
         block_size=a.block_size, self_timesteps=self_t, self_noises=a.self_influence_noises)
     for side, result in results.items():
