@@ -2,6 +2,8 @@
 #   snakemake --cores all                                        # the embedded default (experiment=digits)
 #   snakemake --cores all --config experiment=cifar2 'overrides=["data.archive=/path/cifar-10-python.tar.gz"]'
 #   snakemake --cores all --config 'overrides=["attribution.test_noises=1,2,4"]'   # a sweep: three runs
+#   snakemake --cores all validate                                # + the LDS of every method (subset retraining)
+#   snakemake --cores all removal                                 # + retraining without each method's top-k
 # Stages write keyed directories under results/<experiment>/stages/ that runs share; each run's config, manifest,
 # tables and figures are under results/<experiment>/<run>/ (diffattr.layout).
 from snakemake.utils import min_version
@@ -25,6 +27,11 @@ wildcard_constraints:
     shard=r"\d+",
     shards=r"\d+",
     kind="grid|recorded",
+    subsets="[0-9a-f]{12}",
+    outputs="[0-9a-f]{12}",
+    removal="[0-9a-f]{12}",
+    first=r"\d+",
+    last=r"\d+",
 
 
 include: "workflow/rules/data.smk"
@@ -34,6 +41,7 @@ include: "workflow/rules/norm_study.smk"
 include: "workflow/rules/attribution.smk"
 include: "workflow/rules/run.smk"
 include: "workflow/rules/sweep.smk"
+include: "workflow/rules/validate.smk"
 
 
 rule all:

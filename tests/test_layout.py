@@ -10,7 +10,7 @@ from diffattr.methods.tracin import VARIANTS as tracin_variants
 
 REPO = Path(__file__).resolve().parents[1]
 FIELDS = {"split", "checkpoint", "kind", "shard", "shards", "family", "method_key", "method", "run", "name", "job",
-          "sweep"}
+          "sweep", "model", "first", "last", "removed"}
 
 
 def test_results_readme_is_generated_from_the_layout():
@@ -28,7 +28,7 @@ def test_every_placeholder_is_a_stage_key_or_a_known_field():
 def test_every_artifact_of_a_run_has_a_path():
     layout = compose("smoke").layout
     fields = dict(split="train", checkpoint="epoch_0001", kind="grid", shard=0, shards=2, family="tracin",
-                  method="tracin", name="x", job="j", sweep="s")
+                  method="tracin", name="x", job="j", sweep="s", model="full", first=0, last=3, removed="ab12")
     for name in TEMPLATES:
         path = layout.path(name, **fields)
         assert "{" not in str(path) and str(path).startswith("results/smoke/")
@@ -40,15 +40,27 @@ def test_stage_keys_follow_what_each_stage_depends_on():
         keys = compose("smoke", list(overrides)).layout.keys
         return {stage for stage in base if keys[stage] != base[stage]}
 
-    assert changed("attribution.test_noises=3") == {"attribution/tracin"}
-    assert changed("attribution.proj_dim=32") == {"attribution/trak", "attribution/dtrak", "attribution/journey_trak"}
-    assert changed("attribution.dtrak_output=avg") == {"attribution/dtrak"}
+    # the counterfactual removal reads the scores of every method it removes for (smoke: all)
+    assert changed("attribution.test_noises=3") == {"attribution/tracin", "removal"}
+    assert changed("attribution.proj_dim=32") == {"attribution/trak", "attribution/dtrak", "attribution/journey_trak",
+                                                  "removal"}
+    assert changed("attribution.dtrak_output=avg") == {"attribution/dtrak", "removal"}
+    only_tracin = compose("smoke", ["removal.methods=[tracin]"]).layout.keys
+    dtrak_avg = compose("smoke", ["removal.methods=[tracin]", "attribution.dtrak_output=avg"]).layout.keys
+    assert {s for s in only_tracin if only_tracin[s] != dtrak_avg[s]} == {"attribution/dtrak"}
     assert changed("norm_study.n_timesteps=4") == {"norm_study"}
-    assert changed("sample.n=5") == {"samples", "queries", *(s for s in base if s.startswith("attribution/"))}
+    assert changed("sample.n=5") == {"samples", "queries", "outputs", "removal",
+                                     *(s for s in base if s.startswith("attribution/"))}
     assert changed("train.epochs=3") == set(base) - {"data"}
-    assert changed("shards=3", "job.threads=1", "sample.checkpoints=last") == set()
+    assert changed("shards=3", "job.threads=1", "sample.checkpoints=last", "validate.models_per_job=2",
+                   "validate.batch_size=7", "validate.bootstrap=10", "removal.cases_per_job=1") == set()
     # a report knob changes no stage; TRAK's lambda criterion reads it, though
     assert changed("attribution.thresholds=[0.2]") == set()
+    # the subset models depend on which examples they keep; what is measured on them does not retrain them
+    assert changed("validate.alpha=0.3") == {"subsets", "outputs"}
+    assert changed("validate.output_timesteps=3") == {"outputs", "removal"}
+    assert changed("validate.n_subsets=9") == {"outputs"}
+    assert changed("removal.n_queries=2") == {"removal"}
 
 
 def test_an_archive_is_keyed_by_its_checksum_not_its_path(tmp_path):

@@ -11,6 +11,7 @@ import yaml
 from safetensors.torch import load_file
 
 from diffattr.config import compose, run_name
+from diffattr.subsets import chunks
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ["smoke", "digits", "cifar2", "cifar_mnist", "cifar10_paper"]
@@ -325,9 +326,135 @@ def test_a_method_family_registered_outside_the_package_joins_validation_the_dag
     ("attribution.dtrak_output=sqare", ["attribution.dtrak_output", "square", "l2norm"]),
     ("attribution.block_size=0", ["attribution.block_size", ">= 1"]),
     ("attribution.methods=[tracin,trakk]", ["attribution.methods", "trakk", "journey_trak"]),
+    ("validate.alpha=1.5", ["validate.alpha", "(0, 1)"]),
+    ("removal.fractions=[0.1,1.0]", ["removal.fractions", "(0, 1)"]),
+    ("removal.methods=[trak,retrac_expectation]", ["removal.methods", "retrac_expectation", "attribution.methods"]),
 ])
 def test_a_bad_choice_fails_before_any_job(tmp_path, override, expected):
     proc = snakemake("--cores", "2", "--config", "experiment=smoke", f'overrides=["{override}"]', cwd=tmp_path)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and all(word in out for word in expected), out[-2000:]
     assert not (tmp_path / "results").exists()
+
+
+@pytest.fixture(scope="module")
+def validated(smoke_run):
+    work, path = smoke_run
+    proc = snakemake("validate", "--cores", "2", "--config", "experiment=smoke", cwd=work)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return work, path
+
+
+def test_validate_reports_every_method_the_control_and_the_ceiling(validated):
+    import numpy as np
+
+    from diffattr import lds
+
+    work, path = validated
+    cfg = path.run.cfg
+    table = pd.read_csv(path("table", name="lds.csv"))
+    assert list(table.columns) == ["method", "variant", "query_kind", "n_queries", "n_subsets", "n_seeds", "lds_mean",
+                                   "ci_low", "ci_high"]
+    assert set(table.variant) == {*cfg.attribution.methods, "random", "seed_to_seed"}
+    assert set(table.query_kind) == set(cfg.validate.query_kinds)
+    assert ((table.ci_low <= table.lds_mean) & (table.lds_mean <= table.ci_high)).all()
+    ceiling = table[table.variant == "seed_to_seed"]
+    assert (ceiling.n_subsets == cfg.validate.ceiling_subsets).all() and (ceiling.n_seeds == 2).all()
+    # the exported arrays recompute the table, held-out queries left out
+    arrays = np.load(path("lds_arrays"))
+    queries = pd.read_parquet(path("query_table")).set_index("query_id")
+    reported = ~queries.loc[arrays["query_ids"], "heldout"].to_numpy()
+    assert arrays["masks"].shape == (cfg.validate.n_subsets, len(arrays["train_ids"]))
+    assert arrays["outputs"].shape == (cfg.validate.n_subsets, 2, len(arrays["query_ids"]))
+    assert np.isnan(arrays["outputs"][cfg.validate.ceiling_subsets:, 1]).all()
+    assert np.isfinite(arrays["outputs"][:, 0]).all() and np.isfinite(arrays["full_outputs"]).all()
+    journey = table[table.method == "journey_trak"]
+    assert set(journey.query_kind) == {"generated"}  # Journey-TRAK attributes sampling journeys only
+    assert np.isnan(arrays["scores_journey_trak"][arrays["query_kinds"] == "test"]).all()
+    for row in table[~table.variant.isin(["random", "seed_to_seed"])].itertuples():
+        per_query = lds.lds(arrays[f"scores_{row.variant}"], arrays["masks"], arrays["outputs"][:, 0])
+        sel = reported & (arrays["query_kinds"] == row.query_kind)
+        assert row.n_queries == sel.sum() > 0
+        assert row.lds_mean == pytest.approx(np.nanmean(per_query[sel]))
+    masks = pd.read_parquet(path("lds_masks"))
+    kept = masks.pivot(index="subset", columns="sample_id", values="kept")[arrays["train_ids"]].to_numpy()
+    np.testing.assert_array_equal(kept, arrays["masks"])
+    assert path("figure", name="lds").stat().st_size > 5_000
+    assert set(pd.read_csv(path("table", name="lds_outputs.csv")).query_kind) == set(cfg.validate.query_kinds)
+    # TRAK's and D-TRAK's lambda: chosen by the held-out queries' LDS, one per variant, from the whole grid
+    tuned = pd.read_csv(path("table", name="lds_lambda.csv"))
+    assert set(tuned.variant) == {"trak", "dtrak"}
+    assert (tuned.groupby("variant").chosen.sum() == 1).all()
+    assert (tuned.groupby("variant").lam.apply(list) == [list(cfg.attribution.lambda_grid)] * 2).all()
+    assert (tuned.n_heldout == (~reported & (arrays["query_kinds"] == "test")).sum()).all()
+
+
+def test_an_interrupted_validation_resumes_without_retraining(validated):
+    work, path = validated
+    stage = work / "results" / "smoke" / "stages"
+    chunk = path("output_chunk", first=0, last=3)
+    before = chunk.read_bytes()
+    models = [path("subset_model", model=f"subset_000{m}_seed_0") / "checkpoints" / "index.json" for m in (0, 1)]
+    trained_at = [m.stat().st_mtime_ns for m in models]
+    table = path("table", name="lds.csv").read_bytes()
+    # as if the validation had been killed in its first chunk's job after measuring its models (or after training
+    # its second model), so that nothing downstream exists yet
+    chunk.unlink()
+    path("output_parts", model="subset_0001_seed_0").unlink()
+    for name in ("lds.csv", "lds_outputs.csv", "lds_lambda.csv"):
+        path("table", name=name).unlink()
+    proc = snakemake("validate", "--cores", "2", "--config", "experiment=smoke", cwd=work)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert "validate_chunk" in out and out.count("rule validate_chunk") == 1
+    assert chunk.read_bytes() == before and path("table", name="lds.csv").read_bytes() == table
+    assert [m.stat().st_mtime_ns for m in models] == trained_at
+    assert not list(stage.rglob("*.tmp"))
+    again = snakemake("validate", "-n", "--cores", "2", "--config", "experiment=smoke", cwd=work)
+    assert "Nothing to be done" in again.stdout + again.stderr
+
+
+def test_validating_a_sweep_trains_the_subset_models_once_and_summarises_lds(tmp_path):
+    swept = 'overrides=["attribution.test_noises=1,2"]'
+    plain = jobs_of(snakemake("-n", "--cores", "2", "--config", "experiment=smoke", swept, cwd=tmp_path))
+    assert "validate_chunk" not in plain and "sweep_lds" not in plain  # the default target does not validate
+    jobs = jobs_of(snakemake("validate", "-n", "--cores", "2", "--config", "experiment=smoke", swept, cwd=tmp_path))
+    # the subset models and their outputs do not depend on attribution keys: both runs share them
+    assert jobs["validate_chunk"] == len(chunks(compose("smoke").cfg.validate))
+    assert jobs["lds_report_0"] == jobs["lds_report_1"] == jobs["sweep_lds"] == 1
+
+
+def test_removal_retrains_without_each_methods_top_k_and_regenerates(smoke_run):
+    import numpy as np
+    import torch
+
+    from diffattr.checkpoints import load_checkpoint_unet, read_index
+    from diffattr.models import build_scheduler
+    from diffattr.sampling import generate
+
+    work, path = smoke_run
+    proc = snakemake("removal", "--cores", "2", "--config", "experiment=smoke", cwd=work)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    cfg = path.run.cfg
+    table = pd.read_csv(path("table", name="removal.csv"))
+    n_train = len(pd.read_parquet(path("data", split="train") / "index.parquet"))
+    methods = list(cfg.attribution.methods)  # removal.methods: null
+    assert len(table) == cfg.removal.n_queries * len(cfg.removal.fractions) * (len(methods) + 1)
+    assert (table.k == round(cfg.removal.fractions[0] * n_train)).all()
+    assert set(table.method) == {*methods, "random"}
+    assert (table.l2 >= 0).all() and (table.feature_distance >= -1e-12).all() and np.isfinite(table.loss_increase).all()
+    # each case's model lacks exactly its removed ids, and regenerating with the full model gives the query back
+    case = table.iloc[0]
+    model = path("removal_model", removed=case.removed)
+    log = pd.read_parquet(model / "train_log.parquet")
+    assert log.sample_id.nunique() == n_train - case.k
+    full_dir = path("checkpoint_index").parent
+    full = load_checkpoint_unet(full_dir / read_index(full_dir)[-1].name)
+    queries = pd.read_parquet(path("query_table")).set_index("query_id")
+    seed = int(queries.loc[case.query_id, "source_id"])
+    images = load_file(str(path("samples", checkpoint="epoch_0002")))
+    again, _ = generate(full, build_scheduler(cfg.model), [seed], cfg.sample.num_inference_steps)
+    torch.testing.assert_close(again[0], images["images"][images["seeds"].tolist().index(seed)], rtol=0, atol=1e-5)
+    summary = pd.read_csv(path("table", name="removal_summary.csv"))
+    assert set(summary.method) == set(table.method) and summary.beats_random.notna().sum() == len(methods)
+    assert path("figure", name="removal").stat().st_size > 3_000

@@ -85,7 +85,16 @@ def validate(cfg: DictConfig) -> DictConfig:
         raise ConfigError(f"invalid configuration at '{key}': {msg}{valid}") from None
     _check_unknown_keys(OmegaConf.to_container(cfg), OmegaConf.to_container(schema), "")
     _check_fields(merged, settings_class())
+    _check_fractions(merged)
     return merged
+
+
+def _check_fractions(cfg: DictConfig) -> None:
+    """Fractions of the training set that a subset keeps or a removal takes: strictly between 0 and 1."""
+    fractions = [("validate.alpha", cfg.validate.alpha), *(("removal.fractions", f) for f in cfg.removal.fractions)]
+    for key, value in fractions:
+        if not 0 < value < 1:
+            raise ConfigError(f"invalid configuration at '{key}': {value!r} must be in (0, 1)")
 
 
 def _check_unknown_keys(given: dict, known: dict, prefix: str) -> None:
@@ -241,8 +250,11 @@ def stage_overrides(run: Run, stage: str) -> list[str]:
                     *(("shards",) if family.sharded else ()))
         variants = family.job_variants(requested_families(run.cfg.attribution.methods)[family])
         extra = [f"attribution.methods=[{','.join(variants)}]"]
-    else:  # the norm study is sharded: its jobs need the shard count, though no key holds it
-        prefixes = (*config_prefixes(stage), *(("shards",) if stage == "norm_study" else ()))
+    else:  # how a job splits or batches its work is in no key, but its jobs need it
+        how = {"norm_study": ("shards",), "outputs": ("validate.models_per_job", "validate.batch_size"),
+               # removal reads the score files of its methods: every key they are keyed by
+               "removal": ("attribution", "shards", "validate.batch_size")}
+        prefixes = (*config_prefixes(stage), *how.get(stage, ()))
     nested = tuple(p + "." for p in prefixes)
     kept = [o for o in run.overrides if (_override_key(o) in prefixes or _override_key(o).startswith(nested))
             and _override_key(o) not in UNKEYED_OVERRIDES]
@@ -258,8 +270,13 @@ def _override_key(override: str) -> str:
 
 def manifest_yaml(run: Run) -> str:
     """``<run>/manifest.yaml``: each stage directory the run uses (relative to the run), its key and what the key
-    is a hash of."""
+    is a hash of; under ``on_demand`` the stages of ``snakemake validate`` and ``removal``, there once they ran."""
+    from .layout import ON_DEMAND
+
     keys = run.layout.keys
     stages = {stage: {"dir": f"../stages/{stage}/{keys[stage]}", "key": keys[stage], "depends_on": deps}
               for stage, deps in run.layout.depends.items()}
-    return OmegaConf.to_yaml(OmegaConf.create({"run": run.name, "overrides": list(run.overrides), "stages": stages}))
+    used = {s: v for s, v in stages.items() if s not in ON_DEMAND}
+    on_demand = {s: v for s, v in stages.items() if s in ON_DEMAND}
+    return OmegaConf.to_yaml(OmegaConf.create({"run": run.name, "overrides": list(run.overrides), "stages": used,
+                                               "on_demand": on_demand}))

@@ -12,12 +12,17 @@ Under ``<results_dir>/<experiment>/``:
 What each stage depends on (:func:`stage_dependencies`):
 data <- ``data.*`` (a CIFAR archive by its md5, never by its path); train <- data + ``model.*`` + ``train.*``;
 samples <- train + ``sample.*``; norm_study <- train + ``norm_study.*``; queries <- samples + the query keys of
-``attribution.*``; each method family <- queries + the keys the family declares (``diffattr.methods``).
+``attribution.*``; each method family <- queries + the keys the family declares (``diffattr.methods``); the
+validation's subset models: subsets <- train + ``validate.alpha``, ``validate.seed``; their measured outputs:
+outputs <- subsets + queries + the other ``validate.*`` keys that say which models and what is measured; the
+counterfactual removal: removal <- train + queries + the families of the methods it removes for + ``removal.*``
+(its retrained models are named by the hash of the ids they lack, under the train key).
 The shard count and ``job.*`` never enter a key: merged results do not depend on them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -52,6 +57,21 @@ ARTIFACTS: tuple[tuple[str, str, str], ...] = (
      "<method>.safetensors: dense scores [Q, N] float64, query_ids, train_ids, self_influence [N] where defined "
      "(a sharded family's merge of every method of its job; an unsharded family leaves <method>.safetensors in its "
      "shard_0_of_1/; Journey-TRAK adds step_scores [Q, S, N] and steps)"),
+    ("subset_model", "stages/subsets/{subsets}/{model}",
+     "a model trained on one random subset (validate.*): checkpoints/ (the last epoch only), train_log.parquet"),
+    ("output_parts", "stages/outputs/{outputs}/parts/{model}.parquet",
+     "measured outputs of one model (query_id, output): resumable pieces of a chunk"),
+    ("output_chunk", "stages/outputs/{outputs}/models_{first}_to_{last}.parquet",
+     "measured outputs F(q; theta) of the models at those positions of the validation's list: model, subset, seed, "
+     "query_id, output (subset -1: the full model)"),
+    ("removal_model", "stages/removal_models/{train}/{removed}",
+     "the run's training without the training ids whose hash is {removed} (snakemake removal): checkpoints/ (the "
+     "last epoch only), train_log.parquet; shared by every case that removes the same ids"),
+    ("removal_chunk", "stages/removal/{removal}/cases_{first}_to_{last}.parquet",
+     "one row per removal case: method, fraction, k, query_id, draw, removed (the hash), l2, feature_distance, "
+     "loss_increase"),
+    ("removal_images", "stages/removal/{removal}/cases_{first}_to_{last}.safetensors",
+     "images [n, C, H, W]: each case's regenerated image, in the rows' order"),
     ("stage_log", "stages/logs/{job}.log", "one log per stage job"),
     ("config", "{run}/config.yaml", "the resolved Hydra config of the run"),
     ("manifest", "{run}/manifest.yaml", "the stage directories the run used, each with the config it is keyed by"),
@@ -61,21 +81,37 @@ ARTIFACTS: tuple[tuple[str, str, str], ...] = (
      "the same at each example's recorded training timestep (plus its step)"),
     ("scores_long", "{run}/scores/{method}.parquet", "long: query_id, query_kind, train_id, score (reported queries)"),
     ("table", "{run}/tables/{name}",
-     "topk.parquet, general_influence.csv, tracing.csv, outliers.csv (cifar_mnist)"),
+     "topk.parquet, general_influence.csv, tracing.csv, outliers.csv (cifar_mnist); lds.csv, lds_outputs.csv, "
+     "lds_lambda.csv (snakemake validate); removal.csv, removal_summary.csv (snakemake removal)"),
     ("figure", "{run}/figures/{name}.png",
-     "norm_vs_timestep, norm_at_recorded_timestep, general_influence, score_vs_grad_norm, topk_<method>"),
+     "norm_vs_timestep, norm_at_recorded_timestep, general_influence, score_vs_grad_norm, topk_<method>; lds; removal"),
+    ("lds_masks", "{run}/lds/masks.parquet", "subset, sample_id, kept: the validation's random subsets"),
+    ("lds_arrays", "{run}/lds/arrays.npz",
+     "plain arrays for any LDS implementation: masks [M, N] bool, train_ids [N], query_ids [Q], query_kinds [Q], "
+     "outputs [M, S, Q] float64 (NaN where subset m has no seed s), full_outputs [Q], scores_<method> [Q, N] "
+     "(NaN rows: query kinds the method does not score)"),
     ("run_log", "{run}/logs/{job}.log", "one log per report job of the run"),
     ("sweep_summary", "sweeps/{sweep}/summary.csv", "one row per run x method: swept keys and headline metrics"),
     ("sweep_figure", "sweeps/{sweep}/summary.png", "headline metrics against the swept values"),
+    ("sweep_lds", "sweeps/{sweep}/lds.csv", "every run's lds.csv with its swept values (snakemake validate)"),
+    ("sweep_lds_figure", "sweeps/{sweep}/lds.png", "LDS of every method against the swept values"),
 )
 TEMPLATES = {name: template for name, template, _ in ARTIFACTS}
 SCORE_VS_NORM = "score_vs_grad_norm"  # the report draws it when a method's score files carry train_grad_norms
-STAGES = ("data", "train", "samples", "norm_study", "queries")
+STAGES = ("data", "train", "samples", "norm_study", "queries", "subsets", "outputs", "removal")
+ON_DEMAND = ("subsets", "outputs", "removal")  # computed by the targets validate and removal only
 QUERY_KEYS = ("n_train_queries", "n_test_queries", "n_generated_queries", "heldout_fraction", "seed")
-# Each stage's upstream stage and the config it adds to that stage's key: whole groups, or single keys.
-UPSTREAM = {"data": None, "train": "data", "samples": "train", "norm_study": "train", "queries": "samples"}
+SUBSET_KEYS = ("alpha", "seed")
+OUTPUT_KEYS = ("n_subsets", "seeds", "ceiling_subsets", "output_timesteps", "output_noises", "query_kinds")
+MEASURE_KEYS = ("output_timesteps", "output_noises", "seed")  # the measured output F that removal reuses
+# Each stage's upstream stages and the config it adds to that stage's key: whole groups, or single keys.
+UPSTREAM = {"data": (), "train": ("data",), "samples": ("train",), "norm_study": ("train",), "queries": ("samples",),
+            "subsets": ("train",), "outputs": ("subsets", "queries"), "removal": ("train", "queries")}
 OWN_CONFIG = {"data": ("data",), "train": ("model", "train"), "samples": ("sample",), "norm_study": ("norm_study",),
-              "queries": tuple(f"attribution.{k}" for k in QUERY_KEYS)}
+              "queries": tuple(f"attribution.{k}" for k in QUERY_KEYS),
+              "subsets": tuple(f"validate.{k}" for k in SUBSET_KEYS),
+              "outputs": tuple(f"validate.{k}" for k in OUTPUT_KEYS),
+              "removal": ("removal", *(f"validate.{k}" for k in MEASURE_KEYS))}
 # Keys of a group that say how or where to compute, not what: never part of a stage key.
 _NOT_KEYED = {"data": ("archive", "url", "md5", "verify_checksum", "cache_dir", "download"),
               "sample": ("checkpoints",)}
@@ -87,23 +123,26 @@ def digest(obj: Any) -> str:
 
 
 def _group(cfg: DictConfig, name: str) -> dict:
+    from .settings import keyed, settings_class
+
     values = OmegaConf.to_container(cfg[name], resolve=True)
     for key in _NOT_KEYED.get(name, ()):
         values.pop(key, None)
-    return values
+    schema = {f.name: f.type for f in dataclasses.fields(settings_class())}[name]
+    return keyed(schema, values) if dataclasses.is_dataclass(schema) else values
 
 
 def config_prefixes(stage: str) -> tuple[str, ...]:
     """Every group or key a stage depends on, its upstream stages' included."""
-    own = OWN_CONFIG[stage]
-    return own if UPSTREAM[stage] is None else (*config_prefixes(UPSTREAM[stage]), *own)
+    upstream = (p for u in UPSTREAM[stage] for p in config_prefixes(u))
+    return tuple(dict.fromkeys((*upstream, *OWN_CONFIG[stage])))
 
 
 def stage_dependencies(cfg: DictConfig) -> dict[str, dict]:
     """For every stage of the run (and ``attribution/<family>`` for each requested method family): what its key
     is a hash of. Upstream stages enter by their keys."""
     from .data import source_identity
-    from .methods import requested_families
+    from .methods import family_of, requested_families
 
     deps: dict[str, dict] = {}
     keys: dict[str, str] = {}
@@ -114,12 +153,27 @@ def stage_dependencies(cfg: DictConfig) -> dict[str, dict]:
 
     add("data", {**_group(cfg, "data"), "source": source_identity(cfg.data)})
     for stage in ("train", "samples", "norm_study"):
-        upstream = UPSTREAM[stage]
+        (upstream,) = UPSTREAM[stage]
         add(stage, {upstream: keys[upstream], **{group: _group(cfg, group) for group in OWN_CONFIG[stage]}})
     add("queries", {"samples": keys["samples"], **{k: cfg.attribution[k] for k in QUERY_KEYS}})
+    v = OmegaConf.to_container(cfg.validate, resolve=True)
+    add("subsets", {"train": keys["train"], **{k: v[k] for k in SUBSET_KEYS}})
+    add("outputs", {"subsets": keys["subsets"], "queries": keys["queries"], **{k: v[k] for k in OUTPUT_KEYS}})
     for family, variants in requested_families(cfg.attribution.methods).items():
         add(f"attribution/{family.name}", {"queries": keys["queries"], "family": family.name,
                                             **family.depends_on(cfg, variants)})
+    r = OmegaConf.to_container(cfg.removal, resolve=True)
+    r.pop("cases_per_job")
+    methods = r["methods"] if r["methods"] is not None else list(cfg.attribution.methods)
+    unscored = sorted(set(methods) - set(cfg.attribution.methods))
+    if unscored:
+        from .exceptions import ConfigError
+
+        raise ConfigError(f"invalid configuration at 'removal.methods': {unscored} are not in attribution.methods; "
+                          "removal reads their scores")
+    scored = {s: keys[s] for s in sorted({f"attribution/{family_of(m).name}" for m in methods})}
+    add("removal", {"train": keys["train"], "queries": keys["queries"], **scored, **r,
+                    **{k: v[k] for k in MEASURE_KEYS}})
     return deps
 
 

@@ -16,6 +16,8 @@ QUERY_NOISE, TRACIN_TRAIN_NOISE = 101, 102  # TracIn test side (and self-influen
 TRACIN_FRESH_NOISE = 103  # TracIn recorded train side with train_noise=fresh: the recorded timestep, new noise
 FEATURE_TIMESTEPS, FEATURE_NOISE, JOURNEY_NOISE, HELDOUT_SPLIT = 201, 202, 203, 204  # TRAK family, training rows
 QUERY_FEATURE_TIMESTEPS, QUERY_FEATURE_NOISE = 205, 206  # TRAK family, queries: never a training row's draws
+VALIDATE_SUBSETS, VALIDATE_OUTPUT_NOISE = 301, 302  # diffattr.subsets: which examples, F's fixed noise
+REMOVAL_RANDOM = 303  # diffattr.removal: the random images a control case removes
 
 
 def noise_from_seeds(seeds: Sequence[int] | torch.Tensor, shape: Sequence[int], dtype=torch.float32) -> torch.Tensor:

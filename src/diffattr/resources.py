@@ -36,7 +36,8 @@ def _minutes(work: float, rate: float, cfg: DictConfig) -> int:
 
 def job_resources(stage: str, cfg: DictConfig, family: str = "") -> dict[str, int]:
     """``mem_mb`` and ``runtime`` (minutes) of one job of ``stage``: train, sample, norm_study, attribution (with
-    its ``family``), merge, data, report; any other stage gets the base request."""
+    its ``family``), validate (one chunk of subset models), removal (one chunk of cases), merge, data, report; any other stage gets the base
+    request."""
     a, n, p = cfg.attribution, n_train(cfg), params(cfg)
     n_ckpt = math.ceil(cfg.train.epochs / cfg.train.checkpoint_every)
     queries = a.n_train_queries + a.n_test_queries + a.n_generated_queries
@@ -64,6 +65,16 @@ def job_resources(stage: str, cfg: DictConfig, family: str = "") -> dict[str, in
         work = members * ((n + queries) * per_image + journeys)
         mem = members * (n + queries) * k * 4 + 2 * min(n, k) ** 2 * 8
         return {"mem_mb": BASE_MB + int(mem / 1e6), "runtime": _minutes(work, GRADS_PER_S, cfg)}
+    if stage == "validate":  # one job: models_per_job subset trainings, then F of every measured query on each
+        v = cfg.validate
+        per_kind = {"train": a.n_train_queries, "test": a.n_test_queries, "generated": a.n_generated_queries}
+        measured = sum(per_kind[k] for k in v.query_kinds) * v.output_timesteps * v.output_noises
+        work = v.models_per_job * (cfg.train.epochs * v.alpha * n + measured / 3)  # a forward: ~1/3 of a step
+        return {"mem_mb": BASE_MB + int(p * 16 / 1e6) * 4, "runtime": _minutes(work, TRAIN_PER_S, cfg)}
+    if stage == "removal":  # one job: cases_per_job retrainings, one regenerated image and one F each
+        v, steps = cfg.validate, cfg.sample.num_inference_steps or cfg.model.num_train_timesteps
+        work = cfg.removal.cases_per_job * (cfg.train.epochs * n + (steps + v.output_timesteps * v.output_noises) / 3)
+        return {"mem_mb": BASE_MB + int(p * 16 / 1e6) * 4, "runtime": _minutes(work, TRAIN_PER_S, cfg)}
     dense = queries * n * 8  # one [Q, N] float64 score matrix
     if stage == "data":  # both splits in memory, float32, plus the decoded archive
         pixels = cfg.data.channels * cfg.data.resolution ** 2

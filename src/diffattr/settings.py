@@ -17,9 +17,13 @@ from typing import Any, Callable, Dict, List, Optional
 
 
 def knob(default: Any = dataclasses.MISSING, help: str = "", *, min: float | None = None,
-         choices: Callable[[], Any] | None = None, factory: Callable[[], Any] | None = None) -> Any:
-    """A settings field with its help text, lower bound and valid choices (checked by ``diffattr.config``)."""
-    meta = {"help": help, "min": min, "choices": choices}
+         choices: Callable[[], Any] | None = None, factory: Callable[[], Any] | None = None,
+         added: bool = False) -> Any:
+    """A settings field with its help text, lower bound and valid choices (checked by ``diffattr.config``).
+
+    ``added``: the field came after results existed, with a default that computes what they computed; at that default
+    it enters no stage key and no checkpoint hash (:func:`keyed`), so those results stay valid."""
+    meta = {"help": help, "min": min, "choices": choices, "added": added}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -84,6 +88,10 @@ class TrainSettings:
     ema_decay: float = knob(0.0, "0 disables EMA", min=0)
     checkpoint_every: int = knob(2, "epochs between checkpoints (the last epoch always has one)", min=1)
     seed: int = 0
+    draws: str = knob("per_step", "what each example's timestep and noise are a function of: per_step (train.seed, "
+                      "step) | per_example (train.seed, sample id, epoch), so a model trained on a subset gives every "
+                      "surviving example the draws it had in the full run (coupled retraining, validate.*)",
+                      choices=lambda: ("per_step", "per_example"), added=True)
     threads: int = knob(2, "torch threads of every compute job (bit-identity on CPU needs the same count)", min=1)
 
 
@@ -147,6 +155,44 @@ def _grids():
 
 
 @dataclass
+class ValidateSettings:
+    """Counterfactual validation by the linear datamodeling score (``snakemake validate``; METHODS.md §5)."""
+
+    n_subsets: int = knob(64, "M random subsets of the training set, one model trained on each", min=3)
+    alpha: float = knob(0.5, "fraction of the training set in every subset", min=0)
+    seeds: int = knob(1, "training seeds per subset; their measured outputs are averaged", min=1)
+    ceiling_subsets: int = knob(16, "with seeds = 1: the first this many subsets get one more seed, for the "
+                                "seed-to-seed ceiling (0 skips it)", min=0)
+    seed: int = knob(0, "which examples each subset keeps")
+    output_timesteps: int = knob(100, "the measured output F(q) is the query's diffusion loss averaged over "
+                                 "this many evenly spaced timesteps (D-TRAK: all T)", min=1)
+    output_noises: int = knob(2, "and this many noises per (query, timestep), fixed across models (D-TRAK: 3)",
+                              min=1)
+    query_kinds: List[str] = knob(help="query kinds whose LDS is measured and reported",
+                                  choices=lambda: ("train", "test", "generated"),
+                                  factory=lambda: ["test", "generated"])
+    models_per_job: int = knob(8, "subset models trained (and measured) by one job: they share its imports, data "
+                               "and evaluation noise; 1 spreads them over a cluster", min=1)
+    batch_size: int = knob(256, "(query, timestep, noise) triples per forward pass of the measurement", min=1)
+    bootstrap: int = knob(1000, "resamples of the queries for the 95% confidence interval", min=1)
+
+
+@dataclass
+class RemovalSettings:
+    """Counterfactual removal (``snakemake removal``; METHODS.md §6): retrain without a method's top-k, regenerate."""
+
+    fractions: List[float] = knob(help="fractions of the training set removed (k = round(fraction N))",
+                                  factory=lambda: [0.1, 0.2])
+    n_queries: int = knob(4, "generated queries tested: the first ones", min=1)
+    methods: Optional[List[str]] = knob(None, "methods whose top-k are removed (None: attribution.methods)",
+                                        choices=lambda: _methods())
+    random_draws: int = knob(1, "random removals of k images per query and fraction (the control)", min=1)
+    seed: int = knob(0, "which images a random removal takes")
+    cases_per_job: int = knob(4, "retrainings per job: they share imports and data; 1 spreads them over a cluster",
+                              min=1)
+
+
+@dataclass
 class JobSettings:
     """Per-job knobs set by the DAG; never part of a run's name or of a stage's key."""
 
@@ -154,6 +200,9 @@ class JobSettings:
     threads: int = knob(0, "torch threads; the DAG passes the rule's `threads` (0: torch's default)", min=0)
     family: str = ""  # which method family an attribution job computes
     checkpoint: str = ""  # which checkpoint a per-checkpoint job works on (e.g. epoch_0005)
+    first_model: int = knob(0, "the first and last position in the validation's model list (or removal's case "
+                            "list) that a job works on", min=0)
+    last_model: int = knob(0, min=0)
     device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:N
 
 
@@ -193,6 +242,14 @@ def settings_class() -> type:
         sample: SampleSettings = field(default_factory=SampleSettings)
         norm_study: NormStudySettings = field(default_factory=NormStudySettings)
         attribution: attribution_type = field(default_factory=attribution_type)  # type: ignore[valid-type]
+        validate: ValidateSettings = field(default_factory=ValidateSettings)
+        removal: RemovalSettings = field(default_factory=RemovalSettings)
         job: JobSettings = field(default_factory=JobSettings)
 
     return Settings
+
+
+def keyed(schema: type, values: dict) -> dict:
+    """``values`` of a settings group (dataclass ``schema``) without the ``added`` fields that are at their default."""
+    added = {f.name: f.default for f in dataclasses.fields(schema) if f.metadata.get("added")}
+    return {k: v for k, v in values.items() if not (k in added and v == added[k])}

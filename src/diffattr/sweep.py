@@ -2,7 +2,8 @@
 
 Headline metrics: from ``general_influence.csv`` (all queries pooled) ``n_general`` and ``ratio_to_tracin`` at each
 k and threshold; from ``tracing.csv`` ``top1`` and ``top5``; from ``outliers.csv`` (when the run has one)
-``outlier_fraction_top10`` and ``self_influence_auroc``.
+``outlier_fraction_top10`` and ``self_influence_auroc``. After ``snakemake validate`` a second table and figure
+give every run's LDS against the swept values.
 """
 
 from __future__ import annotations
@@ -63,6 +64,44 @@ def write_summary(run_dirs: Sequence[Path], keys: Sequence[str], table_path: Pat
     table = summary_table(run_dirs, keys)
     write_csv(table, table_path)
     save_figure(summary_figure(table, keys), figure_path, dpi=120)
+
+
+def lds_summary_table(run_dirs: Sequence[Path], keys: Sequence[str]) -> pd.DataFrame:
+    """Every run's ``tables/lds.csv`` (``snakemake validate``) with the run and its swept values in front."""
+    frames = []
+    for run_dir in map(Path, run_dirs):
+        cfg = OmegaConf.load(run_dir / "config.yaml")
+        swept = {key: _plain(OmegaConf.select(cfg, key.lstrip("+~"))) for key in keys}
+        table = pd.read_csv(run_dir / "tables" / "lds.csv")
+        frames.append(pd.concat([pd.DataFrame([{"run": run_dir.name, **swept}] * len(table)), table], axis=1))
+    return pd.concat(frames, ignore_index=True)
+
+
+def lds_summary_figure(table: pd.DataFrame, keys: Sequence[str]) -> Figure:
+    """LDS against the swept values: one panel per query kind, a line per method with its 95% interval."""
+    labels = table.drop_duplicates("run").set_index("run")[list(keys)].astype(str).agg(", ".join, axis=1) \
+        if keys else pd.Series({r: r for r in table.run.unique()})
+    runs, kinds = list(labels.index), list(pd.unique(table.query_kind))
+    fig = Figure(figsize=(4.8 * len(kinds), 3.8), layout="constrained")
+    for ax, kind in zip(np.atleast_1d(fig.subplots(1, len(kinds), sharey=True)), kinds):
+        for variant, part in table[table.query_kind == kind].groupby("variant", sort=False):
+            part = part.set_index("run").reindex(runs)
+            x = np.arange(len(runs))
+            ax.errorbar(x, part.lds_mean, yerr=[part.lds_mean - part.ci_low, part.ci_high - part.lds_mean],
+                        marker="o", capsize=2, label=variant)
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set_xticks(range(len(runs)), [labels[r] for r in runs], rotation=30, ha="right", fontsize=7)
+        ax.set_title(f"LDS, {kind} queries", fontsize=9)
+    fig.axes[0].legend(fontsize=7)
+    if keys:
+        fig.suptitle("swept: " + ", ".join(keys), fontsize=9)
+    return fig
+
+
+def write_lds_summary(run_dirs: Sequence[Path], keys: Sequence[str], table_path: Path, figure_path: Path) -> None:
+    table = lds_summary_table(run_dirs, keys)
+    write_csv(table, table_path)
+    save_figure(lds_summary_figure(table, keys), figure_path, dpi=120)
 
 
 def _plain(value):

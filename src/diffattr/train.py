@@ -2,7 +2,9 @@
 
 Every random choice of a step (batch order, timesteps, noise, dropout) is a function of ``(train.seed, step)``
 alone, so the replay log can rebuild what each example saw, and a run resumed from a checkpoint continues exactly
-as an uninterrupted one would.
+as an uninterrupted one would. With ``train.draws=per_example`` the batch order, timestep and noise of an example are
+instead functions of ``(train.seed, sample id, epoch)``: a model trained on a subset of the data gives each example
+it keeps the same draws as the full run did (coupled retraining for the counterfactual validation).
 """
 
 from __future__ import annotations
@@ -27,28 +29,51 @@ from .data import ImageSet
 from .models import build_scheduler, build_unet
 from .noise import TRAIN_DROPOUT, TRAIN_NOISE, TRAIN_ORDER, TRAIN_TIMESTEP, derive_seeds, noise_from_seeds
 from .outputs import LOSS_OUTPUTS, OUTPUTS
-
+from .settings import TrainSettings, keyed
 
 
 def config_hash(cfg: DictConfig) -> str:
     """Hash of what determines the weights: data, model and training settings."""
     keys = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("data", "model", "train")}
     keys["train"].pop("threads", None)
+    keys["train"] = keyed(TrainSettings, keys["train"])
     return hashlib.sha1(repr(keys).encode()).hexdigest()[:16]
 
 
-def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(int(derive_seeds(seed, TRAIN_ORDER, epoch)))
-    return torch.randperm(n, generator=gen)
+class StepDraws:
+    """``train.draws=per_step``: the batch order of an epoch, and the timesteps and noise seeds of a step."""
+
+    def __init__(self, seed: int, num_train_timesteps: int):
+        self.seed, self.T = seed, num_train_timesteps
+
+    def order(self, epoch: int, ids: torch.Tensor) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(int(derive_seeds(self.seed, TRAIN_ORDER, epoch)))
+        return torch.randperm(len(ids), generator=gen)
+
+    def timesteps(self, step: int, epoch: int, sample_ids: torch.Tensor) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(int(derive_seeds(self.seed, TRAIN_TIMESTEP, step)))
+        return torch.randint(0, self.T, (len(sample_ids),), generator=gen)
+
+    def noise_seeds(self, step: int, epoch: int, sample_ids: torch.Tensor) -> torch.Tensor:
+        return derive_seeds(self.seed, TRAIN_NOISE, step, sample_ids)
 
 
-def step_timesteps(seed: int, step: int, n: int, num_train_timesteps: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(int(derive_seeds(seed, TRAIN_TIMESTEP, step)))
-    return torch.randint(0, num_train_timesteps, (n,), generator=gen)
+class ExampleDraws(StepDraws):
+    """``train.draws=per_example``: everything an example draws in an epoch is a function of its id and the epoch,
+    and the epoch's order sorts the examples by a hash of their ids, so the examples a subset keeps are visited in
+    the same relative order as in the full run."""
+
+    def order(self, epoch: int, ids: torch.Tensor) -> torch.Tensor:
+        return torch.argsort(derive_seeds(self.seed, TRAIN_ORDER, epoch, ids), stable=True)
+
+    def timesteps(self, step: int, epoch: int, sample_ids: torch.Tensor) -> torch.Tensor:
+        return derive_seeds(self.seed, TRAIN_TIMESTEP, epoch, sample_ids) % self.T
+
+    def noise_seeds(self, step: int, epoch: int, sample_ids: torch.Tensor) -> torch.Tensor:
+        return derive_seeds(self.seed, TRAIN_NOISE, epoch, sample_ids)
 
 
-def step_noise_seeds(seed: int, step: int, sample_ids: torch.Tensor) -> torch.Tensor:
-    return derive_seeds(seed, TRAIN_NOISE, step, sample_ids)
+DRAWS = {"per_step": StepDraws, "per_example": ExampleDraws}
 
 
 def learning_rate(cfg_train: DictConfig, step: int) -> float:
@@ -86,6 +111,7 @@ def train(cfg: DictConfig, run_dir: Path, train_set: ImageSet, device: torch.dev
     states, start_epoch = _resume(ckpt_dir, schedule, chash, unet, optimizer, ema, device)
     images = train_set.images.to(device)
     ids = train_set.ids
+    draws = DRAWS[t.draws](t.seed, scheduler.config.num_train_timesteps)
 
     replay_rows: list[pd.DataFrame] = []
     losses: list[float] = []
@@ -93,14 +119,14 @@ def train(cfg: DictConfig, run_dir: Path, train_set: ImageSet, device: torch.dev
                total=t.epochs)
     for epoch in bar:
         tic, seen = time.perf_counter(), 0
-        order = epoch_order(t.seed, epoch, n)
+        order = draws.order(epoch, ids)
         unet.train()
         for b in range(steps_per_epoch):
             step = (epoch - 1) * steps_per_epoch + b
             rows = order[b * t.batch_size:(b + 1) * t.batch_size]
             sample_ids = ids[rows]
-            timesteps = step_timesteps(t.seed, step, len(rows), scheduler.config.num_train_timesteps)
-            seeds = step_noise_seeds(t.seed, step, sample_ids)
+            timesteps = draws.timesteps(step, epoch, sample_ids)
+            seeds = draws.noise_seeds(step, epoch, sample_ids)
             noise = noise_from_seeds(seeds, images.shape[1:]).to(device)
             x0 = images[rows.to(device)]
             x_t = scheduler.add_noise(x0, noise, timesteps.to(device))

@@ -8,6 +8,8 @@ from diffattr.config import compose, resolved_yaml, stage_overrides, sweep_from_
 from diffattr.layout import pattern
 from diffattr.methods import families, shard_count
 from diffattr.resources import job_resources
+from diffattr.removal import chunks as removal_chunks, removal_methods
+from diffattr.subsets import chunks
 
 EXPERIMENT = str(config.get("experiment", "digits"))
 SWEEP = sweep_from_config(config)  # .name (None unless several runs), .points (override lists), .keys (swept)
@@ -83,7 +85,15 @@ def needs(what, stage):
     def get(wc):
         if stage in ("attribution", "merge"):
             return job_resources(stage, run_of(f"attribution/{wc.family}", wc.method_key).cfg, wc.family)[what]
-        key_stage = {"sample": "samples"}.get(stage, stage)
+        key_stage = {"sample": "samples", "validate": "outputs"}.get(stage, stage)
         return job_resources(stage, run_of(key_stage, getattr(wc, key_stage)).cfg)[what]
 
     return get
+
+
+def output_chunks(run):
+    return [path_of(run, "output_chunk", first=first, last=last) for first, last in chunks(run.cfg.validate)]
+
+
+def score_dirs(run, methods):
+    return [str(run.layout.scores(m).parent) for m in methods]

@@ -128,6 +128,9 @@ class Family:
     # the variants one job computes when some are requested (default: those): the job of a stage key must not
     # depend on which of the variants sharing it a run asked for
     batch: Callable[[Sequence[str]], list[str]] | None = None
+    # retune(job_dir, variant, lam): the variant's scores [Q, N] (the rows of its score file) recomputed from what its
+    # job saved at another ridge lambda, so that `validate` can choose lambda by held-out LDS
+    retune: Callable[[Path, str, float], Any] | None = None
 
     def job_variants(self, requested: Sequence[str]) -> list[str]:
         return list(self.batch(requested)) if self.batch is not None else list(requested)

@@ -98,9 +98,25 @@ def run_with_spec(job: Job, spec) -> None:
     if a.self_influence:  # every training image featurised as its own query, like a training-image query
         own["self_influence"] = torch.stack([kernels.self_scores(o, p, choice.lam)
                                              for o, p in zip(phi_owns, phi_trains)]).mean(0)
-    save_tensors({f"phi_train.{i}": p for i, p in enumerate(phi_trains)}, job.out / "features.safetensors")
+    save_tensors({**{f"phi_train.{i}": p for i, p in enumerate(phi_trains)},
+                  **{f"phi_query.{i}": p for i, p in enumerate(phi_queries)}}, job.out / "features.safetensors")
     save_tensors({"scores": scores, "query_ids": torch.tensor(queries.query_id.to_numpy()),
                   "train_ids": train_set.ids, **own}, job.out / f"{method}.safetensors")
+
+
+def retune(job_dir, variant: str, lam: float):
+    """The scores of every query at another lambda, from the members' saved training and query features."""
+    from safetensors.torch import load_file
+
+    from ..exceptions import StageError
+    from ..kernels import trak as kernels
+
+    saved = load_file(str(job_dir / "features.safetensors"))
+    members = sorted(int(k.split(".")[1]) for k in saved if k.startswith("phi_train."))
+    if not all(f"phi_query.{i}" in saved for i in members):
+        raise StageError(f"{job_dir} was computed before query features were saved; delete it and rerun")
+    return kernels.ensemble_scores([saved[f"phi_query.{i}"] for i in members],
+                                   [saved[f"phi_train.{i}"] for i in members], lam)
 
 
 def run(job: Job) -> None:
@@ -115,5 +131,5 @@ def run(job: Job) -> None:
 register(Family(
     name="trak",
     variants={"trak": "phi(q)^T (Phi^T Phi + lambda I)^-1 phi(i), projected loss gradients at K timesteps"},
-    run=run, settings=TrakSettings, uses=(*LAMBDA_KEYS, "self_influence"), self_influence=True,
+    run=run, settings=TrakSettings, uses=(*LAMBDA_KEYS, "self_influence"), self_influence=True, retune=retune,
 ))

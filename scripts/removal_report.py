@@ -1,0 +1,13 @@
+"""The run's counterfactual removal: tables/removal.csv, tables/removal_summary.csv and figures/removal.png."""
+
+from diffattr.cli import entry
+from diffattr.removal import write_removal_report
+
+
+@entry
+def main(run, device):
+    write_removal_report(run.cfg, run.layout)
+
+
+if __name__ == "__main__":
+    main()

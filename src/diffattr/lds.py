@@ -1,0 +1,78 @@
+"""Linear datamodeling score (LDS): how well attribution scores predict the model retrained on random subsets.
+
+Park et al. (TRAK, ICML 2023) define it; D-TRAK (Zheng et al., ICLR 2024) and Mlodozeniec et al. (ICLR 2025) apply it
+to diffusion models (``METHODS.md`` §5). For a query q, subsets S_1..S_M of the training set and models theta_m
+trained on them:
+
+    LDS(q) = Spearman over m of ( sum_{i in S_m} score(q, i) ,  -F(q; theta_m) )
+
+where F is the query's diffusion loss. The minus sign is the convention of this package: a score is an influence,
+high when training on i *lowers* the query's loss (a proponent); :func:`measured_effect` is the one place it lives.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+
+def predicted_outputs(scores: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """The datamodel's prediction for every subset and query: ``masks @ scores.T`` ([M, Q]), float64.
+
+    ``scores`` [Q, N] (query x training example), ``masks`` [M, N] bool (example i in subset m)."""
+    return np.asarray(masks, dtype=np.float64) @ np.asarray(scores, dtype=np.float64).T
+
+
+def measured_effect(outputs: np.ndarray) -> np.ndarray:
+    """What a positive influence predicts: a *lower* loss, so the measured outputs enter LDS negated."""
+    return -np.asarray(outputs, dtype=np.float64)
+
+
+def spearman_columns(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Spearman correlation of each column of ``a`` with the same column of ``b`` (ties get their average rank);
+    NaN for a column that is constant in either."""
+    ra, rb = (pd.DataFrame(np.asarray(x, dtype=np.float64)).rank(axis=0).to_numpy() for x in (a, b))
+    ra, rb = ra - ra.mean(axis=0), rb - rb.mean(axis=0)
+    denom = np.sqrt((ra ** 2).sum(axis=0) * (rb ** 2).sum(axis=0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denom > 0, (ra * rb).sum(axis=0) / np.where(denom > 0, denom, 1), np.nan)
+
+
+def lds(scores: np.ndarray, masks: np.ndarray, outputs: np.ndarray) -> np.ndarray:
+    """LDS of every query ([Q]): ``scores`` [Q, N], ``masks`` [M, N], measured ``outputs`` F [M, Q]."""
+    return spearman_columns(predicted_outputs(scores, masks), measured_effect(outputs))
+
+
+def seed_ceiling(outputs: np.ndarray) -> np.ndarray:
+    """The seed-to-seed ceiling of every query ([Q]) from ``outputs`` [M, S, Q] of M subsets trained with S >= 2
+    seeds each: Spearman over subsets of one seed's outputs against the mean of the others, averaged over seeds
+    (Mlodozeniec et al.'s ceiling). No attribution method can predict the training noise that it measures."""
+    outputs = np.asarray(outputs, dtype=np.float64)
+    n_seeds = outputs.shape[1]
+    if n_seeds < 2:
+        raise ValueError("the seed-to-seed ceiling needs at least two seeds per subset")
+    rest = (outputs.sum(axis=1, keepdims=True) - outputs) / (n_seeds - 1)
+    return np.mean([spearman_columns(outputs[:, s], rest[:, s]) for s in range(n_seeds)], axis=0)
+
+
+def bootstrap_ci(per_query: Callable[[np.ndarray, np.ndarray], np.ndarray], n_subsets: int, n_queries: int,
+                 n_resamples: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    """Mean over queries of ``per_query(rows, cols)`` (the per-query LDS computed on those subsets and queries; NaNs
+    dropped) and its percentile-bootstrap interval, resampling subsets *and* queries. Every query is measured on the
+    same subset models, so the per-query values share those models' training noise and are correlated: resampling
+    queries alone would treat them as independent and understate the uncertainty."""
+    everything = per_query(np.arange(n_subsets), np.arange(n_queries))
+    if not np.isfinite(everything).any():
+        return float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = [np.nanmean(per_query(rng.integers(0, n_subsets, n_subsets), rng.integers(0, n_queries, n_queries)))
+             for _ in range(n_resamples)]
+    tail = (1 - level) / 2
+    return float(np.nanmean(everything)), float(np.nanquantile(means, tail)), float(np.nanquantile(means, 1 - tail))
+
+
+def random_scores(n_queries: int, n_train: int, seed: int) -> np.ndarray:
+    """The control: scores that know nothing (standard normal); their LDS must sit at about 0."""
+    return np.random.default_rng(seed).standard_normal((n_queries, n_train))

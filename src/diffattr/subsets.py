@@ -1,0 +1,124 @@
+"""Models retrained on random subsets of the training set, and the output F(q; theta) measured on each of them: what
+the linear datamodeling score compares attribution scores with (``diffattr.lds``; METHODS.md §5).
+
+Subset m keeps ``round(alpha N)`` training examples drawn from ``(validate.seed, m)`` alone, so raising
+``validate.n_subsets`` keeps every earlier subset (and its trained models). Seed 0 of a subset trains with the full
+run's own ``train.seed``: under ``train.draws=per_example`` its examples then see exactly the draws they saw in the
+full run, and the subset model differs from the full model by the removed data only (coupled retraining).
+
+F(q; theta) is the query's diffusion loss (``train.loss``) averaged over ``validate.output_timesteps`` evenly spaced
+timesteps (``linspace(0, T-1)``) and ``validate.output_noises`` noises, each fixed by (query id, timestep, noise
+index), so every model is measured on the same noised images (D-TRAK's protocol with fewer draws).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .data import ImageSet
+from .exceptions import ConfigError
+from .noise import VALIDATE_OUTPUT_NOISE, VALIDATE_SUBSETS, derive_seeds, noise_from_seeds
+from .timesteps import evenly_spaced_timesteps
+from .train import diffusion_loss, train
+
+
+@dataclass(frozen=True)
+class SubsetModel:
+    """One model of the validation: trained on subset ``subset`` with the ``seed``-th training seed; subset -1 is
+    the full run's own model (trained by the train stage, measured beside the others)."""
+
+    subset: int
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return "full" if self.is_full else f"subset_{self.subset:04d}_seed_{self.seed}"
+
+    @property
+    def is_full(self) -> bool:
+        return self.subset < 0
+
+
+FULL = SubsetModel(-1, 0)
+
+
+def subset_models(v: DictConfig) -> list[SubsetModel]:
+    """Every model a validation measures, in a fixed order: the full model, then ``validate.seeds`` per subset, then
+    (with one seed) a second seed for the first ``validate.ceiling_subsets`` subsets."""
+    models = [FULL] + [SubsetModel(m, s) for m in range(v.n_subsets) for s in range(v.seeds)]
+    if v.seeds == 1:
+        models += [SubsetModel(m, 1) for m in range(min(v.ceiling_subsets, v.n_subsets))]
+    return models
+
+
+def chunks(v: DictConfig) -> list[tuple[int, int]]:
+    """(first, last) positions in :func:`subset_models` of the models each job trains and measures."""
+    n, size = len(subset_models(v)), v.models_per_job
+    return [(first, min(first + size, n) - 1) for first in range(0, n, size)]
+
+
+def subset_mask(n: int, alpha: float, seed: int, subset: int) -> np.ndarray:
+    """Which of ``n`` training examples (in the training set's order) subset ``subset`` keeps: bool [n]."""
+    if not 0 < alpha < 1:
+        raise ConfigError(f"invalid configuration at 'validate.alpha': {alpha!r} must be in (0, 1)")
+    k = round(alpha * n)
+    if not 0 < k < n:
+        raise ConfigError(f"validate.alpha={alpha} keeps {k} of {n} training examples; choose it so that a subset "
+                          "keeps at least one example and drops at least one")
+    rng = np.random.default_rng(int(derive_seeds(seed, VALIDATE_SUBSETS, subset)))
+    mask = np.zeros(n, dtype=bool)
+    mask[rng.choice(n, k, replace=False)] = True
+    return mask
+
+
+def masks(n: int, v: DictConfig) -> np.ndarray:
+    """Every subset's mask: bool [validate.n_subsets, n]."""
+    return np.stack([subset_mask(n, v.alpha, v.seed, m) for m in range(v.n_subsets)])
+
+
+def masks_table(ids: np.ndarray, v: DictConfig) -> pd.DataFrame:
+    """``masks.parquet``: one row per (subset, training example), with ``kept``."""
+    m = masks(len(ids), v)
+    return pd.DataFrame({"subset": np.repeat(np.arange(len(m)), len(ids)), "sample_id": np.tile(ids, len(m)),
+                         "kept": m.reshape(-1)})
+
+
+def train_subset_model(cfg: DictConfig, directory: Path, train_set: ImageSet, model: SubsetModel,
+                       device: torch.device):
+    """Train (or resume, or find done) ``model`` in ``directory``: the run's training on the subset's examples with
+    seed ``train.seed + model.seed``, for the same epochs, keeping only the last checkpoint."""
+    keep = subset_mask(len(train_set), cfg.validate.alpha, cfg.validate.seed, model.subset)
+    sub = OmegaConf.merge(cfg, {"train": {"seed": cfg.train.seed + model.seed,
+                                          "checkpoint_every": cfg.train.epochs}})
+    return train(sub, directory, train_set.subset(np.flatnonzero(keep)), device)
+
+
+def output_timesteps(cfg: DictConfig) -> torch.Tensor:
+    return evenly_spaced_timesteps(cfg.validate.output_timesteps, cfg.model.num_train_timesteps)
+
+
+@torch.no_grad()
+def model_outputs(unet, scheduler, images: torch.Tensor, query_ids: np.ndarray, timesteps: torch.Tensor,
+                  n_noises: int, seed: int, loss: str, batch_size: int) -> np.ndarray:
+    """F(q; theta) of every query: its loss ``loss`` averaged over ``timesteps`` x ``n_noises`` fixed noises (float64
+    [Q]). The noise of (q, t, r) is a function of (``seed``, query id, t, r) only, so every model sees the same."""
+    device = next(unet.parameters()).device
+    unet.eval()
+    q_idx, t_idx, r_idx = (a.reshape(-1) for a in np.meshgrid(np.arange(len(query_ids)), np.arange(len(timesteps)),
+                                                               np.arange(n_noises), indexing="ij"))
+    totals = np.zeros(len(query_ids), dtype=np.float64)
+    for start in range(0, len(q_idx), batch_size):
+        q, r = q_idx[start:start + batch_size], r_idx[start:start + batch_size]
+        t = timesteps[t_idx[start:start + batch_size]]
+        noise = noise_from_seeds(derive_seeds(seed, VALIDATE_OUTPUT_NOISE, query_ids[q], t, r), images.shape[1:])
+        x_t = scheduler.add_noise(images[q], noise, t)
+        pred = unet(x_t.to(device), t.to(device)).sample
+        per = diffusion_loss(pred, noise.to(device), loss).double().cpu().numpy()
+        np.add.at(totals, q, per)
+    return totals / (len(timesteps) * n_noises)

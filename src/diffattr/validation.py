@@ -1,0 +1,213 @@
+"""The counterfactual validation's two stages: a job that trains and measures a chunk of subset models, and the
+run's LDS report (``snakemake validate``; METHODS.md §5).
+
+The report compares every method of ``attribution.methods`` on the same queries: those of ``validate.query_kinds``
+that are not held out. The held-out ones choose the ridge lambda of every family that can be re-scored at another
+lambda (``Family.retune``: TRAK, D-TRAK) by their mean LDS, as D-TRAK and TRAK tune it, but never on the reported
+queries (``tables/lds_lambda.csv``). Beside the methods it reports a random-score control (LDS about 0) and the
+seed-to-seed ceiling (how well one training seed's outputs predict another's: the most any attribution can reach under
+this training noise).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import DictConfig
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from . import lds
+from .atomic import atomic_path, write_csv, write_parquet
+from .checkpoints import load_checkpoint_unet, read_index
+from .data import ImageSet
+from .exceptions import StageError
+from .layout import Layout
+from .models import build_scheduler
+from .queries import load_queries
+from .subsets import (chunks, masks, masks_table, model_outputs, output_timesteps, subset_models,
+                      train_subset_model)
+
+CONTROL, CEILING = "random", "seed_to_seed"
+
+
+def measured_queries(cfg: DictConfig, layout: Layout) -> tuple[pd.DataFrame, torch.Tensor]:
+    """The queries whose outputs are measured: those of ``validate.query_kinds`` (held-out ones included: they
+    choose tuned knobs)."""
+    table, images = load_queries(layout)
+    keep = table.query_kind.isin(list(cfg.validate.query_kinds)).to_numpy()
+    return table[keep].reset_index(drop=True), images[keep]
+
+
+def run_chunk(cfg: DictConfig, layout: Layout, first: int, last: int, device: torch.device) -> None:
+    """Train (or reuse) the models at positions ``first..last`` of the validation's list, measure F on the queries,
+    and write their ``output_chunk``. Each model's outputs are kept as a part, so an interrupted job resumes."""
+    models = subset_models(cfg.validate)[first:last + 1]
+    if not models:
+        raise StageError(f"no validation model at positions {first}..{last}; the list has "
+                         f"{len(subset_models(cfg.validate))}")
+    train_set = ImageSet.load(layout.path("data", split="train"))
+    queries, images = measured_queries(cfg, layout)
+    ids = queries.query_id.to_numpy()
+    scheduler = build_scheduler(cfg.model)
+    timesteps = output_timesteps(cfg)
+    use_ema = cfg.sample.use_ema  # the generating weights: what sampled the queries
+    frames = []
+    for model in tqdm(models, desc="validate", unit="model"):
+        part = layout.path("output_parts", model=model.name)
+        if not part.exists():
+            if model.is_full:
+                directory = layout.path("checkpoint_index").parent
+            else:
+                directory = layout.path("subset_model", model=model.name)
+                if not (directory / "checkpoints" / "index.json").exists():  # written last: the model is complete
+                    train_subset_model(cfg, directory, train_set, model, device)
+                directory = directory / "checkpoints"
+            last_ckpt = directory / read_index(directory)[-1].name
+            unet = load_checkpoint_unet(last_ckpt, ema=use_ema).to(device)
+            out = model_outputs(unet, scheduler, images, ids, timesteps, cfg.validate.output_noises,
+                                cfg.validate.seed, cfg.train.loss, cfg.validate.batch_size)
+            if not np.isfinite(out).all():
+                raise StageError(f"non-finite measured output of {model.name} ({last_ckpt}); its training diverged: "
+                                 "lower train.lr or enable train.grad_clip")
+            write_parquet(pd.DataFrame({"query_id": ids, "output": out}), part)
+        frames.append(pd.read_parquet(part).assign(model=model.name, subset=model.subset, seed=model.seed))
+    table = pd.concat(frames, ignore_index=True)[["model", "subset", "seed", "query_id", "output"]]
+    write_parquet(table, layout.path("output_chunk", first=first, last=last))
+
+
+def output_arrays(table: pd.DataFrame, n_subsets: int, query_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """From the chunks' rows: outputs [M, S, Q] (NaN where subset m has no seed s) and the full model's [Q]."""
+    n_seeds = int(table.seed.max()) + 1
+    col = pd.Index(query_ids).get_indexer(table.query_id)
+    if (col < 0).any():
+        raise StageError("measured outputs name queries the run does not have; delete the outputs stage and rerun")
+    full = table.subset < 0
+    outputs = np.full((n_subsets, n_seeds, len(query_ids)), np.nan)
+    sub = table[~full]
+    outputs[sub.subset.to_numpy(), sub.seed.to_numpy(), col[~full.to_numpy()]] = sub.output.to_numpy()
+    full_outputs = np.full(len(query_ids), np.nan)
+    full_outputs[col[full.to_numpy()]] = table.output[full].to_numpy()
+    return outputs, full_outputs
+
+
+def chunk_files(cfg: DictConfig, layout: Layout) -> list:
+    return [layout.path("output_chunk", first=first, last=last) for first, last in chunks(cfg.validate)]
+
+
+def write_lds_report(cfg: DictConfig, layout: Layout) -> None:
+    """``tables/lds.csv`` and ``lds_outputs.csv``, ``figures/lds.png``, and the plain arrays of ``lds/``."""
+    from .figures.lds import lds_figure
+    from .methods import family_of
+
+    v = cfg.validate
+    train_ids = ImageSet.load(layout.path("data", split="train")).ids.numpy()
+    queries, _ = measured_queries(cfg, layout)
+    query_ids, kinds = queries.query_id.to_numpy(), queries.query_kind.to_numpy()
+    table = pd.concat([pd.read_parquet(f) for f in chunk_files(cfg, layout)], ignore_index=True)
+    outputs, full_outputs = output_arrays(table, v.n_subsets, query_ids)
+    lds_outputs = np.nanmean(outputs[:, :v.seeds], axis=1)  # the seeds every subset has
+    m = masks(len(train_ids), v)
+    reported = ~queries.heldout.to_numpy()
+
+    arrays = {"masks": m, "train_ids": train_ids, "query_ids": query_ids, "query_kinds": kinds.astype(str),
+              "outputs": outputs, "full_outputs": full_outputs}
+    rows = []
+
+    def add(method, variant, per_query, n_subsets, n_seeds):
+        """``per_query(rows, cols)``: the LDS of the queries ``cols`` on the subsets ``rows``."""
+        for kind in pd.unique(kinds[reported]):
+            sel = np.flatnonzero(reported & (kinds == kind))
+            mean, low, high = lds.bootstrap_ci(lambda r, c: per_query(r, sel[c]), n_subsets, len(sel), v.bootstrap,
+                                               seed=v.seed)
+            if np.isfinite(mean):  # else the method does not score this kind of query
+                rows.append({"method": method, "variant": variant, "query_kind": kind,
+                             "n_queries": int(np.isfinite(per_query(np.arange(n_subsets), sel)).sum()),
+                             "n_subsets": n_subsets, "n_seeds": n_seeds, "lds_mean": mean, "ci_low": low,
+                             "ci_high": high})
+
+    def of_scores(scores):
+        predicted, effect = lds.predicted_outputs(scores, m), lds.measured_effect(lds_outputs)
+        return lambda r, c: lds.spearman_columns(predicted[r][:, c], effect[r][:, c])
+
+    tuned = []
+    for variant in cfg.attribution.methods:
+        family, path = family_of(variant), layout.scores(variant)
+        dense = load_file(str(path))
+        if not np.array_equal(dense["train_ids"].numpy(), train_ids):
+            raise StageError(f"{path} is for another training set; delete it and rerun")
+        # a method scores the query kinds it defines (Journey-TRAK: generated images); the others stay NaN
+        rows_of = pd.Index(dense["query_ids"].numpy()).get_indexer(query_ids)
+        has = rows_of >= 0
+
+        def at(matrix):
+            out = np.full((len(query_ids), len(train_ids)), np.nan)
+            out[has] = np.asarray(matrix)[rows_of[has]]
+            return out
+
+        scores = at(dense["scores"].numpy())
+        if family.retune is not None:
+            scores, lambdas = lambda_by_lds(lambda lam: at(family.retune(path.parent, variant, lam).numpy()),
+                                            list(cfg.attribution.lambda_grid), ~reported & has, m, lds_outputs,
+                                            scores)
+            tuned.append(lambdas.assign(method=family.name, variant=variant))
+        arrays[f"scores_{variant}"] = scores
+        add(family.name, variant, of_scores(scores), v.n_subsets, v.seeds)
+    add("control", CONTROL, of_scores(lds.random_scores(len(query_ids), len(train_ids), v.seed)), v.n_subsets, v.seeds)
+    both = outputs[np.isfinite(outputs).all(axis=(1, 2))]
+    if outputs.shape[1] >= 2 and len(both) >= 3:
+        add("ceiling", CEILING, lambda r, c: lds.seed_ceiling(both[r][:, :, c]), len(both), outputs.shape[1])
+    result = pd.DataFrame(rows)
+    write_csv(result, layout.path("table", name="lds.csv"))
+    write_csv(_outputs_summary(outputs, full_outputs, kinds, reported), layout.path("table", name="lds_outputs.csv"))
+    write_csv(pd.concat(tuned, ignore_index=True) if tuned else pd.DataFrame(columns=LAMBDA_COLUMNS),
+              layout.path("table", name="lds_lambda.csv"))
+    write_parquet(masks_table(train_ids, v), layout.path("lds_masks"))
+    with atomic_path(layout.path("lds_arrays")) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    lds_figure(result, layout.path("figure", name="lds"))
+
+
+LAMBDA_COLUMNS = ["method", "variant", "lam", "heldout_lds", "n_heldout", "refused", "chosen"]
+
+
+def lambda_by_lds(scores_at, grid, heldout, masks, outputs, fallback):
+    """The ridge lambda of ``grid`` whose scores (``scores_at(lam)``, [Q, N]) have the highest mean LDS over the
+    ``heldout`` queries (ties: the largest lambda), those scores, and the table of every candidate. Without a
+    measured held-out query the job's own choice (``fallback``, its label-free proxy) is kept, and the table says so.
+    """
+    rows, candidates = [], {}
+    for lam in grid:
+        refused, value = "", float("nan")
+        try:
+            candidates[lam] = scores_at(lam)
+            if heldout.any():
+                value = float(np.nanmean(lds.lds(candidates[lam][heldout], masks, outputs[:, heldout])))
+            else:
+                refused = "no measured held-out query: lambda stays the attribution job's choice"
+        except np.linalg.LinAlgError as err:
+            refused = str(err)
+        rows.append({"lam": float(lam), "heldout_lds": value, "n_heldout": int(heldout.sum()), "refused": refused})
+    table = pd.DataFrame(rows)
+    valid = table[np.isfinite(table.heldout_lds)]
+    best = valid[valid.heldout_lds == valid.heldout_lds.max()].lam.max() if len(valid) else None
+    table["chosen"] = table.lam == best
+    return (candidates[best] if best is not None else fallback), table[LAMBDA_COLUMNS[2:]]
+
+
+def _outputs_summary(outputs, full_outputs, kinds, reported) -> pd.DataFrame:
+    """How much the measured output moves: the full model's F, the mean and spread of F over subsets, and the
+    spread between seeds of one subset (the training noise an LDS has to see through)."""
+    rows = []
+    for kind in pd.unique(kinds[reported]):
+        sel = reported & (kinds == kind)
+        seed0 = outputs[:, 0, sel]
+        pairs = np.isfinite(outputs[:, :2, sel]).all(axis=(1, 2)) if outputs.shape[1] >= 2 else np.zeros(0, bool)
+        seed_sd = float(np.nanmean(np.abs(outputs[pairs, 0][:, sel] - outputs[pairs, 1][:, sel]) / np.sqrt(2))) \
+            if pairs.any() else float("nan")
+        rows.append({"query_kind": kind, "n_queries": int(sel.sum()), "full_model_F": float(full_outputs[sel].mean()),
+                     "subset_F_mean": float(seed0.mean()), "subset_F_sd": float(seed0.std(axis=0).mean()),
+                     "seed_F_sd": seed_sd})
+    return pd.DataFrame(rows)

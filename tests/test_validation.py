@@ -1,0 +1,239 @@
+"""Counterfactual validation: the LDS arithmetic on a linear datamodel with known attributions, the subset and seed
+bookkeeping, coupled retraining, the measured output against a plain loop, and a chunk job's resumption."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.stats
+import torch
+from omegaconf import OmegaConf
+
+from diffattr import lds
+from diffattr.config import compose
+from diffattr.data import load_dataset
+from diffattr.exceptions import ConfigError
+from diffattr.noise import VALIDATE_OUTPUT_NOISE, derive_seeds, noise_from_seeds
+from diffattr.subsets import (FULL, SubsetModel, chunks, masks, model_outputs, subset_mask, subset_models,
+                              train_subset_model)
+from diffattr.train import train
+
+
+# --- LDS arithmetic -----------------------------------------------------------------------------------------------
+
+def linear_datamodel(n_queries=40, n_train=200, n_subsets=64, noise=0.05, seed=0):
+    """F(q; S) = b_q - sum_{i in S} theta[q, i] + noise: theta is the true influence (training on i lowers F)."""
+    rng = np.random.default_rng(seed)
+    theta = rng.standard_normal((n_queries, n_train))
+    m = rng.random((n_subsets, n_train)) < 0.5
+    outputs = 3.0 - m @ theta.T + noise * rng.standard_normal((n_subsets, n_queries))
+    return theta, m, outputs
+
+
+def test_true_scores_give_lds_one_random_zero_negated_minus_one():
+    theta, m, outputs = linear_datamodel()
+    assert lds.lds(theta, m, outputs).mean() > 0.98
+    assert lds.lds(-theta, m, outputs).mean() < -0.98
+    random = lds.lds(lds.random_scores(*theta.shape, seed=1), m, outputs)
+    assert abs(random.mean()) < 0.05
+    assert random.std() > 0.05  # each query's random LDS scatters around 0; it is the mean that vanishes
+
+
+def test_the_sign_lives_in_one_place():
+    # a method whose score is high for a proponent (training on it lowers the loss) must get a positive LDS
+    outputs = np.array([[1.0], [2.0], [3.0]])  # F rises ...
+    m = np.array([[1, 1], [1, 0], [0, 0]], dtype=bool)  # ... as the subsets keep fewer of the two examples
+    assert lds.lds(np.array([[1.0, 1.0]]), m, outputs)[0] == pytest.approx(1.0)
+    np.testing.assert_array_equal(lds.measured_effect(outputs), -outputs)
+
+
+def test_spearman_matches_scipy_with_ties():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 5, (30, 7)).astype(float)  # many ties
+    b = rng.standard_normal((30, 7))
+    expected = [scipy.stats.spearmanr(a[:, j], b[:, j]).statistic for j in range(7)]
+    np.testing.assert_allclose(lds.spearman_columns(a, b), expected, rtol=1e-12)
+    assert np.isnan(lds.spearman_columns(np.ones((5, 1)), rng.standard_normal((5, 1))))[0]
+
+
+def test_seed_ceiling_is_one_for_identical_seeds_and_zero_for_unrelated_ones():
+    rng = np.random.default_rng(0)
+    signal = rng.standard_normal((50, 1, 20))
+    assert lds.seed_ceiling(np.concatenate([signal, signal], axis=1)).mean() == pytest.approx(1.0)
+    assert abs(lds.seed_ceiling(rng.standard_normal((50, 2, 200))).mean()) < 0.05
+    noisy = signal + 0.5 * rng.standard_normal((50, 3, 20))
+    assert 0.5 < lds.seed_ceiling(noisy).mean() < 1.0
+    with pytest.raises(ValueError):
+        lds.seed_ceiling(signal)
+
+
+def test_bootstrap_resamples_subsets_too_because_queries_share_the_models():
+    # F = a per-model effect shared by every query (training noise) + a little per-query noise, and scores with a
+    # part common to every query (as generally influential examples give): every query's LDS is high or low together
+    rng = np.random.default_rng(0)
+    n_subsets, n_queries, n_train = 20, 60, 50
+    m = rng.random((n_subsets, n_train)) < 0.5
+    shared = rng.standard_normal(n_subsets)
+    outputs = shared[:, None] + 0.3 * rng.standard_normal((n_subsets, n_queries))
+    scores = rng.standard_normal(n_train) + 0.2 * rng.standard_normal((n_queries, n_train))
+    predicted, effect = lds.predicted_outputs(scores, m), lds.measured_effect(outputs)
+    per_query = lambda r, c: lds.spearman_columns(predicted[r][:, c], effect[r][:, c])
+    mean, low, high = lds.bootstrap_ci(per_query, n_subsets, n_queries, 500, seed=3)
+    values = lds.lds(scores, m, outputs)
+    assert mean == pytest.approx(values.mean()) and low < mean < high
+    # the queries-only interval of the same values is several times narrower
+    rng2 = np.random.default_rng(3)
+    means = values[rng2.integers(0, n_queries, (500, n_queries))].mean(axis=1)
+    assert high - low > 3 * (np.quantile(means, 0.975) - np.quantile(means, 0.025))
+    assert lds.bootstrap_ci(per_query, n_subsets, n_queries, 500, seed=3) == (mean, low, high)
+    nothing = lds.bootstrap_ci(lambda r, c: np.full(len(c), np.nan), n_subsets, n_queries, 10)
+    assert np.isnan(nothing).all()
+
+
+def test_lambda_is_chosen_on_the_heldout_queries_only():
+    from diffattr.validation import lambda_by_lds
+
+    theta, m, outputs = linear_datamodel(n_queries=20)
+    heldout = np.arange(20) < 8
+    rng = np.random.default_rng(5)
+    noise = rng.standard_normal(theta.shape)
+    # lambda = 1 scores the held-out queries right and the reported ones by noise; lambda = 0.1 the reverse
+    at = {0.1: np.where(heldout[:, None], noise, theta), 1.0: np.where(heldout[:, None], theta, noise)}
+
+    def scores_at(lam):
+        if lam == 10.0:
+            raise np.linalg.LinAlgError("singular")
+        return at[lam]
+
+    scores, table = lambda_by_lds(scores_at, [0.1, 1.0, 10.0], heldout, m, outputs, fallback=None)
+    assert table.chosen.tolist() == [False, True, False] and scores is at[1.0]
+    assert table.refused.tolist()[2] == "singular" and np.isnan(table.heldout_lds[2])
+    assert table.heldout_lds[1] > 0.95 and abs(table.heldout_lds[0]) < 0.3
+    kept, table = lambda_by_lds(scores_at, [0.1, 1.0], np.zeros(20, bool), m, outputs, fallback="proxy")
+    assert kept == "proxy" and not table.chosen.any()
+
+
+# --- subsets and seeds ----------------------------------------------------------------------------------------------
+
+def settings(**kw):
+    base = compose("smoke").cfg.validate
+    return OmegaConf.merge(base, kw)
+
+
+def test_a_subset_does_not_depend_on_how_many_subsets_are_drawn():
+    few, many = masks(100, settings(n_subsets=4)), masks(100, settings(n_subsets=9))
+    np.testing.assert_array_equal(few, many[:4])
+    assert (many.sum(axis=1) == 50).all()
+    assert len({row.tobytes() for row in many}) == 9
+    other = masks(100, settings(n_subsets=4, seed=1))
+    assert not np.array_equal(few, other)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0, 1.5, 0.001])
+def test_a_subset_fraction_that_keeps_all_or_nothing_is_refused(alpha):
+    with pytest.raises(ConfigError, match="validate.alpha"):
+        subset_mask(100, alpha, 0, 0)
+
+
+def test_model_list_has_the_full_model_every_seed_and_the_ceiling_seeds_once():
+    v = settings(n_subsets=5, seeds=1, ceiling_subsets=2, models_per_job=3)
+    models = subset_models(v)
+    assert models[0] == FULL and FULL.name == "full"
+    assert models[1:] == [SubsetModel(m, 0) for m in range(5)] + [SubsetModel(0, 1), SubsetModel(1, 1)]
+    assert len({m.name for m in models}) == len(models)
+    covered = [i for first, last in chunks(v) for i in range(first, last + 1)]
+    assert covered == list(range(len(models)))
+    two = subset_models(settings(n_subsets=3, seeds=2, ceiling_subsets=2))
+    assert two[1:] == [SubsetModel(m, s) for m in range(3) for s in range(2)]  # the seeds themselves give the ceiling
+
+
+# --- coupled retraining ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smoke_train_set():
+    return load_dataset(compose("smoke").cfg.data, "train")
+
+
+@pytest.mark.parametrize("draws", ["per_step", "per_example"])
+def test_coupled_draws_give_a_surviving_example_the_draws_it_had_in_the_full_run(tmp_path, smoke_train_set, draws):
+    run = compose("smoke", [f"results_dir={tmp_path}", f"train.draws={draws}", "train.epochs=2"])
+    train(run.cfg, tmp_path / "full", smoke_train_set, torch.device("cpu"))
+    sub = train_subset_model(run.cfg, tmp_path / "sub", smoke_train_set, SubsetModel(0, 0), torch.device("cpu"))
+    assert [s.epoch for s in sub] == [2]  # only the last checkpoint of a subset model is kept
+    full = pd.read_parquet(tmp_path / "full" / "train_log.parquet")
+    part = pd.read_parquet(tmp_path / "sub" / "train_log.parquet")
+    kept = smoke_train_set.ids.numpy()[subset_mask(len(smoke_train_set), 0.5, 0, 0)]
+    assert sorted(part.sample_id.unique()) == sorted(kept)
+    keys = ["epoch", "sample_id"]
+    both = full[full.sample_id.isin(kept)].merge(part, on=keys, suffixes=("_full", "_sub"))
+    assert len(both) == len(part)
+    same = (both.timestep_full == both.timestep_sub) & (both.noise_seed_full == both.noise_seed_sub)
+    if draws == "per_example":
+        assert same.all()
+        for epoch, rows in full[full.sample_id.isin(kept)].groupby("epoch"):  # the same relative order
+            assert rows.sort_values("step", kind="stable").sample_id.tolist() == \
+                part[part.epoch == epoch].sort_values("step", kind="stable").sample_id.tolist()
+    else:
+        assert not same.all()
+
+
+# --- the measured output --------------------------------------------------------------------------------------------
+
+def test_model_output_is_the_mean_loss_over_the_fixed_grid(make_small_unet, single_thread):
+    unet, scheduler = make_small_unet(torch.float64)
+    unet = unet.float()
+    images = torch.rand(3, 3, 8, 8) * 2 - 1
+    ids = np.array([2_000_005, 1_000_007, 3])
+    timesteps = torch.tensor([0, 400, 999])
+    got = model_outputs(unet, scheduler, images, ids, timesteps, 2, seed=7, loss="l2", batch_size=4)
+    unet.eval()
+    expected = np.zeros(3)
+    with torch.no_grad():
+        for q in range(3):
+            for t in timesteps:
+                for r in range(2):
+                    eps = noise_from_seeds([int(derive_seeds(7, VALIDATE_OUTPUT_NOISE, ids[q], int(t), r))], (3, 8, 8))
+                    x_t = scheduler.add_noise(images[q:q + 1], eps, t.view(1))
+                    expected[q] += (unet(x_t, t.view(1)).sample - eps).square().mean().item() / 6
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    # the same query measured alone, in another batch size, gets the same noise and so the same output
+    alone = model_outputs(unet, scheduler, images[1:2], ids[1:2], timesteps, 2, seed=7, loss="l2", batch_size=5)
+    np.testing.assert_allclose(alone, got[1:2], rtol=1e-6)
+
+
+def test_a_setting_added_later_keeps_old_keys_at_its_default():
+    base, coupled = compose("smoke"), compose("smoke", ["train.draws=per_example"])
+    assert "draws" not in base.layout.depends["train"]["train"]  # results computed before it existed stay valid
+    assert coupled.layout.depends["train"]["train"]["draws"] == "per_example"
+    assert base.layout.keys["train"] != coupled.layout.keys["train"]
+
+
+# --- counterfactual removal -----------------------------------------------------------------------------------------
+
+def test_removal_takes_the_top_k_of_a_method_or_k_random_images():
+    from diffattr.removal import RANDOM, Case, removed_ids
+
+    ids = np.arange(100, 120)
+    scores = {"m": {"scores": np.vstack([np.arange(20.0), -np.arange(20.0)]), "query_ids": np.array([7, 9])}}
+    np.testing.assert_array_equal(removed_ids(Case("m", 7, 0.2), ids, scores, 0), [116, 117, 118, 119])
+    np.testing.assert_array_equal(removed_ids(Case("m", 9, 0.1), ids, scores, 0), [100, 101])
+    random = removed_ids(Case(RANDOM, 7, 0.2), ids, scores, 0)
+    assert len(random) == 4 and len(set(random)) == 4 and set(random) <= set(ids)
+    np.testing.assert_array_equal(random, removed_ids(Case(RANDOM, 7, 0.2), ids, scores, 0))
+    others = {tuple(removed_ids(Case(RANDOM, q, 0.2, d), ids, scores, s)) for q, d, s in [(9, 0, 0), (7, 1, 0),
+                                                                                          (7, 0, 1)]}
+    assert tuple(random) not in others and len(others) == 3
+    with pytest.raises(Exception, match="removal.fractions"):
+        removed_ids(Case("m", 7, 0.01), ids, scores, 0)
+
+
+def test_removal_summary_compares_each_method_with_random_per_query():
+    from diffattr.removal import summary
+
+    rows = [("random", 0.1, 10, q, 0, "h", l2, 0.1, 0.0) for q, l2 in [(1, 1.0), (2, 1.0), (3, 1.0)]]
+    rows += [("m", 0.1, 10, q, 0, "h", l2, 0.2, 0.01) for q, l2 in [(1, 2.0), (2, 0.5), (3, 3.0)]]
+    table = pd.DataFrame(rows, columns=["method", "fraction", "k", "query_id", "draw", "removed", "l2",
+                                        "feature_distance", "loss_increase"])
+    result = summary(table, 200, 0).set_index("method")
+    assert result.loc["m", "median_l2"] == 2.0 and result.loc["m", "beats_random"] == pytest.approx(2 / 3)
+    assert result.loc["random", "median_l2"] == 1.0 and np.isnan(result.loc["random", "beats_random"])
+    assert result.loc["m", "l2_ci_low"] <= 2.0 <= result.loc["m", "l2_ci_high"]
