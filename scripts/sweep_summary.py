@@ -4,7 +4,7 @@ sweep_lds rules)."""
 import argparse
 from pathlib import Path
 
-from diffattr.sweep import write_lds_summary, write_summary
+from diffattr.sweep import write_summary
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
@@ -14,5 +14,4 @@ if __name__ == "__main__":
     parser.add_argument("--lds", action="store_true", help="summarise the runs' LDS tables instead")
     parser.add_argument("runs", nargs="+", type=Path)
     args = parser.parse_args()
-    write = write_lds_summary if args.lds else write_summary
-    write(args.runs, [k for k in args.keys.split(",") if k], args.table, args.figure)
+    write_summary(args.runs, [k for k in args.keys.split(",") if k], args.table, args.figure, lds=args.lds)

@@ -84,6 +84,11 @@ def write_index(checkpoint_dir: Path, states: list[CheckpointState]) -> None:
     write_text(checkpoint_dir / "index.json", json.dumps([asdict(s) for s in states], indent=2))
 
 
+def last_checkpoint(checkpoint_dir: Path) -> Path:
+    """The directory of the last checkpoint that ``checkpoint_dir``'s index lists."""
+    return Path(checkpoint_dir) / read_index(checkpoint_dir)[-1].name
+
+
 def read_index(checkpoint_dir: Path) -> list[CheckpointState]:
     path = Path(checkpoint_dir) / "index.json"
     try:

@@ -21,11 +21,11 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from safetensors.torch import load_file
 
 from .atomic import save_tensors, write_csv, write_parquet
-from .checkpoints import load_checkpoint_unet, read_index
+from .checkpoints import last_checkpoint, load_checkpoint_unet
 from .data import ImageSet
 from .exceptions import StageError
 from .layout import Layout, digest
@@ -33,8 +33,7 @@ from .models import build_scheduler
 from .noise import REMOVAL_RANDOM, derive_seeds
 from .queries import load_queries
 from .sampling import generate
-from .subsets import model_outputs, output_timesteps
-from .train import train
+from .subsets import model_outputs, output_timesteps, position_ranges, train_last_only
 
 RANDOM = "random"
 COLUMNS = ["method", "fraction", "k", "query_id", "draw", "removed", "l2", "feature_distance", "loss_increase"]
@@ -75,8 +74,7 @@ def cases(cfg: DictConfig, queries: pd.DataFrame) -> list[Case]:
 
 
 def chunks(cfg: DictConfig) -> list[tuple[int, int]]:
-    n, size = n_cases(cfg), cfg.removal.cases_per_job
-    return [(first, min(first + size, n) - 1) for first in range(0, n, size)]
+    return position_ranges(n_cases(cfg), cfg.removal.cases_per_job)
 
 
 def removed_ids(case: Case, train_ids: np.ndarray, scores: dict[str, dict], seed: int) -> np.ndarray:
@@ -102,12 +100,10 @@ def retrain_without(cfg: DictConfig, layout: Layout, train_set: ImageSet, remove
     """The run's training (seed, draws, epochs) on the training set minus ``removed``, last checkpoint only; reused
     when a model without exactly those ids exists. Returns its last checkpoint's directory."""
     directory = layout.path("removal_model", removed=digest(removed.tolist()))
-    index = directory / "checkpoints" / "index.json"
-    if not index.exists():  # written last: the model is complete
+    if not (directory / "checkpoints" / "index.json").exists():  # written last: the model is complete
         keep = np.flatnonzero(~np.isin(train_set.ids.numpy(), removed))
-        train(OmegaConf.merge(cfg, {"train": {"checkpoint_every": cfg.train.epochs}}), directory,
-              train_set.subset(keep), device)
-    return directory / "checkpoints" / read_index(directory / "checkpoints")[-1].name
+        train_last_only(cfg, directory, train_set.subset(keep), device)
+    return last_checkpoint(directory / "checkpoints")
 
 
 @torch.no_grad()
@@ -148,8 +144,8 @@ def run_chunk(cfg: DictConfig, layout: Layout, first: int, last: int, device: to
     scheduler = build_scheduler(cfg.model)
     timesteps, v = output_timesteps(cfg), cfg.validate
     position = pd.Index(queries.query_id)
-    full_ckpt = layout.path("checkpoint_index").parent
-    full = load_checkpoint_unet(full_ckpt / read_index(full_ckpt)[-1].name, ema=cfg.sample.use_ema).to(device)
+    full = load_checkpoint_unet(last_checkpoint(layout.path("checkpoint_index").parent),
+                                ema=cfg.sample.use_ema).to(device)
 
     def measure(unet, ids):
         rows = position.get_indexer(ids)

@@ -59,7 +59,11 @@ def subset_models(v: DictConfig) -> list[SubsetModel]:
 
 def chunks(v: DictConfig) -> list[tuple[int, int]]:
     """(first, last) positions in :func:`subset_models` of the models each job trains and measures."""
-    n, size = len(subset_models(v)), v.models_per_job
+    return position_ranges(len(subset_models(v)), v.models_per_job)
+
+
+def position_ranges(n: int, size: int) -> list[tuple[int, int]]:
+    """``n`` positions cut into runs of ``size``: (first, last) of each, last inclusive."""
     return [(first, min(first + size, n) - 1) for first in range(0, n, size)]
 
 
@@ -94,9 +98,14 @@ def train_subset_model(cfg: DictConfig, directory: Path, train_set: ImageSet, mo
     """Train (or resume, or find done) ``model`` in ``directory``: the run's training on the subset's examples with
     seed ``train.seed + model.seed``, for the same epochs, keeping only the last checkpoint."""
     keep = subset_mask(len(train_set), cfg.validate.alpha, cfg.validate.seed, model.subset)
-    sub = OmegaConf.merge(cfg, {"train": {"seed": cfg.train.seed + model.seed,
-                                          "checkpoint_every": cfg.train.epochs}})
-    return train(sub, directory, train_set.subset(np.flatnonzero(keep)), device)
+    return train_last_only(cfg, directory, train_set.subset(np.flatnonzero(keep)), device, seed_offset=model.seed)
+
+
+def train_last_only(cfg: DictConfig, directory: Path, train_set: ImageSet, device: torch.device, seed_offset: int = 0):
+    """The run's training (draws, epochs, learning rate) on ``train_set`` with seed ``train.seed + seed_offset``,
+    keeping only the last checkpoint: the retrained models of the validation and of the removal."""
+    sub = OmegaConf.merge(cfg, {"train": {"seed": cfg.train.seed + seed_offset, "checkpoint_every": cfg.train.epochs}})
+    return train(sub, directory, train_set, device)
 
 
 def output_timesteps(cfg: DictConfig) -> torch.Tensor:

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from . import lds
 from .atomic import atomic_path, write_csv, write_parquet
-from .checkpoints import load_checkpoint_unet, read_index
+from .checkpoints import last_checkpoint, load_checkpoint_unet
 from .data import ImageSet
 from .exceptions import StageError
 from .layout import Layout
@@ -64,7 +64,7 @@ def run_chunk(cfg: DictConfig, layout: Layout, first: int, last: int, device: to
                 if not (directory / "checkpoints" / "index.json").exists():  # written last: the model is complete
                     train_subset_model(cfg, directory, train_set, model, device)
                 directory = directory / "checkpoints"
-            last_ckpt = directory / read_index(directory)[-1].name
+            last_ckpt = last_checkpoint(directory)
             unet = load_checkpoint_unet(last_ckpt, ema=use_ema).to(device)
             out = model_outputs(unet, scheduler, images, ids, timesteps, cfg.validate.output_noises,
                                 cfg.validate.seed, cfg.train.loss, cfg.validate.batch_size)
