@@ -364,6 +364,7 @@ def test_validate_reports_every_method_the_control_and_the_ceiling(validated):
     arrays = np.load(path("lds_arrays"))
     queries = pd.read_parquet(path("query_table")).set_index("query_id")
     reported = ~queries.loc[arrays["query_ids"], "heldout"].to_numpy()
+    np.testing.assert_array_equal(arrays["query_heldout"], ~reported)
     assert arrays["masks"].shape == (cfg.validate.n_subsets, len(arrays["train_ids"]))
     assert arrays["outputs"].shape == (cfg.validate.n_subsets, 2, len(arrays["query_ids"]))
     assert np.isnan(arrays["outputs"][cfg.validate.ceiling_subsets:, 1]).all()
@@ -376,6 +377,16 @@ def test_validate_reports_every_method_the_control_and_the_ceiling(validated):
         sel = reported & (arrays["query_kinds"] == row.query_kind)
         assert row.n_queries == sel.sum() > 0
         assert row.lds_mean == pytest.approx(np.nanmean(per_query[sel]))
+    # the papers' comparisons: paired differences over the same subsets and queries, every pair present
+    pairs = pd.read_csv(path("table", name="lds_pairs.csv"))
+    assert {(r.variant, r.versus) for r in pairs.itertuples()} == {
+        ("retrac", "tracin"), ("retrac_train_only", "tracin"), ("retrac_test_only", "tracin"), ("dtrak", "trak"),
+        ("journey_trak_normalized", "journey_trak"), ("trak", "tracin"), ("dtrak", "tracin"), ("dtrak", "retrac")}
+    means = table.set_index(["variant", "query_kind"]).lds_mean
+    for row in pairs.itertuples():
+        assert row.ci_low <= row.difference <= row.ci_high
+        assert row.difference == pytest.approx(means[row.variant, row.query_kind] - means[row.versus, row.query_kind])
+    assert set(pairs[pairs.variant == "journey_trak_normalized"].query_kind) == {"generated"}
     masks = pd.read_parquet(path("lds_masks"))
     kept = masks.pivot(index="subset", columns="sample_id", values="kept")[arrays["train_ids"]].to_numpy()
     np.testing.assert_array_equal(kept, arrays["masks"])

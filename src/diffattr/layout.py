@@ -82,14 +82,15 @@ ARTIFACTS: tuple[tuple[str, str, str], ...] = (
     ("scores_long", "{run}/scores/{method}.parquet", "long: query_id, query_kind, train_id, score (reported queries)"),
     ("table", "{run}/tables/{name}",
      "topk.parquet, general_influence.csv, tracing.csv, outliers.csv (cifar_mnist); lds.csv, lds_outputs.csv, "
-     "lds_lambda.csv (snakemake validate); removal.csv, removal_summary.csv (snakemake removal)"),
+     "lds_lambda.csv, lds_pairs.csv (snakemake validate); removal.csv, removal_summary.csv (snakemake removal)"),
     ("figure", "{run}/figures/{name}.png",
      "norm_vs_timestep, norm_at_recorded_timestep, general_influence, score_vs_grad_norm, topk_<method>; lds; removal"),
     ("lds_masks", "{run}/lds/masks.parquet", "subset, sample_id, kept: the validation's random subsets"),
     ("lds_arrays", "{run}/lds/arrays.npz",
      "plain arrays for any LDS implementation: masks [M, N] bool, train_ids [N], query_ids [Q], query_kinds [Q], "
-     "outputs [M, S, Q] float64 (NaN where subset m has no seed s), full_outputs [Q], scores_<method> [Q, N] "
-     "(NaN rows: query kinds the method does not score)"),
+     "query_heldout [Q] bool (held out to choose lambda, never reported), outputs [M, S, Q] float64 (NaN where "
+     "subset m has no seed s), full_outputs [Q], scores_<method> [Q, N] (NaN rows: query kinds the method does not "
+     "score)"),
     ("run_log", "{run}/logs/{job}.log", "one log per report job of the run"),
     ("sweep_summary", "sweeps/{sweep}/summary.csv", "one row per run x method: swept keys and headline metrics"),
     ("sweep_figure", "sweeps/{sweep}/summary.png", "headline metrics against the swept values"),

@@ -112,8 +112,8 @@ def write_lds_report(cfg: DictConfig, layout: Layout) -> None:
     reported = ~queries.heldout.to_numpy()
 
     arrays = {"masks": m, "train_ids": train_ids, "query_ids": query_ids, "query_kinds": kinds.astype(str),
-              "outputs": outputs, "full_outputs": full_outputs}
-    rows = []
+              "query_heldout": ~reported, "outputs": outputs, "full_outputs": full_outputs}
+    rows, pair_rows, per_query_of = [], [], {}
 
     def add(method, variant, per_query, n_subsets, n_seeds):
         """``per_query(rows, cols)``: the LDS of the queries ``cols`` on the subsets ``rows``."""
@@ -153,13 +153,25 @@ def write_lds_report(cfg: DictConfig, layout: Layout) -> None:
                                             scores)
             tuned.append(lambdas.assign(method=family.name, variant=variant))
         arrays[f"scores_{variant}"] = scores
-        add(family.name, variant, of_scores(scores), v.n_subsets, v.seeds)
+        per_query_of[variant] = of_scores(scores)
+        add(family.name, variant, per_query_of[variant], v.n_subsets, v.seeds)
+    for a, b in PAIRS:
+        if a in per_query_of and b in per_query_of:
+            fa, fb = per_query_of[a], per_query_of[b]
+            for kind in pd.unique(kinds[reported]):
+                sel = np.flatnonzero(reported & (kinds == kind))
+                mean, low, high = lds.bootstrap_ci(lambda r, c: fa(r, sel[c]) - fb(r, sel[c]), v.n_subsets, len(sel),
+                                                   v.bootstrap, seed=v.seed)
+                if np.isfinite(mean):
+                    pair_rows.append({"variant": a, "versus": b, "query_kind": kind, "n_subsets": v.n_subsets,
+                                      "difference": mean, "ci_low": low, "ci_high": high})
     add("control", CONTROL, of_scores(lds.random_scores(len(query_ids), len(train_ids), v.seed)), v.n_subsets, v.seeds)
     both = outputs[np.isfinite(outputs).all(axis=(1, 2))]
     if outputs.shape[1] >= 2 and len(both) >= 3:
         add("ceiling", CEILING, lambda r, c: lds.seed_ceiling(both[r][:, :, c]), len(both), outputs.shape[1])
     result = pd.DataFrame(rows)
     write_csv(result, layout.path("table", name="lds.csv"))
+    write_csv(pd.DataFrame(pair_rows, columns=PAIR_COLUMNS), layout.path("table", name="lds_pairs.csv"))
     write_csv(_outputs_summary(outputs, full_outputs, kinds, reported), layout.path("table", name="lds_outputs.csv"))
     write_csv(pd.concat(tuned, ignore_index=True) if tuned else pd.DataFrame(columns=LAMBDA_COLUMNS),
               layout.path("table", name="lds_lambda.csv"))
@@ -169,6 +181,13 @@ def write_lds_report(cfg: DictConfig, layout: Layout) -> None:
             np.savez(f, **arrays)
     lds_figure(result, layout.path("figure", name="lds"))
 
+
+# The comparisons the papers claim, as paired LDS differences on the same subsets and queries (so the training noise
+# the two share cancels): Diffusion-ReTrac's renormalisation against TracIn (Xie et al. 2024), D-TRAK's loss
+# against TRAK's output (Zheng et al. 2024), Journey-TRAK's normalisation, and the TRAK family against TracIn.
+PAIRS = [("retrac", "tracin"), ("retrac_train_only", "tracin"), ("retrac_test_only", "tracin"), ("dtrak", "trak"),
+         ("journey_trak_normalized", "journey_trak"), ("trak", "tracin"), ("dtrak", "tracin"), ("dtrak", "retrac")]
+PAIR_COLUMNS = ["variant", "versus", "query_kind", "n_subsets", "difference", "ci_low", "ci_high"]
 
 LAMBDA_COLUMNS = ["method", "variant", "lam", "heldout_lds", "n_heldout", "refused", "chosen"]
 

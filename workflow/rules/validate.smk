@@ -34,6 +34,7 @@ for _i, _run in enumerate(RUNS):
             lds=report(path_of(_run, "table", name="lds.csv"), caption="../report/lds_table.rst", category="Validation"),
             outputs=path_of(_run, "table", name="lds_outputs.csv"),
             lam=path_of(_run, "table", name="lds_lambda.csv"),
+            pairs=path_of(_run, "table", name="lds_pairs.csv"),
             figure=report(path_of(_run, "figure", name="lds"), caption="../report/lds.rst", category="Validation"),
             masks=path_of(_run, "lds_masks"),
             arrays=path_of(_run, "lds_arrays"),
