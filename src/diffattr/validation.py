@@ -115,17 +115,21 @@ def write_lds_report(cfg: DictConfig, layout: Layout) -> None:
               "query_heldout": ~reported, "outputs": outputs, "full_outputs": full_outputs}
     rows, pair_rows, per_query_of = [], [], {}
 
-    def add(method, variant, per_query, n_subsets, n_seeds):
-        """``per_query(rows, cols)``: the LDS of the queries ``cols`` on the subsets ``rows``."""
+    def per_kind(per_query, n_subsets):
+        """``per_query(rows, cols)``: the LDS of the queries ``cols`` on the subsets ``rows``. Yields each reported
+        kind a method scores, its queries and the mean with its interval."""
         for kind in pd.unique(kinds[reported]):
             sel = np.flatnonzero(reported & (kinds == kind))
             mean, low, high = lds.bootstrap_ci(lambda r, c: per_query(r, sel[c]), n_subsets, len(sel), v.bootstrap,
                                                seed=v.seed)
             if np.isfinite(mean):  # else the method does not score this kind of query
-                rows.append({"method": method, "variant": variant, "query_kind": kind,
-                             "n_queries": int(np.isfinite(per_query(np.arange(n_subsets), sel)).sum()),
-                             "n_subsets": n_subsets, "n_seeds": n_seeds, "lds_mean": mean, "ci_low": low,
-                             "ci_high": high})
+                yield kind, sel, mean, low, high
+
+    def add(method, variant, per_query, n_subsets, n_seeds):
+        for kind, sel, mean, low, high in per_kind(per_query, n_subsets):
+            rows.append({"method": method, "variant": variant, "query_kind": kind,
+                         "n_queries": int(np.isfinite(per_query(np.arange(n_subsets), sel)).sum()),
+                         "n_subsets": n_subsets, "n_seeds": n_seeds, "lds_mean": mean, "ci_low": low, "ci_high": high})
 
     def of_scores(scores):
         predicted, effect = lds.predicted_outputs(scores, m), lds.measured_effect(lds_outputs)
@@ -158,13 +162,9 @@ def write_lds_report(cfg: DictConfig, layout: Layout) -> None:
     for a, b in PAIRS:
         if a in per_query_of and b in per_query_of:
             fa, fb = per_query_of[a], per_query_of[b]
-            for kind in pd.unique(kinds[reported]):
-                sel = np.flatnonzero(reported & (kinds == kind))
-                mean, low, high = lds.bootstrap_ci(lambda r, c: fa(r, sel[c]) - fb(r, sel[c]), v.n_subsets, len(sel),
-                                                   v.bootstrap, seed=v.seed)
-                if np.isfinite(mean):
-                    pair_rows.append({"variant": a, "versus": b, "query_kind": kind, "n_subsets": v.n_subsets,
-                                      "difference": mean, "ci_low": low, "ci_high": high})
+            for kind, _, mean, low, high in per_kind(lambda r, c: fa(r, c) - fb(r, c), v.n_subsets):
+                pair_rows.append({"variant": a, "versus": b, "query_kind": kind, "n_subsets": v.n_subsets,
+                                  "difference": mean, "ci_low": low, "ci_high": high})
     add("control", CONTROL, of_scores(lds.random_scores(len(query_ids), len(train_ids), v.seed)), v.n_subsets, v.seeds)
     both = outputs[np.isfinite(outputs).all(axis=(1, 2))]
     if outputs.shape[1] >= 2 and len(both) >= 3:
