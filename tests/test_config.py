@@ -83,3 +83,71 @@ def test_a_sweep_file_holds_hydra_sweeper_params():
                                              "attribution.test_noises=4"]
     with pytest.raises(ConfigError, match="test_noises"):
         sweep_from_config({"sweep": "no_such_sweep"})
+
+
+def _leaves(schema: type, prefix: str = ""):
+    """Every settings field of the schema, recursively: (dotted key, field, its type)."""
+    import dataclasses
+    import typing
+
+    types = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        if dataclasses.is_dataclass(types[f.name]):
+            yield from _leaves(types[f.name], f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", f, types[f.name]
+
+
+def _out_of_range(key: str, meta: dict, kind) -> list[str]:
+    """Overrides that break each thing the field declares (its bounds, choices, pattern, type)."""
+    import typing
+
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    inner = args[0] if typing.get_origin(kind) is typing.Union else kind
+    is_list = typing.get_origin(inner) in (list, typing.List)
+    base = typing.get_args(inner)[0] if is_list else inner
+    step = 1 if base is int else 0.5
+    values = [*(f"{meta[b] - step}" for b in ("min",) if meta.get(b) is not None),
+              *(f"{meta[b] + step}" for b in ("max",) if meta.get(b) is not None),
+              *(f"{meta[b]}" for b in ("gt", "lt") if meta.get(b) is not None),
+              *(["no_such_choice"] if meta.get("choices") else []), *(["not valid!"] if meta.get("pattern") else []),
+              *(["maybe"] if base is bool else [])]
+    if typing.get_origin(inner) in (dict, typing.Dict):
+        return [f"+{key}.no_such_argument=1"]
+    return [f"{key}=[{v}]" if is_list else f"{key}='{v}'" if " " in v else f"{key}={v}" for v in values]
+
+
+def test_every_setting_declares_its_valid_values_and_is_refused_outside_them_before_any_job():
+    from diffattr.settings import settings_class
+
+    checked = 0
+    for key, f, kind in _leaves(settings_class()):
+        overrides = _out_of_range(key, f.metadata, kind)
+        free = f.metadata.get("free") if f.metadata else None
+        assert overrides or free, f"{key}: declare its valid values (min/max/gt/lt/choices/pattern) or why it is free"
+        for override in overrides:
+            with pytest.raises(ConfigError, match=f"'{key}'"):
+                compose("smoke", [override])
+            checked += 1
+    assert checked > 80
+
+
+@pytest.mark.parametrize("override,key,rule", [
+    ("attribution.heldout_fraction=1.5", "attribution.heldout_fraction", "< 1"),
+    ("attribution.topk=41", "attribution.topk", "40 training images"),
+    ("attribution.trak_checkpoints=3", "attribution.trak_checkpoints", "2 checkpoints"),
+    ("attribution.test_timesteps=1001", "attribution.test_timesteps", "num_train_timesteps"),
+    ("attribution.journey_steps=11", "attribution.journey_steps", "sampling steps"),
+    ("model.beta_start=0.03", "model.beta_start", "beta_end"),
+    ("validate.ceiling_subsets=7", "validate.ceiling_subsets", "n_subsets"),
+    ("removal.n_queries=5", "removal.n_queries", "generated queries"),
+    ("attribution.n_test_queries=0", "validate.query_kinds", "n_test_queries is 0"),
+    ("data.resolution=5", "data.resolution", "multiple of 2"),
+    ("removal.fractions=[0.01]", "removal.fractions", "at least one"),
+    ("data.classes=[cat]", "data.classes", "valid names"),
+    ("+model.unet.no_such_argument=1", "model.unet", "no_such_argument"),
+])
+def test_settings_that_clash_are_refused_with_the_key_the_value_and_the_rule(override, key, rule):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as e:
+        compose("smoke", [override])
+    assert rule in str(e.value) and "\n" not in str(e.value)

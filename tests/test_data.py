@@ -386,3 +386,24 @@ def test_imageset_subset_keeps_rows_together():
     sub = s.subset([3, 0])
     assert sub.ids.tolist() == [100004, 3] and sub.labels.tolist() == [10, 0] and sub.is_outlier.tolist() == [True, False]
     assert torch.equal(sub.images[0], s.images[3]) and sub.class_names == s.class_names
+
+
+@pytest.mark.parametrize("overrides", [{}, {"per_class": 7, "test_per_class": 3}, {"classes": ["3", "8"]},
+                                       {"classes": [1], "per_class": 500, "test_fraction": 0.5, "seed": 4}])
+def test_split_size_counts_what_loading_returns_without_the_images(overrides):
+    from diffattr.data import split_size
+
+    cfg = {"name": "digits", "resolution": 8, **overrides}
+    for split in ("train", "test"):
+        assert split_size(cfg, split) == len(load_dataset(cfg, split))
+
+
+def test_cifar_split_size_is_the_official_per_class_count():
+    from diffattr.data import split_size
+
+    cfg = {"name": "cifar10", "channels": 3, "classes": ["automobile", "horse"]}
+    assert split_size(cfg, "train") == 10000 and split_size(cfg, "test") == 2000
+    assert split_size({**cfg, "per_class": 500, "test_per_class": 9000}, "train") == 1000
+    assert split_size({**cfg, "per_class": 500, "test_per_class": 9000}, "test") == 2000
+    mnist = {"name": "cifar_mnist", "channels": 3, "per_class": 300, "n_outliers": 40}
+    assert split_size(mnist, "train") == 340 and split_size(mnist, "test") == 1000

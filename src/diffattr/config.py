@@ -9,6 +9,7 @@ the same message. An override with comma-separated values (Hydra's sweep syntax)
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import itertools
 import re
@@ -85,16 +86,67 @@ def validate(cfg: DictConfig) -> DictConfig:
         raise ConfigError(f"invalid configuration at '{key}': {msg}{valid}") from None
     _check_unknown_keys(OmegaConf.to_container(cfg), OmegaConf.to_container(schema), "")
     _check_fields(merged, settings_class())
-    _check_fractions(merged)
+    _check_relations(merged)
     return merged
 
 
-def _check_fractions(cfg: DictConfig) -> None:
-    """Fractions of the training set that a subset keeps or a removal takes: strictly between 0 and 1."""
-    fractions = [("validate.alpha", cfg.validate.alpha), *(("removal.fractions", f) for f in cfg.removal.fractions)]
-    for key, value in fractions:
-        if not 0 < value < 1:
-            raise ConfigError(f"invalid configuration at '{key}': {value!r} must be in (0, 1)")
+def _check_relations(cfg: DictConfig) -> None:
+    """Values that are valid alone but not together, and those only the data or the model can bound: before any job,
+    one line naming the key, its value and what is allowed."""
+    from .checkpoints import checkpoint_epochs
+    from .data import DataError, split_size
+
+    def need(ok: bool, key: str, rule: str, shown=None) -> None:
+        if not ok:
+            shown = OmegaConf.select(cfg, key) if shown is None else shown
+            raise ConfigError(f"invalid configuration at '{key}': {shown!r} {rule}")
+
+    m, a, v = cfg.model, cfg.attribution, cfg.validate
+    need(m.beta_start < m.beta_end, "model.beta_start", f"must be < model.beta_end ({m.beta_end:g})")
+    T = m.num_train_timesteps
+    steps = [key for key in ("sample.num_inference_steps", "norm_study.n_timesteps", "validate.output_timesteps",
+                             *(f"attribution.{k}" for k in a if k.endswith("_timesteps")))]
+    for key in steps:
+        need(OmegaConf.select(cfg, key) is None or OmegaConf.select(cfg, key) <= T, key,
+             f"must be <= model.num_train_timesteps ({T}): a grid of distinct timesteps")
+    if "journey_steps" in a:
+        need(a.journey_steps <= (cfg.sample.num_inference_steps or T), "attribution.journey_steps",
+             "must be <= the sampling steps (sample.num_inference_steps)")
+    if "trak_checkpoints" in a:
+        n = len(checkpoint_epochs(cfg.train.epochs, cfg.train.checkpoint_every))
+        need(a.trak_checkpoints <= n, "attribution.trak_checkpoints",
+             f"must be <= the {n} checkpoints that train.epochs and train.checkpoint_every give")
+    need(v.ceiling_subsets <= v.n_subsets, "validate.ceiling_subsets", f"must be <= validate.n_subsets ({v.n_subsets})")
+    for kind in v.query_kinds:
+        need(a[f"n_{kind}_queries"] > 0, "validate.query_kinds", f"measures {kind} queries but "
+             f"attribution.n_{kind}_queries is 0")
+    generated = min(a.n_generated_queries, cfg.sample.n)
+    need(cfg.removal.n_queries <= generated, "removal.n_queries",
+         f"must be <= the generated queries ({generated}: attribution.n_generated_queries, sample.n)")
+    blocks = len(m.unet.get("down_block_types", ())) or len(m.unet.get("block_out_channels", ())) or 1
+    need(cfg.data.resolution % 2 ** (blocks - 1) == 0, "data.resolution",
+         f"must be a multiple of {2 ** (blocks - 1)}: the UNet's {blocks} down blocks halve it {blocks - 1} time(s)")
+    unknown = sorted(set(m.unet) - _unet_arguments())
+    need(not unknown, "model.unet", "is not an argument of diffusers.UNet2DModel", ", ".join(unknown))
+    try:
+        n_train = split_size(cfg.data, "train")
+    except DataError as e:
+        raise ConfigError(f"invalid configuration: {e}") from None
+    need(n_train >= 2, "data.per_class", f"leaves {n_train} training image(s); widen data.classes or data.per_class")
+    need(a.topk <= n_train, "attribution.topk", f"must be <= the {n_train} training images")
+    for key, fractions in (("validate.alpha", [v.alpha]), ("removal.fractions", cfg.removal.fractions)):
+        for f in fractions:
+            need(1 <= round(f * n_train) < n_train, key, f"must keep and remove at least one of the {n_train} "
+                 "training images")
+
+
+@functools.lru_cache(maxsize=1)
+def _unet_arguments() -> set[str]:
+    import inspect
+
+    from diffusers import UNet2DModel
+
+    return set(inspect.signature(UNet2DModel.__init__).parameters) - {"self"}
 
 
 def _check_unknown_keys(given: dict, known: dict, prefix: str) -> None:
@@ -110,20 +162,29 @@ def _check_unknown_keys(given: dict, known: dict, prefix: str) -> None:
 
 
 def _check_fields(cfg: DictConfig, schema: type, prefix: str = "") -> None:
-    """The ``min`` and ``choices`` of every settings field (``diffattr.settings.knob``), recursively."""
+    """The declared valid values of every settings field (``diffattr.settings.knob``), recursively."""
     for f in dataclasses.fields(schema):
         value, key = cfg[f.name], f"{prefix}{f.name}"
         if dataclasses.is_dataclass(f.type):
             _check_fields(value, f.type, key + ".")
             continue
-        values = list(value) if OmegaConf.is_list(value) else [value]
-        low, choices = f.metadata.get("min"), f.metadata.get("choices")
-        for v in values:
-            if low is not None and v is not None and v < low:
-                raise ConfigError(f"invalid configuration at '{key}': {v!r} must be >= {low}"
-                                  + (" (0 skips)" if low == 0 else ""))
-            if choices is not None and v is not None and v not in (valid := list(choices())):
-                raise ConfigError(f"invalid configuration at '{key}': {v!r} is not one of {', '.join(map(str, valid))}")
+        for v in (list(value) if OmegaConf.is_list(value) else [value]):
+            if v is not None and (problem := field_problem(f.metadata, v)):
+                raise ConfigError(f"invalid configuration at '{key}': {v!r} {problem}")
+
+
+def field_problem(meta: dict, v) -> str | None:
+    """What is wrong with the value ``v`` of a field declared with ``meta`` (None: nothing)."""
+    bounds = [("min", ">=", lambda b: v >= b), ("gt", ">", lambda b: v > b), ("max", "<=", lambda b: v <= b),
+              ("lt", "<", lambda b: v < b)]
+    limits = [(op, meta[name]) for name, op, ok in bounds if meta.get(name) is not None]
+    if any(not ok(meta[name]) for name, _, ok in bounds if meta.get(name) is not None):
+        return "must be " + " and ".join(f"{op} {b:g}" for op, b in limits)
+    if meta.get("choices") is not None and v not in (valid := list(meta["choices"]())):
+        return "is not one of " + ", ".join(repr(c) if c == "" else str(c) for c in valid)
+    if meta.get("pattern") is not None and not re.fullmatch(meta["pattern"], str(v)):
+        return f"does not match {meta['pattern']!r}"
+    return None
 
 
 def compose(experiment: str, overrides: Sequence[str] = (), conf_dir: Path = CONF_DIR) -> Run:
@@ -140,6 +201,9 @@ def compose(experiment: str, overrides: Sequence[str] = (), conf_dir: Path = CON
         with initialize_config_dir(config_dir=str(Path(conf_dir).resolve()), version_base=None):
             cfg = hydra_compose("config", overrides=[f"experiment={experiment}", *overrides])
     except (HydraException, OmegaConfBaseException) as e:
+        wrong_type = re.match(r"Error merging override ([\w.]+)=.*? \((.*)\)$", _explain(e))
+        if wrong_type:  # the key and why its value does not fit, as every other invalid value is reported
+            raise ConfigError(f"invalid configuration at '{wrong_type[1]}': {wrong_type[2]}") from None
         raise ConfigError(f"bad override for experiment '{experiment}': {_explain(e)}") from None
     finally:
         GlobalHydra.instance().clear()

@@ -16,14 +16,19 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
 
-def knob(default: Any = dataclasses.MISSING, help: str = "", *, min: float | None = None,
-         choices: Callable[[], Any] | None = None, factory: Callable[[], Any] | None = None,
+def knob(default: Any = dataclasses.MISSING, help: str = "", *, min: float | None = None, max: float | None = None,
+         gt: float | None = None, lt: float | None = None, choices: Callable[[], Any] | None = None,
+         pattern: str | None = None, free: str | None = None, factory: Callable[[], Any] | None = None,
          added: bool = False) -> Any:
-    """A settings field with its help text, lower bound and valid choices (checked by ``diffattr.config``).
+    """A settings field with its help text and valid values (checked by ``diffattr.config`` before any job).
 
-    ``added``: the field came after results existed, with a default that computes what they computed; at that default
-    it enters no stage key and no checkpoint hash (:func:`keyed`), so those results stay valid."""
-    meta = {"help": help, "min": min, "choices": choices, "added": added}
+    ``min``/``max`` bound a number inclusively, ``gt``/``lt`` exclusively; ``choices`` returns the names of a
+    registry; ``pattern`` is a regular expression the whole string must match; ``free`` says why every value of the
+    type is valid (a test walks the schema and insists that each field has one of these). A list is checked item by
+    item. ``added``: the field came after results existed, with a default that computes what they computed; at that
+    default it enters no stage key and no checkpoint hash (:func:`keyed`), so those results stay valid."""
+    meta = {"help": help, "min": min, "max": max, "gt": gt, "lt": lt, "choices": choices, "pattern": pattern,
+            "free": free, "added": added}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -46,48 +51,53 @@ class DataSettings:
     name: str = knob("digits", "dataset loader", choices=_datasets)
     resolution: int = knob(16, "images are area-resized to resolution x resolution", min=1)
     channels: int = knob(1, "1 for digits, 3 for the CIFAR-based sets", min=1)
-    classes: Optional[List[str]] = knob(None, "class names to keep (None: all)")
+    classes: Optional[List[str]] = knob(None, "class names to keep (None: all)",
+                                        free="names are checked against the dataset's classes")
     per_class: Optional[int] = knob(None, "training images kept per class (None: all)", min=1)
     test_per_class: Optional[int] = knob(None, "held-out images kept per class (None: all)", min=1)
-    test_fraction: float = knob(0.2, "digits only: the bundled set has no official split", min=0)
-    seed: int = knob(0, "which images a per-class limit keeps")
+    test_fraction: float = knob(0.2, "digits only: the bundled set has no official split", gt=0, lt=1)
+    seed: int = knob(0, "which images a per-class limit keeps", min=0)
     # CIFAR-10 archive (cifar10 and cifar_mnist)
-    archive: Optional[str] = knob(None, "local cifar-10-python.tar.gz; None: cache_dir, or download")
-    url: str = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-    md5: str = "c58f30108f718f92721af3b95e74349a"
+    archive: Optional[str] = knob(None, "local cifar-10-python.tar.gz; None: cache_dir, or download",
+                                   free="a path, checked (existence, md5) when the data stage reads it")
+    url: str = knob("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "where data.download fetches from",
+                    pattern=r"(https?|file)://\S+")
+    md5: str = knob("c58f30108f718f92721af3b95e74349a", "the official archive's checksum", pattern="[0-9a-f]{32}")
     verify_checksum: bool = knob(True, "refuse an archive whose md5 is not data.md5")
-    cache_dir: str = "~/.cache/diffattr"
+    cache_dir: str = knob("~/.cache/diffattr", "where a downloaded archive is kept",
+                          free="a directory, created when needed")
     download: bool = knob(False, "download the archive when missing (the default run never touches the network)")
     # cifar_mnist: planted outliers (handwritten zeros) among one CIFAR-10 class
     n_outliers: int = knob(0, "planted handwritten digits (cifar_mnist)", min=0)
-    outlier_digit: int = knob(0, "which digit is planted", min=0)
+    outlier_digit: int = knob(0, "which digit is planted", min=0, max=9)
 
 
 @dataclass
 class ModelSettings:
-    name: str = "tiny"
+    name: str = knob("tiny", "the model file (conf/model)", free="set by the model group, whose choice Hydra checks")
     # keyword arguments of diffusers.UNet2DModel (sample_size and channels come from the data)
-    unet: Dict[str, Any] = field(default_factory=dict)
+    unet: Dict[str, Any] = knob(help="keyword arguments of diffusers.UNet2DModel", factory=dict,
+                                free="its keys are checked against UNet2DModel's arguments")
     num_train_timesteps: int = knob(1000, "T", min=1)
     beta_schedule: str = knob("linear", "DDPM beta schedule",
                               choices=lambda: ("linear", "scaled_linear", "squaredcos_cap_v2"))
-    beta_start: float = 0.0001
-    beta_end: float = 0.02
+    beta_start: float = knob(0.0001, "beta_1 of the schedule", gt=0, lt=1)
+    beta_end: float = knob(0.02, "beta_T of the schedule (> beta_start)", gt=0, lt=1)
 
 
 @dataclass
 class TrainSettings:
     epochs: int = knob(8, min=1)
     batch_size: int = knob(64, min=1)
-    lr: float = knob(2e-4, min=0)
+    lr: float = knob(2e-4, "learning rate after warmup", gt=0)
     optimizer: str = knob("adamw", choices=lambda: ("adam", "adamw"))
     weight_decay: float = knob(0.0, min=0)
     warmup_steps: int = knob(0, "linear warmup of the learning rate", min=0)
     grad_clip: float = knob(1.0, "0 disables clipping", min=0)
     loss: str = knob("l2", "noise-prediction loss", choices=_losses)
-    ema_decay: float = knob(0.0, "0 disables EMA", min=0)
+    ema_decay: float = knob(0.0, "0 disables EMA", min=0, lt=1)
     checkpoint_every: int = knob(2, "epochs between checkpoints (the last epoch always has one)", min=1)
-    seed: int = 0
+    seed: int = knob(0, "everything random in training", min=0)
     draws: str = knob("per_step", "what each example's timestep and noise are a function of: per_step (train.seed, "
                       "step) | per_example (train.seed, sample id, epoch), so a model trained on a subset gives every "
                       "surviving example the draws it had in the full run (coupled retraining, validate.*)",
@@ -98,8 +108,8 @@ class TrainSettings:
 @dataclass
 class SampleSettings:
     n: int = knob(16, "images generated per checkpoint", min=1)
-    seed: int = knob(0, "image j uses seed + j")
-    num_inference_steps: Optional[int] = knob(None, "None: all T steps", min=1)
+    seed: int = knob(0, "image j uses seed + j", min=0)
+    num_inference_steps: Optional[int] = knob(None, "None: all T steps (at most T)", min=1)
     checkpoints: str = knob("last", "which checkpoints are sampled", choices=lambda: ("last", "all"))
     batch_size: int = knob(64, min=1)
     use_ema: bool = knob(True, "sample from the EMA weights when training kept them")
@@ -112,7 +122,7 @@ class NormStudySettings:
     n_examples: int = knob(256, "training examples on the timestep grid", min=1)
     n_timesteps: int = knob(100, "evenly spaced timesteps in [0, T-1]", min=1)
     losses: List[str] = knob(help="l2 and/or l1: one figure panel each", choices=_losses, factory=lambda: ["l2"])
-    seed: int = knob(0, "which examples are studied and their fixed noise per (example, timestep)")
+    seed: int = knob(0, "which examples are studied and their fixed noise per (example, timestep)", min=0)
     batch_size: int = knob(64, "examples per gradient chunk", min=1)
 
 
@@ -129,17 +139,24 @@ class QuerySettings:
     n_generated_queries: int = knob(16, "the run's samples at its last checkpoint", min=0)
     self_influence: bool = knob(False, "also score every training image as its own query, I(z, z) (independent draws, "
                                 "as any query), for the outlier AUROC; costs one more pass over the training set")
-    heldout_fraction: float = knob(0.25, "labelled queries kept aside to choose TRAK's lambda; never reported", min=0)
-    seed: int = knob(0, "query choice and every attribution noise")
+    heldout_fraction: float = knob(0.25, "labelled queries kept aside to choose TRAK's lambda; never reported", min=0,
+                                    lt=1)
+    seed: int = knob(0, "query choice and every attribution noise", min=0)
     weights: str = knob("generating", "weights whose gradients are attributed at each checkpoint: generating (the EMA "
                         "weights when training kept them and sampling used them) | raw (the optimiser's)",
                         choices=lambda: ("generating", "raw"))
     timestep_grid: str = knob("ends", "the evenly spaced timestep grid of every method (diffattr.timesteps.GRIDS): "
                               "ends | authors (Diffusion-TracIn's) | dtrak", choices=lambda: _grids())
     block_size: int = knob(64, "training rows per gradient block", min=1)
-    topk: int = knob(10, "length of the rankings the report reads", min=1)
+    topk: int = knob(10, "length of the rankings the report reads (at most the training set)", min=1)
     thresholds: List[float] = knob(help="general influence: in the top-k of at least this fraction of queries",
-                                   factory=lambda: [0.1, 0.25])
+                                   factory=lambda: [0.1, 0.25], gt=0, max=1)
+
+
+def _families():
+    from .methods import families
+
+    return tuple(families())
 
 
 def _methods():
@@ -159,11 +176,11 @@ class ValidateSettings:
     """Counterfactual validation by the linear datamodeling score (``snakemake validate``; METHODS.md §5)."""
 
     n_subsets: int = knob(64, "M random subsets of the training set, one model trained on each", min=3)
-    alpha: float = knob(0.5, "fraction of the training set in every subset", min=0)
+    alpha: float = knob(0.5, "fraction of the training set in every subset", gt=0, lt=1)
     seeds: int = knob(1, "training seeds per subset; their measured outputs are averaged", min=1)
     ceiling_subsets: int = knob(16, "with seeds = 1: the first this many subsets get one more seed, for the "
                                 "seed-to-seed ceiling (0 skips it)", min=0)
-    seed: int = knob(0, "which examples each subset keeps")
+    seed: int = knob(0, "which examples each subset keeps", min=0)
     output_timesteps: int = knob(100, "the measured output F(q) is the query's diffusion loss averaged over "
                                  "this many evenly spaced timesteps (D-TRAK: all T)", min=1)
     output_noises: int = knob(2, "and this many noises per (query, timestep), fixed across models (D-TRAK: 3)",
@@ -182,12 +199,12 @@ class RemovalSettings:
     """Counterfactual removal (``snakemake removal``; METHODS.md §6): retrain without a method's top-k, regenerate."""
 
     fractions: List[float] = knob(help="fractions of the training set removed (k = round(fraction N))",
-                                  factory=lambda: [0.1, 0.2])
+                                  factory=lambda: [0.1, 0.2], gt=0, lt=1)
     n_queries: int = knob(4, "generated queries tested: the first ones", min=1)
     methods: Optional[List[str]] = knob(None, "methods whose top-k are removed (None: attribution.methods)",
                                         choices=lambda: _methods())
     random_draws: int = knob(1, "random removals of k images per query and fraction (the control)", min=1)
-    seed: int = knob(0, "which images a random removal takes")
+    seed: int = knob(0, "which images a random removal takes", min=0)
     cases_per_job: int = knob(4, "retrainings per job: they share imports and data; 1 spreads them over a cluster",
                               min=1)
 
@@ -198,12 +215,12 @@ class JobSettings:
 
     shard: int = knob(0, min=0)
     threads: int = knob(0, "torch threads; the DAG passes the rule's `threads` (0: torch's default)", min=0)
-    family: str = ""  # which method family an attribution job computes
-    checkpoint: str = ""  # which checkpoint a per-checkpoint job works on (e.g. epoch_0005)
+    family: str = knob("", "which method family an attribution job computes", choices=lambda: ("", *_families()))
+    checkpoint: str = knob("", "which checkpoint a per-checkpoint job works on", pattern=r"(epoch_\d+)?")
     first_model: int = knob(0, "the first and last position in the validation's model list (or removal's case "
                             "list) that a job works on", min=0)
     last_model: int = knob(0, min=0)
-    device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:N
+    device: str = knob("auto", "auto (CUDA when available) | cpu | cuda | cuda:N", pattern=r"auto|cpu|cuda(:\d+)?")
 
 
 @functools.lru_cache(maxsize=None)
@@ -232,8 +249,9 @@ def settings_class() -> type:
 
     @dataclass
     class Settings:
-        experiment: str = "digits"
-        results_dir: str = "results"
+        experiment: str = knob("digits", "the experiment file (conf/experiment)",
+                               free="set by the experiment group, whose choice Hydra checks")
+        results_dir: str = knob("results", "where runs are written", free="a directory, created when needed")
         shards: int = knob(1, "independent jobs of every sharded stage (norm study, TracIn); results do not "
                               "depend on it", min=1)
         data: DataSettings = field(default_factory=DataSettings)

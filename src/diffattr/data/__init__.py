@@ -13,7 +13,8 @@ from diffattr.data import cifar10, cifar_mnist, digits
 from diffattr.data.imageset import DataError, ImageSet
 from diffattr.settings import DataSettings
 
-__all__ = ["DataError", "ImageSet", "LOADERS", "SPLITS", "data_settings", "load_dataset", "source_identity"]
+__all__ = ["DataError", "ImageSet", "LOADERS", "SPLITS", "data_settings", "load_dataset", "source_identity",
+           "split_size"]
 
 SPLITS = ("train", "test")
 LOADERS: dict[str, Callable[[DataSettings, str], ImageSet]] = {
@@ -21,6 +22,8 @@ LOADERS: dict[str, Callable[[DataSettings, str], ImageSet]] = {
     "cifar10": cifar10.load,
     "cifar_mnist": cifar_mnist.load,
 }
+SIZES: dict[str, Callable[[DataSettings, str], int]] = {"digits": digits.size, "cifar10": cifar10.size,
+                                                       "cifar_mnist": cifar_mnist.size}
 READS_ARCHIVE = ("cifar10", "cifar_mnist")  # loaders that read the CIFAR-10 archive
 
 
@@ -40,6 +43,12 @@ def load_dataset(data_cfg: Mapping[str, Any] | DataSettings, split: str) -> Imag
         raise DataError(f"the {split} split of {cfg.name} is empty with data.classes={cfg.classes}, "
                         f"data.per_class={cfg.per_class}, data.test_per_class={cfg.test_per_class}; widen the selection")
     return images
+
+
+def split_size(data_cfg: Mapping[str, Any] | DataSettings, split: str) -> int:
+    """How many images the ``split`` that ``data_cfg`` describes holds, without reading an archive (plan time)."""
+    cfg = data_settings(data_cfg)
+    return SIZES[cfg.name](cfg, split)
 
 
 def data_settings(data_cfg: Mapping[str, Any] | DataSettings) -> DataSettings:

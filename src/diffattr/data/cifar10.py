@@ -26,6 +26,7 @@ from diffattr.atomic import atomic_path
 from diffattr.data.imageset import DataError, ImageSet, class_labels, keep_per_class, resize, to_signed
 from diffattr.settings import DataSettings
 
+PER_CLASS = {"train": 5000, "test": 1000}  # the official split
 CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 ARCHIVE_NAME = "cifar-10-python.tar.gz"
 BATCH_ROWS = 10000
@@ -55,6 +56,12 @@ def load(cfg: DataSettings, split: str) -> ImageSet:
         is_outlier=torch.zeros(len(kept), dtype=torch.bool),
         class_names=list(CLASS_NAMES),
     )
+
+
+def size(cfg: DataSettings, split: str) -> int:
+    """How many images :func:`load` returns, without reading the archive (every class has PER_CLASS[split])."""
+    limit = cfg.per_class if split == "train" else cfg.test_per_class
+    return len(class_labels(cfg.classes, CLASS_NAMES, "CIFAR-10")) * min(PER_CLASS[split], limit or PER_CLASS[split])
 
 
 def locate_archive(cfg: DataSettings) -> Path:

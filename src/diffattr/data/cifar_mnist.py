@@ -23,6 +23,12 @@ OUTLIER_ID_OFFSET = 100000
 DEFAULT_CLASSES = ["airplane"]
 
 
+def size(cfg: DataSettings, split: str) -> int:
+    """How many images :func:`load` returns, without reading the archive."""
+    base = dataclasses.replace(cfg, classes=DEFAULT_CLASSES if cfg.classes is None else cfg.classes)
+    return cifar10.size(base, split) + (cfg.n_outliers if split == "train" else 0)
+
+
 def load(cfg: DataSettings, split: str) -> ImageSet:
     if cfg.n_outliers < 0:
         raise DataError(f"data.n_outliers must be >= 0, got {cfg.n_outliers}")

@@ -72,5 +72,18 @@ def load(cfg: DataSettings, split: str) -> ImageSet:
     )
 
 
+def size(cfg: DataSettings, split: str) -> int:
+    """How many images :func:`load` returns, from the labels alone."""
+    _, labels = raw_digits()
+    in_split = stratified_test_mask(labels, cfg.test_fraction, cfg.seed) == (split == "test")
+    return _per_class_total(labels[in_split], cfg, split)
+
+
+def _per_class_total(labels: np.ndarray, cfg: DataSettings, split: str) -> int:
+    limit = cfg.per_class if split == "train" else cfg.test_per_class
+    counts = np.bincount(labels, minlength=len(CLASS_NAMES))
+    return int(sum(min(counts[c], limit or counts[c]) for c in class_labels(cfg.classes, CLASS_NAMES, "digits")))
+
+
 def _shape(images: torch.Tensor, resolution: int, channels: int) -> torch.Tensor:
     return resize(images, resolution).repeat(1, channels, 1, 1).contiguous()

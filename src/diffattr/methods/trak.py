@@ -24,7 +24,7 @@ class TrakSettings:
     trak_timesteps: int = knob(100, "K evenly spaced timesteps, one noise each (TRAK and D-TRAK features)", min=1)
     trak_checkpoints: int = knob(1, "ensemble over the last M checkpoints (D-TRAK: the final one)", min=1)
     lambda_grid: List[float] = knob(help="relative ridge values tried on the held-out queries",
-                                    factory=lambda: [0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0])
+                                    factory=lambda: [0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0], min=0)
 
 
 # lambda is chosen on the held-out labelled queries (their labels are not read)
