@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+from .exceptions import DiskFullError
+
+FULL = 1 << 20  # bytes free below which a failed write is taken for a full disk (torch's errors do not say so)
 
 
 @contextlib.contextmanager
@@ -29,12 +34,32 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        full = _disk_full(e, path.parent)
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
+        if full:
+            raise DiskFullError(f"no space left on the disk of {path.parent} while writing {path.name}; nothing "
+                                "partial was kept. Free space (or set results_dir= to a larger disk) and rerun the "
+                                "same command: finished outputs are kept") from e
         raise
+
+
+def _disk_full(e: BaseException, directory: Path) -> bool:
+    """Whether a failed write ran out of space: by errno, by the message of the Rust and C++ writers
+    (safetensors, pyarrow), or, for torch's serializer, which only reports a short write, by the free space left."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit
+        return False
+    if "No space left on device" in str(e) or "os error 28" in str(e):
+        return True
+    try:
+        return shutil.disk_usage(directory).free < FULL
+    except OSError:
+        return False
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -23,3 +23,7 @@ class TrainingError(DiffattrError, RuntimeError):
 
 class StageError(DiffattrError, RuntimeError):
     """A stage's input is missing or belongs to another run; the message names the file and the rule to rerun."""
+
+
+class DiskFullError(DiffattrError, OSError):
+    """A write ran out of space; the message names the path. Nothing partial is left, so a rerun finishes the job."""
