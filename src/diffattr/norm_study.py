@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+from .artifacts import read_table
 from .atomic import write_parquet
 from .checkpoints import load_checkpoint_unet, read_index
 from .data import ImageSet
@@ -85,7 +86,7 @@ def compute_shard(cfg: DictConfig, layout: Layout, shard: int, device: torch.dev
     shards = cfg.shards
     parts = layout.path("norm_parts", shard=shard, shards=shards)
     train_set = ImageSet.load(layout.path("data", split="train"))
-    replay = pd.read_parquet(layout.path("train_log"))
+    replay = read_table(layout.path("train_log"), "train")
     scheduler = build_scheduler(cfg.model)
     grid = grid_rows(train_set, cfg)
     for state in read_index(layout.path("checkpoint_index").parent):
@@ -100,14 +101,14 @@ def compute_shard(cfg: DictConfig, layout: Layout, shard: int, device: torch.dev
             table.insert(0, "checkpoint", state.name)
             write_parquet(table, targets[kind])
     for kind in KINDS:
-        frames = [pd.read_parquet(p) for p in sorted(parts.glob(f"*_{kind}.parquet"))]
+        frames = [read_table(p, "norm_study") for p in sorted(parts.glob(f"*_{kind}.parquet"))]
         write_parquet(pd.concat(frames, ignore_index=True),
                       layout.path("norm_shard", kind=kind, shard=shard, shards=shards))
 
 
 def merge_shards(paths, target: Path) -> pd.DataFrame:
     """Concatenate shard tables in a canonical row order (identical for any shard count)."""
-    table = pd.concat([pd.read_parquet(p) for p in paths], ignore_index=True)
+    table = pd.concat([read_table(p, "norm_study") for p in paths], ignore_index=True)
     keys = [k for k in ("checkpoint", "loss_type", "sample_id", "timestep") if k in table]
     table = table.sort_values(keys, kind="stable").reset_index(drop=True)
     write_parquet(table, target)

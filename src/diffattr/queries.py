@@ -10,10 +10,11 @@ import numpy as np
 import pandas as pd
 import torch
 from omegaconf import DictConfig
-from safetensors.torch import load_file
 
+from .artifacts import read_table, read_tensors
 from .atomic import save_tensors, write_parquet
 from .data import ImageSet
+from .exceptions import StageError
 from .layout import Layout
 
 KIND_OFFSET = {"train": 0, "test": 1_000_000, "generated": 2_000_000}
@@ -32,7 +33,7 @@ def build_queries(cfg: DictConfig, layout: Layout, last_checkpoint: str) -> None
         images.append(split.images[rows])
         frames.append(pd.DataFrame({"query_kind": kind, "source_id": split.ids[rows].numpy(),
                                     "label": split.labels[rows].numpy()}))
-    samples = load_file(str(layout.path("samples", checkpoint=last_checkpoint)))
+    samples = read_tensors(layout.path("samples", checkpoint=last_checkpoint), "sample", ("images", "seeds"))
     n_gen = min(a.n_generated_queries, len(samples["seeds"]))
     images.append(samples["images"][:n_gen])
     frames.append(pd.DataFrame({"query_kind": "generated", "source_id": samples["seeds"][:n_gen].numpy(),
@@ -47,4 +48,9 @@ def build_queries(cfg: DictConfig, layout: Layout, last_checkpoint: str) -> None
 
 
 def load_queries(layout: Layout) -> tuple[pd.DataFrame, torch.Tensor]:
-    return pd.read_parquet(layout.path("query_table")), load_file(str(layout.path("query_images")))["images"]
+    table = read_table(layout.path("query_table"), "queries", ("query_id", "query_kind", "source_id", "heldout"))
+    saved = read_tensors(layout.path("query_images"), "queries", ("images", "query_ids"))
+    if not np.array_equal(saved["query_ids"].numpy(), table.query_id.to_numpy()):
+        raise StageError(f"{layout.path('query_images')} does not hold the queries of {layout.path('query_table')}; "
+                         "rerun the same snakemake command with --forcerun queries")
+    return table, saved["images"]

@@ -22,8 +22,8 @@ import numpy as np
 import pandas as pd
 import torch
 from omegaconf import DictConfig
-from safetensors.torch import load_file
 
+from .artifacts import read_scores, read_table, read_tensors
 from .atomic import save_tensors, write_csv, write_parquet
 from .checkpoints import last_checkpoint, load_checkpoint_unet
 from .data import ImageSet
@@ -139,7 +139,7 @@ def run_chunk(cfg: DictConfig, layout: Layout, first: int, last: int, device: to
     train_ids = train_set.ids.numpy()
     scores = {}
     for method in {c.method for c in todo} - {RANDOM}:
-        dense = load_file(str(layout.scores(method)))
+        dense = read_scores(layout.scores(method), train_ids)
         scores[method] = {"scores": dense["scores"].numpy(), "query_ids": dense["query_ids"].numpy()}
     scheduler = build_scheduler(cfg.model)
     timesteps, v = output_timesteps(cfg), cfg.validate
@@ -203,10 +203,13 @@ def write_removal_report(cfg: DictConfig, layout: Layout) -> None:
     from .figures.removal import removal_figure
 
     parts = chunks(cfg)
-    table = pd.concat([pd.read_parquet(layout.path("removal_chunk", first=a, last=b)) for a, b in parts],
-                      ignore_index=True)
-    regenerated = torch.cat([load_file(str(layout.path("removal_images", first=a, last=b)))["images"]
-                             for a, b in parts])
+    table = pd.concat([read_table(layout.path("removal_chunk", first=a, last=b), "removal_chunk", COLUMNS)
+                       for a, b in parts], ignore_index=True)
+    regenerated = torch.cat([read_tensors(layout.path("removal_images", first=a, last=b), "removal_chunk",
+                                          ("images",))["images"] for a, b in parts])
+    if len(regenerated) != len(table):
+        raise StageError(f"the removal chunks hold {len(table)} cases but {len(regenerated)} images; rerun the "
+                         "same snakemake command with --forcerun removal_chunk")
     write_csv(table, layout.path("table", name="removal.csv"))
     result = summary(table, cfg.validate.bootstrap, cfg.removal.seed)
     write_csv(result, layout.path("table", name="removal_summary.csv"))

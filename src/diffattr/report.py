@@ -11,14 +11,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
-from safetensors.torch import load_file
 
 from . import metrics
+from .artifacts import read_scores
 from .atomic import write_csv, write_parquet
 from .layout import SCORE_VS_NORM, Layout
 from .queries import load_queries
 from .data import ImageSet
-from .exceptions import StageError
 from .figures import influence as figs
 
 TOPK_FIGURE = 6  # the papers' layout: each query with its top-6 training images
@@ -35,9 +34,7 @@ def write_report(cfg: DictConfig, layout: Layout) -> None:
     scores, topk, tracing, outliers, grouped = {}, [], [], [], {}
     for method in a.methods:
         path = layout.scores(method)
-        dense = load_file(str(path))
-        if not np.array_equal(dense["train_ids"].numpy(), train_ids):
-            raise StageError(f"{path} is for another training set; delete it and rerun")
+        dense = read_scores(path, train_ids)
         ids = dense["query_ids"].numpy()
         keep = np.isin(ids, reported.index)
         s, ids = dense["scores"].numpy()[keep], ids[keep]

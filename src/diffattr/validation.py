@@ -15,10 +15,10 @@ import numpy as np
 import pandas as pd
 import torch
 from omegaconf import DictConfig
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from . import lds
+from .artifacts import read_scores, read_table
 from .atomic import atomic_path, write_csv, write_parquet
 from .checkpoints import last_checkpoint, load_checkpoint_unet
 from .data import ImageSet
@@ -72,8 +72,9 @@ def run_chunk(cfg: DictConfig, layout: Layout, first: int, last: int, device: to
                 raise StageError(f"non-finite measured output of {model.name} ({last_ckpt}); its training diverged: "
                                  "lower train.lr or enable train.grad_clip")
             write_parquet(pd.DataFrame({"query_id": ids, "output": out}), part)
-        frames.append(pd.read_parquet(part).assign(model=model.name, subset=model.subset, seed=model.seed))
-    table = pd.concat(frames, ignore_index=True)[["model", "subset", "seed", "query_id", "output"]]
+        frames.append(read_table(part, "validate_chunk", ("query_id", "output"))
+                      .assign(model=model.name, subset=model.subset, seed=model.seed))
+    table = pd.concat(frames, ignore_index=True)[CHUNK_COLUMNS]
     write_parquet(table, layout.path("output_chunk", first=first, last=last))
 
 
@@ -105,7 +106,8 @@ def write_lds_report(cfg: DictConfig, layout: Layout) -> None:
     train_ids = ImageSet.load(layout.path("data", split="train")).ids.numpy()
     queries, _ = measured_queries(cfg, layout)
     query_ids, kinds = queries.query_id.to_numpy(), queries.query_kind.to_numpy()
-    table = pd.concat([pd.read_parquet(f) for f in chunk_files(cfg, layout)], ignore_index=True)
+    table = pd.concat([read_table(f, "validate_chunk", CHUNK_COLUMNS) for f in chunk_files(cfg, layout)],
+                      ignore_index=True)
     outputs, full_outputs = output_arrays(table, v.n_subsets, query_ids)
     lds_outputs = np.nanmean(outputs[:, :v.seeds], axis=1)  # the seeds every subset has
     m = masks(len(train_ids), v)
@@ -138,9 +140,7 @@ def write_lds_report(cfg: DictConfig, layout: Layout) -> None:
     tuned = []
     for variant in cfg.attribution.methods:
         family, path = family_of(variant), layout.scores(variant)
-        dense = load_file(str(path))
-        if not np.array_equal(dense["train_ids"].numpy(), train_ids):
-            raise StageError(f"{path} is for another training set; delete it and rerun")
+        dense = read_scores(path, train_ids)
         # a method scores the query kinds it defines (Journey-TRAK: generated images); the others stay NaN
         rows_of = pd.Index(dense["query_ids"].numpy()).get_indexer(query_ids)
         has = rows_of >= 0
@@ -187,6 +187,7 @@ def write_lds_report(cfg: DictConfig, layout: Layout) -> None:
 # against TRAK's output (Zheng et al. 2024), Journey-TRAK's normalisation, and the TRAK family against TracIn.
 PAIRS = [("retrac", "tracin"), ("retrac_train_only", "tracin"), ("retrac_test_only", "tracin"), ("dtrak", "trak"),
          ("journey_trak_normalized", "journey_trak"), ("trak", "tracin"), ("dtrak", "tracin"), ("dtrak", "retrac")]
+CHUNK_COLUMNS = ["model", "subset", "seed", "query_id", "output"]
 PAIR_COLUMNS = ["variant", "versus", "query_kind", "n_subsets", "difference", "ci_low", "ci_high"]
 
 LAMBDA_COLUMNS = ["method", "variant", "lam", "heldout_lds", "n_heldout", "refused", "chosen"]

@@ -57,9 +57,9 @@ def depends(cfg, variants) -> dict:
 
 def run(job: Job) -> None:
     """Every requested train side of one shard, all four normalisations at once."""
-    import pandas as pd
     import torch
 
+    from ..artifacts import read_table
     from ..atomic import save_tensors
     from ..kernels import tracin as kernels
     from ..outputs import LOSS_OUTPUTS
@@ -89,7 +89,7 @@ def run(job: Job) -> None:
         for _ in states:  # zip pulls each model before its gradients
             yield slot.pop()
 
-    draws = recorded_draws(pd.read_parquet(job.layout.path("train_log")), states) \
+    draws = recorded_draws(read_table(job.layout.path("train_log"), "train"), states) \
         if "recorded" in train_sides else None
     results = kernels.tracin_shard_sides(
         models(), grads(), kernels.tracin_weights(states), scheduler,
@@ -104,14 +104,14 @@ def run(job: Job) -> None:
 def merge(job: Job, shard_dirs: Sequence[Path], method: str, target: Path) -> None:
     """The dense score file of one variant: its train side's shards merged, its normalisation picked."""
     import torch
-    from safetensors.torch import load_file
 
+    from ..artifacts import read_tensors
     from ..atomic import save_tensors
     from ..kernels import tracin as kernels
 
     side, norm = VARIANTS[method]
-    merged = kernels.merge_shards([kernels.TracInScores.from_tensors(load_file(str(Path(d) / f"{side}.safetensors")))
-                                   for d in shard_dirs])
+    merged = kernels.merge_shards([kernels.TracInScores.from_tensors(read_tensors(Path(d) / f"{side}.safetensors",
+                                                                                 "attribute")) for d in shard_dirs])
     own = {"self_influence": merged.self_influence[norm]} if merged.self_influence else {}
     save_tensors({"scores": merged.scores[norm], "query_ids": merged.query_ids, "train_ids": merged.train_ids,
                   "weights": torch.from_numpy(merged.weights), "train_grad_norms": merged.train_grad_norms,

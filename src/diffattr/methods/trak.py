@@ -106,12 +106,11 @@ def run_with_spec(job: Job, spec) -> None:
 
 def retune(job_dir, variant: str, lam: float):
     """The scores of every query at another lambda, from the members' saved training and query features."""
-    from safetensors.torch import load_file
-
+    from ..artifacts import read_tensors
     from ..exceptions import StageError
     from ..kernels import trak as kernels
 
-    saved = load_file(str(job_dir / "features.safetensors"))
+    saved = read_tensors(job_dir / "features.safetensors", "attribute")
     members = sorted(int(k.split(".")[1]) for k in saved if k.startswith("phi_train."))
     if not all(f"phi_query.{i}" in saved for i in members):
         raise StageError(f"{job_dir} was computed before query features were saved; delete it and rerun")
