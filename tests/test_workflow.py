@@ -469,3 +469,41 @@ def test_removal_retrains_without_each_methods_top_k_and_regenerates(smoke_run):
     summary = pd.read_csv(path("table", name="removal_summary.csv"))
     assert set(summary.method) == set(table.method) and summary.beats_random.notna().sum() == len(methods)
     assert path("figure", name="removal").stat().st_size > 3_000
+
+
+def test_a_dag_killed_in_training_in_a_gradient_stage_and_in_the_report_recovers_as_the_readme_says(smoke_run,
+                                                                                                      tmp_path):
+    import signal
+    import time
+
+    work, reference = smoke_run
+    path = Paths(tmp_path)
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--cores", "2", "--config",
+           "experiment=smoke"]
+    started = {"training": lambda out: path("checkpoint", checkpoint="epoch_0001").exists(),
+               "a gradient stage": lambda out: "rule attribute:" in out,
+               "the report": lambda out: "rule attribution_report" in out}
+    for when, started_yet in started.items():
+        log = tmp_path / "dag.log"
+        with open(log, "w") as sink:  # the whole process group, as a kill -9 of the terminal's job would
+            proc = subprocess.Popen(cmd + ["--rerun-incomplete"], cwd=tmp_path, stdout=sink, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            deadline = time.time() + 600
+            while not started_yet(log.read_text()) and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.02)
+            assert proc.poll() is None, f"the DAG ended before {when}: " + log.read_text()[-2000:]
+            if when != "training":  # a stage's imports take seconds: let it get into its work
+                time.sleep(3)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            if when == "training":  # killed between its checkpoints: the rerun resumes from the first
+                assert not path("checkpoint", checkpoint="epoch_0002").exists()
+        # the README's recovery: unlock, then the same command with --rerun-incomplete
+        assert snakemake("--unlock", "--config", "experiment=smoke", cwd=tmp_path).returncode == 0
+    final = snakemake("--cores", "2", "--rerun-incomplete", "--config", "experiment=smoke", cwd=tmp_path)
+    assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
+    tables = sorted(p.relative_to(reference.dir) for p in (reference.dir / "tables").iterdir())
+    assert tables and [p.relative_to(path.dir) for p in sorted((path.dir / "tables").iterdir())] == tables
+    for table in tables:
+        assert (path.dir / table).read_bytes() == (reference.dir / table).read_bytes(), table
+    assert not list(tmp_path.rglob("*.tmp"))

@@ -12,17 +12,11 @@ import math
 
 from omegaconf import DictConfig
 
+from .data import split_size
+
 PARAMS = {"micro": 0.03e6, "tiny": 0.7e6, "ddpm_cifar10": 35.7e6}  # measured by diffattr.grads.num_trainable
 TRAIN_PER_S, GRADS_PER_S = 1700.0, 1100.0  # at 35.7M parameters, one H100
 SAFETY, BASE_MB, BASE_MIN = 2.0, 4000, 10
-DATASET_SIZE = {"digits": 1437, "cifar10": 50_000, "cifar_mnist": 5_000}  # training images without per-class limits
-
-
-def n_train(cfg: DictConfig) -> int:
-    d = cfg.data
-    classes = len(d.classes) if d.classes else 10
-    n = DATASET_SIZE[d.name] if d.per_class is None else d.per_class * classes
-    return n + d.n_outliers
 
 
 def params(cfg: DictConfig) -> float:
@@ -38,7 +32,7 @@ def job_resources(stage: str, cfg: DictConfig, family: str = "") -> dict[str, in
     """``mem_mb`` and ``runtime`` (minutes) of one job of ``stage``: train, sample, norm_study, attribution (with
     its ``family``), validate (one chunk of subset models), removal (one chunk of cases), merge, data, report; any other stage gets the base
     request."""
-    a, n, p = cfg.attribution, n_train(cfg), params(cfg)
+    a, n, p = cfg.attribution, split_size(cfg.data, "train"), params(cfg)
     n_ckpt = math.ceil(cfg.train.epochs / cfg.train.checkpoint_every)
     queries = a.n_train_queries + a.n_test_queries + a.n_generated_queries
     if stage == "train":
