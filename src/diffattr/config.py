@@ -245,20 +245,35 @@ class Sweep:
 
 def sweep_from_config(config) -> Sweep:
     """The runs that Snakemake's ``--config`` asks for: ``overrides=[...]`` (comma-separated values sweep, as in
-    Hydra) plus, with ``sweep=NAME``, the ``params`` of ``conf/sweep/NAME.yaml`` (Hydra's sweeper format)."""
+    Hydra) plus, with ``sweep=NAME``, the ``params`` of ``conf/sweep/NAME.yaml`` (Hydra's sweeper format). The file's
+    ``vary`` says how its params combine: ``grid`` (Hydra's: every combination) or ``one_at_a_time`` (a base run
+    without them, then one run per value of one key, the others left at the experiment's values)."""
     overrides = [str(o) for o in config.get("overrides", [])]
-    name = config.get("sweep")
+    name, alternatives, file_keys = config.get("sweep"), [[]], []
     if name:
         file = CONF_DIR / "sweep" / f"{name}.yaml"
         if not file.is_file():
             known = sorted(p.stem for p in file.parent.glob("*.yaml"))
             raise ConfigError(f"no sweep file {file}; choose sweep= from {', '.join(known) or '(none)'}")
-        for key, values in (OmegaConf.load(file).get("params") or {}).items():
+        spec = OmegaConf.load(file)
+        vary = spec.get("vary", "grid")
+        if vary not in ("grid", "one_at_a_time"):
+            raise ConfigError(f"{file}: vary must be grid or one_at_a_time, not {vary!r}")
+        params = []
+        for key, values in (spec.get("params") or {}).items():
             if not isinstance(values, (str, int, float, bool)):
                 raise ConfigError(f"{file}: params.{key} must be a string such as '1,2,4', not {values!r}")
-            overrides.append(f"{key}={values}")
-    points, keys = sweep_points(overrides), swept_keys(overrides)
-    if name is None and len(points) > 1:
+            params.append(f"{key}={values}")
+        if vary == "grid":
+            overrides += params
+        else:
+            alternatives += [point for param in params for point in sweep_points([param])]
+            file_keys = [o.get_key_element() for o in _parse(params)]
+    points = [point + alt for point in sweep_points(overrides) for alt in alternatives]
+    keys = swept_keys(overrides) + [k for k in file_keys if k not in swept_keys(overrides)]
+    if name and config.get("overrides"):  # the same sweep file over other settings must not share the summary
+        name = f"{name},{run_name([str(o) for o in config['overrides']])}"
+    elif name is None and len(points) > 1:
         name = run_name(overrides)
     return Sweep(str(name) if name else None, points, keys)
 

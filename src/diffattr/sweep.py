@@ -74,19 +74,66 @@ def lds_summary_table(run_dirs: Sequence[Path], keys: Sequence[str]) -> pd.DataF
 
 
 def lds_summary_figure(table: pd.DataFrame, keys: Sequence[str]) -> Figure:
-    """LDS against the swept values: one panel per query kind, a line per method with its 95% interval."""
-    (runs, labels), kinds = _runs(table, keys), list(pd.unique(table.query_kind))
-    fig = Figure(figsize=(4.8 * len(kinds), 3.8), layout="constrained")
-    for ax, kind in zip(np.atleast_1d(fig.subplots(1, len(kinds), sharey=True)), kinds):
-        for variant, part in table[table.query_kind == kind].groupby("variant", sort=False):
-            part = part.set_index("run").reindex(runs)
-            x = np.arange(len(runs))
-            ax.errorbar(x, part.lds_mean, yerr=[part.lds_mean - part.ci_low, part.ci_high - part.lds_mean],
-                        marker="o", capsize=2, label=variant)
-        ax.axhline(0, color="k", lw=0.5)
-        _run_ticks(ax, runs, labels)
-        ax.set_title(f"LDS, {kind} queries", fontsize=9)
-    return _finish(fig, keys)
+    """LDS against each swept key, the other keys held at the first run's values: a row per query kind, a column per
+    key, a line per method the key moves, with its 95% interval. A method the key leaves alone has the same scores
+    in every run of the column (its stage is shared), so its flat line is left out; the random control and the
+    seed-to-seed ceiling are grey, horizontal where the key leaves them alone (any attribution key does)."""
+    kinds, columns = list(pd.unique(table.query_kind)), list(keys) or [None]
+    colour = {variant: f"C{i % 10}" for i, variant in enumerate(pd.unique(table.variant))}
+    fig = Figure(figsize=(3.6 * len(columns) + 1.2, 3.2 * len(kinds)), layout="constrained")
+    axes = np.asarray(fig.subplots(len(kinds), len(columns), sharey=True, squeeze=False))
+    for row, kind in enumerate(kinds):
+        for col, key in enumerate(columns):
+            ax, part = axes[row, col], _slice(table[table.query_kind == kind], key, keys)
+            x, ticks = _positions(part, key)
+            if min(ticks[0]) > 0 and max(ticks[0]) >= 8 * min(ticks[0]) and key is not None:
+                ax.set_xscale("log")
+                ax.minorticks_off()
+            for variant, line in part.groupby("variant", sort=False):
+                mean, reference = line.lds_mean.to_numpy(), line.method.iloc[0] in ("control", "ceiling")
+                style = dict(color="0.5", ls=":" if line.method.iloc[0] == "control" else "--") if reference \
+                    else dict(color=colour[variant])
+                if np.ptp(mean) == 0 and (reference or len(mean) > 1):
+                    if reference:
+                        ax.axhline(mean[0], lw=0.8, label=variant, **style)
+                else:
+                    ax.errorbar(x[line.index], mean, yerr=[mean - line.ci_low, line.ci_high - mean], marker="o",
+                                capsize=2, label=variant, **style)
+            ax.axhline(0, color="k", lw=0.5)
+            ax.set_xticks(*ticks, fontsize=7)
+            ax.set_xlabel(key or "run", fontsize=8)
+            ax.set_title(f"{kind} queries", fontsize=9)
+            ax.legend(fontsize=6)
+    axes[0, 0].set_ylabel("LDS (mean over queries)")
+    return _finish(fig, keys, legend=False)
+
+
+def _slice(table: pd.DataFrame, key: str | None, keys: Sequence[str]) -> pd.DataFrame:
+    """The rows of the runs whose swept values other than ``key`` are the first run's (all runs when ``key`` is
+    None), ordered by ``key``'s value."""
+    others = [k for k in keys if k != key]
+    first = table.iloc[0]
+    keep = np.ones(len(table), bool)
+    for k in others:
+        keep &= (table[k].astype(str) == str(first[k])).to_numpy()
+    part = table[keep]
+    return part if key is None else part.iloc[np.argsort(_order(part[key]), kind="stable")]
+
+
+def _order(values: pd.Series) -> np.ndarray:
+    numbers = pd.to_numeric(values, errors="coerce")
+    return numbers.to_numpy() if numbers.notna().all() else pd.factorize(values)[0]
+
+
+def _positions(part: pd.DataFrame, key: str | None) -> tuple[pd.Series, tuple[list, list]]:
+    """Each row's x position and the axis ticks: the key's values where all are numbers, else one slot per run."""
+    labels = part.run if key is None else part[key]
+    numbers = pd.to_numeric(labels, errors="coerce")
+    if key is not None and numbers.notna().all():
+        values = sorted(set(numbers))
+        return numbers, (values, [f"{v:g}" for v in values])
+    slots = {label: i for i, label in enumerate(pd.unique(labels))}
+    return labels.map(slots), (list(slots.values()), [str(label) for label in slots])
 
 
 def _swept(run_dir: Path, keys: Sequence[str]) -> dict:
@@ -106,8 +153,9 @@ def _run_ticks(ax, runs: Sequence[str], labels: pd.Series) -> None:
     ax.set_xticks(range(len(runs)), [labels[r] for r in runs], rotation=30, ha="right", fontsize=7)
 
 
-def _finish(fig: Figure, keys: Sequence[str]) -> Figure:
-    fig.axes[0].legend(fontsize=7)
+def _finish(fig: Figure, keys: Sequence[str], legend: bool = True) -> Figure:
+    if legend:
+        fig.axes[0].legend(fontsize=7)
     if keys:
         fig.suptitle("swept: " + ", ".join(keys), fontsize=9)
     return fig
