@@ -133,7 +133,7 @@ def test_every_setting_declares_its_valid_values_and_is_refused_outside_them_bef
 
 
 @pytest.mark.parametrize("override,key,rule", [
-    ("attribution.heldout_fraction=1.5", "attribution.heldout_fraction", "< 1"),
+    ("attribution.heldout_fraction=1.5", "attribution.heldout_fraction", "[0, 1)"),
     ("attribution.topk=41", "attribution.topk", "40 training images"),
     ("attribution.trak_checkpoints=3", "attribution.trak_checkpoints", "2 checkpoints"),
     ("attribution.test_timesteps=1001", "attribution.test_timesteps", "num_train_timesteps"),

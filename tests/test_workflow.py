@@ -502,8 +502,8 @@ def test_a_dag_killed_in_training_in_a_gradient_stage_and_in_the_report_recovers
         assert snakemake("--unlock", "--config", "experiment=smoke", cwd=tmp_path).returncode == 0
     final = snakemake("--cores", "2", "--rerun-incomplete", "--config", "experiment=smoke", cwd=tmp_path)
     assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
-    tables = sorted(p.relative_to(reference.dir) for p in (reference.dir / "tables").iterdir())
-    assert tables and [p.relative_to(path.dir) for p in sorted((path.dir / "tables").iterdir())] == tables
-    for table in tables:
+    tables = sorted(p.relative_to(path.dir) for p in (path.dir / "tables").iterdir())  # the default target's
+    assert {"general_influence.csv", "tracing.csv", "topk.parquet", "grad_norms.parquet"} <= {t.name for t in tables}
+    for table in tables:  # the reference's module-wide run has these and more (other tests validated it)
         assert (path.dir / table).read_bytes() == (reference.dir / table).read_bytes(), table
     assert not list(tmp_path.rglob("*.tmp"))

@@ -175,11 +175,15 @@ def _check_fields(cfg: DictConfig, schema: type, prefix: str = "") -> None:
 
 def field_problem(meta: dict, v) -> str | None:
     """What is wrong with the value ``v`` of a field declared with ``meta`` (None: nothing)."""
-    bounds = [("min", ">=", lambda b: v >= b), ("gt", ">", lambda b: v > b), ("max", "<=", lambda b: v <= b),
-              ("lt", "<", lambda b: v < b)]
-    limits = [(op, meta[name]) for name, op, ok in bounds if meta.get(name) is not None]
-    if any(not ok(meta[name]) for name, _, ok in bounds if meta.get(name) is not None):
-        return "must be " + " and ".join(f"{op} {b:g}" for op, b in limits)
+    bounds = {"min": (">=", "[", lambda b: v >= b), "gt": (">", "(", lambda b: v > b),
+              "max": ("<=", "]", lambda b: v <= b), "lt": ("<", ")", lambda b: v < b)}
+    given = {name: meta[name] for name in bounds if meta.get(name) is not None}
+    if any(not bounds[name][2](b) for name, b in given.items()):
+        if len(given) == 2:  # a lower and an upper bound: an interval
+            (low, a), (high, b) = given.items()
+            return f"must be in {bounds[low][1]}{a:g}, {b:g}{bounds[high][1]}"
+        (name, b), = given.items()
+        return f"must be {bounds[name][0]} {b:g}"
     if meta.get("choices") is not None and v not in (valid := list(meta["choices"]())):
         return "is not one of " + ", ".join(repr(c) if c == "" else str(c) for c in valid)
     if meta.get("pattern") is not None and not re.fullmatch(meta["pattern"], str(v)):
