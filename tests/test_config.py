@@ -151,3 +151,13 @@ def test_settings_that_clash_are_refused_with_the_key_the_value_and_the_rule(ove
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as e:
         compose("smoke", [override])
     assert rule in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_unet_arguments_read_from_diffusers_source_are_its_signature():
+    import inspect
+
+    from diffusers import UNet2DModel
+
+    from diffattr.config import _unet_arguments
+
+    assert _unet_arguments() == set(inspect.signature(UNet2DModel.__init__).parameters) - {"self"}

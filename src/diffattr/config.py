@@ -142,6 +142,18 @@ def _check_relations(cfg: DictConfig) -> None:
 
 @functools.lru_cache(maxsize=1)
 def _unet_arguments() -> set[str]:
+    """The keyword arguments of ``diffusers.UNet2DModel``, read from its source: importing diffusers takes seconds,
+    and every job validates its config (the import is the fallback where the source is not where it used to be)."""
+    import ast
+    import importlib.util
+
+    package = importlib.util.find_spec("diffusers")  # a top-level lookup runs no package code
+    source = Path(package.submodule_search_locations[0]) / "models" / "unets" / "unet_2d.py"
+    if source.is_file():
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.ClassDef) and node.name == "UNet2DModel":
+                init = next(f for f in node.body if isinstance(f, ast.FunctionDef) and f.name == "__init__")
+                return {a.arg for a in init.args.args + init.args.kwonlyargs} - {"self"}
     import inspect
 
     from diffusers import UNet2DModel
