@@ -36,8 +36,8 @@ def measured_queries(cfg: DictConfig, layout: Layout) -> tuple[pd.DataFrame, tor
     """The queries whose outputs are measured: those of ``validate.query_kinds`` (held-out ones included: they
     choose tuned knobs)."""
     table, images = load_queries(layout)
-    keep = table.query_kind.isin(list(cfg.validate.query_kinds)).to_numpy()
-    return table[keep].reset_index(drop=True), images[keep]
+    keep = table.query_kind.isin(list(cfg.validate.query_kinds)).to_numpy(copy=True)  # pandas' view is read-only
+    return table[keep].reset_index(drop=True), images[torch.from_numpy(keep)]
 
 
 def run_chunk(cfg: DictConfig, layout: Layout, first: int, last: int, device: torch.device) -> None:
