@@ -103,3 +103,15 @@ def test_an_opaque_write_error_counts_as_a_full_disk_only_when_the_disk_is_nearl
     with pytest.raises(DiskFullError, match="optimizer.pt"):
         failing_save()
     assert os.listdir(tmp_path) == []
+
+
+def test_a_temporary_left_by_a_killed_writer_is_removed_by_the_next_write_of_that_target(tmp_path):
+    stale_dir, stale_file = tmp_path / ".model.abc123.tmp", tmp_path / ".t.csv.xyz.csv.tmp"
+    (stale_dir / "unet").mkdir(parents=True)
+    stale_file.write_text("half")
+    other = tmp_path / ".other.csv.q.csv.tmp"  # another target's: not ours to touch
+    other.write_text("x")
+    with atomic_path(tmp_path / "model") as tmp:
+        tmp.mkdir()
+    write_csv(pd.DataFrame({"a": [1]}), tmp_path / "t.csv")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.csv.q.csv.tmp", "model", "t.csv"]
