@@ -104,11 +104,10 @@ def _check_relations(cfg: DictConfig) -> None:
     m, a, v = cfg.model, cfg.attribution, cfg.validate
     need(m.beta_start < m.beta_end, "model.beta_start", f"must be < model.beta_end ({m.beta_end:g})")
     T = m.num_train_timesteps
-    steps = [key for key in ("sample.num_inference_steps", "norm_study.n_timesteps", "validate.output_timesteps",
-                             *(f"attribution.{k}" for k in a if k.endswith("_timesteps")))]
-    for key in steps:
-        need(OmegaConf.select(cfg, key) is None or OmegaConf.select(cfg, key) <= T, key,
-             f"must be <= model.num_train_timesteps ({T}): a grid of distinct timesteps")
+    for key in ("sample.num_inference_steps", "norm_study.n_timesteps", "validate.output_timesteps",
+                *(f"attribution.{k}" for k in a if k.endswith("_timesteps"))):
+        n = OmegaConf.select(cfg, key)
+        need(n is None or n <= T, key, f"must be <= model.num_train_timesteps ({T}): a grid of distinct timesteps")
     if "journey_steps" in a:
         need(a.journey_steps <= (cfg.sample.num_inference_steps or T), "attribution.journey_steps",
              "must be <= the sampling steps (sample.num_inference_steps)")
@@ -286,7 +285,8 @@ def sweep_from_config(config) -> Sweep:
             alternatives += [point for param in params for point in sweep_points([param])]
             file_keys = [o.get_key_element() for o in _parse(params)]
     points = [point + alt for point in sweep_points(overrides) for alt in alternatives]
-    keys = swept_keys(overrides) + [k for k in file_keys if k not in swept_keys(overrides)]
+    keys = swept_keys(overrides)
+    keys += [k for k in file_keys if k not in keys]
     if name and config.get("overrides"):  # the same sweep file over other settings must not share the summary
         name = f"{name},{run_name([str(o) for o in config['overrides']])}"
     elif name is None and len(points) > 1:
