@@ -37,6 +37,7 @@ from ..timesteps import timestep_grid
 NORMALIZATIONS = ("none", "both", "train", "test")  # TracIn, ReTrac, train side only, test side only
 TRAIN_SIDES = ("recorded", "expectation")
 TRAIN_NOISES = ("recorded", "fresh")  # the recorded train side's noise: replayed, or new at the recorded timestep
+SUM_ROWS = 256  # the query side sums its timesteps in groups of SUM_ROWS // R: that grouping fixes its bits
 
 
 def tracin_weights(checkpoints: Sequence) -> np.ndarray:
@@ -70,41 +71,58 @@ class QueryGradients:
 
 def query_gradients(model, scheduler, x0: torch.Tensor, query_ids: torch.Tensor, *,
                     timesteps: torch.Tensor | None = None, n_noise: int = 16, seed: int = 0, output: str = "loss",
-                    rows_per_call: int = 256, batch_size: int | None = None) -> QueryGradients:
+                    rows_per_call: int = SUM_ROWS, batch_size: int | None = None) -> QueryGradients:
     """Test-side gradients of queries ``x0`` [Q, C, H, W] at one checkpoint, raw and ReTrac-normalised.
 
     ``timesteps`` defaults to 100 evenly spaced (the paper's S); ``n_noise`` is R (authors: 16). The noise of
     (query, t, r) is ``noise_from_seeds(derive_seeds(seed, STREAM, query_id, t, r))``, independent of batching.
-    ``rows_per_call`` bounds the per-sample gradients held at once ([rows, P]).
+    The timesteps are summed in groups of ``SUM_ROWS // R``; ``rows_per_call`` bounds the per-sample gradients held
+    at once ([rows, P], ``diffattr.memory`` lowers it to fit a budget). Any multiple of ``lcm(batch_size, R)``
+    computes every gradient in the same engine chunk as the default, and gives bit-identical results.
     """
-    from ..grads import per_sample_grads
+    from ..grads import DEFAULT_BATCH_SIZE
 
     T = scheduler.config.num_train_timesteps
     timesteps = timestep_grid(100, T) if timesteps is None else torch.as_tensor(timesteps).long()
     query_ids = torch.as_tensor(query_ids).long()
     S, R = len(timesteps), int(n_noise)
-    per_call = max(1, rows_per_call // R)  # whole timesteps per call, so each noise average is complete
-    raws, normeds, norms = [], [], torch.empty(len(x0), S, dtype=torch.float64)
-    kwargs = {} if batch_size is None else {"batch_size": batch_size}
+    group = max(1, SUM_ROWS // R)  # whole timesteps per sum, so each noise average is complete
+    per_call = min(group, max(1, int(rows_per_call) // R))
+    raws = normeds = None  # [Q, P] float32 each, filled query by query (a stack of a list would hold both twice)
+    norms = torch.empty(len(x0), S, dtype=torch.float64)
+    chunk = batch_size or DEFAULT_BATCH_SIZE
     for q in range(len(x0)):
         raw = normed = None
-        for start in range(0, S, per_call):
-            ts = timesteps[start:start + per_call]
-            t_rows = ts.repeat_interleave(R)
-            r_rows = torch.arange(R).repeat(len(ts))
-            seeds = derive_seeds(seed, QUERY_NOISE, int(query_ids[q]), t_rows, r_rows)
-            noise = noise_from_seeds(seeds.reshape(-1), x0.shape[1:])
-            g = per_sample_grads(model, scheduler, x0[q:q + 1].expand(len(t_rows), *x0.shape[1:]), t_rows, noise,
-                                 output=output, **kwargs)
-            g_t = g.view(len(ts), R, -1).double().mean(1)
+        for start in range(0, S, group):
+            ts = timesteps[start:start + group]
+            g_t = None  # [len(ts), P] float64, filled call by call
+            for call in range(0, len(ts), per_call):
+                part = _noise_averaged(model, scheduler, x0[q], int(query_ids[q]), ts[call:call + per_call], R, seed,
+                                       output, chunk)
+                g_t = part.new_empty(len(ts), part.shape[1]) if g_t is None else g_t
+                g_t[call:call + len(part)] = part
+                del part
             n_t = g_t.norm(dim=1)
-            norms[q, start:start + len(ts)] = n_t.cpu()
+            norms[q, start:start + len(g_t)] = n_t.cpu()
             part_raw, part_norm = g_t.sum(0), (g_t / _safe(n_t)[:, None]).sum(0)
             raw = part_raw if raw is None else raw + part_raw
             normed = part_norm if normed is None else normed + part_norm
-        raws.append((raw / S).float().cpu())
-        normeds.append((normed / S).float().cpu())
-    return QueryGradients(torch.stack(raws), torch.stack(normeds), norms, timesteps, query_ids, output)
+        if raws is None:
+            raws, normeds = (torch.empty(len(x0), len(raw), dtype=torch.float32) for _ in range(2))
+        raws[q], normeds[q] = (raw / S).float().cpu(), (normed / S).float().cpu()
+    return QueryGradients(raws, normeds, norms, timesteps, query_ids, output)
+
+
+def _noise_averaged(model, scheduler, image, query_id, ts, R, seed, output, batch_size) -> torch.Tensor:
+    """[len(ts), P] float64: the query's gradient at each timestep of ``ts``, averaged over its R noises."""
+    from ..grads import per_sample_grads
+
+    t_rows = ts.repeat_interleave(R)
+    r_rows = torch.arange(R).repeat(len(ts))
+    noise = noise_from_seeds(derive_seeds(seed, QUERY_NOISE, query_id, t_rows, r_rows).reshape(-1), image.shape)
+    g = per_sample_grads(model, scheduler, image[None].expand(len(t_rows), *image.shape), t_rows, noise,
+                         output=output, batch_size=batch_size)
+    return g.view(len(ts), R, -1).double().mean(1)
 
 
 @dataclass
@@ -182,7 +200,12 @@ def tracin_shard_sides(models: Iterable, query_grads: Iterable[QueryGradients], 
                       if with_self else {} for side in train_sides}
     norms, steps = {side: [] for side in train_sides}, {side: [] for side in train_sides}
     query_ids, n_ckpt = None, 0
-    for c, (model, qg) in enumerate(zip(models, query_grads, strict=True)):
+    # pulled by hand, not zipped: zip keeps the previous pair alive while the iterators make the next one
+    model_iter, grad_iter = iter(models), iter(query_grads)
+    while (model := next(model_iter, None)) is not None:
+        c, qg = n_ckpt, next(grad_iter, None)
+        if qg is None:
+            raise ValueError(f"fewer query gradients than models ({c})")
         if c >= len(weights):
             raise ValueError(f"more checkpoints than the {len(weights)} weights")
         if qg.output != output:
@@ -223,10 +246,15 @@ def tracin_shard_sides(models: Iterable, query_grads: Iterable[QueryGradients], 
                     for key in NORMALIZATIONS:
                         self_influence[side][key][sl] += own[side][key].cpu() * weights[c]
             pos += len(rows)
+            vectors = raw = unit = train = own = None  # before the next block's gradients
         for side in train_sides:
             norms[side].append(c_norms[side])
             steps[side].append(c_steps[side])
         n_ckpt += 1
+        # drop this checkpoint's model, query gradients and last block before the iterators make the next ones
+        model = qg = tests = test = None
+    if next(grad_iter, None) is not None:
+        raise ValueError(f"more query gradients than the {n_ckpt} models")
     if n_ckpt == 0 or n_ckpt != len(weights):
         raise ValueError(f"{n_ckpt} checkpoints (models and query gradients) but {len(weights)} weights")
     meta = {"output": output, "n_timesteps": n_timesteps, "grid": grid, "seed": seed, "train_noise": train_noise,
