@@ -4,9 +4,9 @@ from diffattr.cli import entry
 from diffattr.methods import run_job
 
 
-@entry
-def main(run, device):
-    run_job(run, run.cfg.job.family, run.cfg.job.shard, device)
+@entry("attribution")
+def main(run, device, plan):
+    run_job(run, run.cfg.job.family, run.cfg.job.shard, device, plan.sizes)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@ from diffattr.cli import entry
 from diffattr.validation import write_lds_report
 
 
-@entry
-def main(run, device):
+@entry("lds_report")
+def main(run, device, plan):
     write_lds_report(run.cfg, run.layout)
 
 

@@ -4,8 +4,8 @@ from diffattr.cli import entry
 from diffattr.methods import merge_job
 
 
-@entry
-def main(run, device):
+@entry("merge")
+def main(run, device, plan):
     merge_job(run, run.cfg.job.family)
 
 

@@ -4,8 +4,8 @@ from diffattr.cli import entry
 from diffattr.norm_study import write_norm_report
 
 
-@entry
-def main(run, device):
+@entry("norm_report")
+def main(run, device, plan):
     write_norm_report(run.cfg, run.layout)
 
 

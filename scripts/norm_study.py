@@ -4,8 +4,8 @@ from diffattr.cli import entry
 from diffattr.norm_study import compute_shard
 
 
-@entry
-def main(run, device):
+@entry("norm_study")
+def main(run, device, plan):
     compute_shard(run.cfg, run.layout, run.cfg.job.shard, device)
 
 

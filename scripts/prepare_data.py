@@ -4,8 +4,8 @@ from diffattr.cli import entry
 from diffattr.data import SPLITS, load_dataset
 
 
-@entry
-def main(run, device):
+@entry("data")
+def main(run, device, plan):
     for split in SPLITS:
         images = load_dataset(run.cfg.data, split)
         images.save(run.layout.path("data", split=split))

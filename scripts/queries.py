@@ -5,8 +5,8 @@ from diffattr.cli import entry
 from diffattr.queries import build_queries
 
 
-@entry
-def main(run, device):
+@entry("queries")
+def main(run, device, plan):
     build_queries(run.cfg, run.layout, read_index(run.layout.path("checkpoint_index").parent)[-1].name)
 
 

@@ -4,8 +4,8 @@ from diffattr.cli import entry
 from diffattr.removal import write_removal_report
 
 
-@entry
-def main(run, device):
+@entry("removal_report")
+def main(run, device, plan):
     write_removal_report(run.cfg, run.layout)
 
 

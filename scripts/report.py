@@ -4,8 +4,8 @@ from diffattr.cli import entry
 from diffattr.report import write_report
 
 
-@entry
-def main(run, device):
+@entry("report")
+def main(run, device, plan):
     write_report(run.cfg, run.layout)
 
 

@@ -5,8 +5,8 @@ from diffattr.cli import entry
 from diffattr.config import manifest_yaml, resolved_yaml
 
 
-@entry
-def main(run, device):
+@entry("config")
+def main(run, device, plan):
     write_text(run.layout.path("config"), resolved_yaml(run.cfg))
     write_text(run.layout.path("manifest"), manifest_yaml(run))
 

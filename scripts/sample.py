@@ -4,8 +4,8 @@ from diffattr.cli import entry
 from diffattr.sampling import write_samples
 
 
-@entry
-def main(run, device):
+@entry("sample")
+def main(run, device, plan):
     write_samples(run.cfg, run.layout, run.cfg.job.checkpoint, device)
 
 

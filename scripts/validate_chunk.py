@@ -5,8 +5,8 @@ from diffattr.cli import entry
 from diffattr.validation import run_chunk
 
 
-@entry
-def main(run, device):
+@entry("validate")
+def main(run, device, plan):
     run_chunk(run.cfg, run.layout, run.cfg.job.first_model, run.cfg.job.last_model, device)
 
 

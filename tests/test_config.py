@@ -146,6 +146,8 @@ def test_every_setting_declares_its_valid_values_and_is_refused_outside_them_bef
     ("removal.fractions=[0.01]", "removal.fractions", "at least one"),
     ("data.classes=[cat]", "data.classes", "valid names"),
     ("+model.unet.no_such_argument=1", "model.unet", "no_such_argument"),
+    ("validate.alpha=1.5", "validate.alpha", "(0, 1)"),
+    ("removal.fractions=[0.1,1.0]", "removal.fractions", "(0, 1)"),
 ])
 def test_settings_that_clash_are_refused_with_the_key_the_value_and_the_rule(override, key, rule):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as e:

@@ -157,38 +157,3 @@ def test_checkpoints_of_other_settings_are_not_resumed(reference, tmp_path, trai
     other.train.lr = 5e-4  # same directory, different training settings (e.g. a changed default)
     states = train(other, out(run), train_set, torch.device("cpu"))
     assert all(s.config_hash == train_mod.config_hash(other) for s in states)
-
-
-def test_killed_training_process_resumes_to_identical_weights(tmp_path, train_set):
-    """SIGKILL the real entry point mid-run, rerun it, and compare with an uninterrupted run of the same command."""
-    import signal
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "scripts" / "train.py"
-
-    def command(root):
-        run = smoke_run(root)
-        train_set.save(run.layout.path("data", split="train"))
-        return run, [sys.executable, str(script), "experiment=smoke", "train.epochs=3", f"results_dir={root}",
-                     "job.threads=1"]
-
-    whole, args = command(tmp_path / "whole")
-    assert subprocess.run(args, capture_output=True).returncode == 0
-    killed, args = command(tmp_path / "killed")
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first = out(killed) / "checkpoints" / "epoch_0001"
-    deadline = time.time() + 300
-    while not first.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out(killed) / "train_log.parquet").exists(), "killed too late: training had already finished"
-    done = subprocess.run(args, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-    wa, wb = weights(out(whole)), weights(out(killed))
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    pd.testing.assert_frame_equal(pd.read_parquet(out(whole) / "train_log.parquet"),
-                                  pd.read_parquet(out(killed) / "train_log.parquet"))

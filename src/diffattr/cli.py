@@ -10,8 +10,10 @@ from typing import Callable
 
 import torch
 
+from . import memory
 from .config import CONF_DIR, Run, from_hydra, register_schema
 from .exceptions import ConfigError, DiffattrError
+from .memory import Estimate
 
 
 def pick_device(name: str) -> torch.device:
@@ -22,26 +24,33 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def entry(task: Callable[[Run, torch.device], None]) -> Callable[[], None]:
-    """Wrap ``task(run, device)`` as a Hydra main over ``conf/``."""
+def entry(stage: str) -> Callable[[Callable[[Run, torch.device, Estimate], None]], Callable[[], None]]:
+    """Wrap ``task(run, device, plan)`` as a Hydra main over ``conf/``. ``plan`` is the job's memory plan for
+    ``stage`` (``diffattr.memory``), checked against its budget before the task starts; its peak is logged after."""
     import hydra
 
     register_schema()
 
-    @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
-    @functools.wraps(task)
-    def main(cfg) -> None:
-        try:
-            run = from_hydra(cfg)
-            if run.cfg.job.threads > 0:
-                torch.set_num_threads(run.cfg.job.threads)
-            task(run, pick_device(run.cfg.job.device))
-        except DiffattrError as e:  # its message already names the problem and the fix
-            sys.exit(f"error: {e}")
-        except OSError as e:
-            if e.errno == errno.ENOSPC:
-                sys.exit(f"error: disk full while writing {e.filename or 'an output'}; nothing partial was kept. "
-                         "Free space or point results_dir= at a larger disk, then rerun.")
-            raise
+    def wrap(task):
+        @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
+        @functools.wraps(task)
+        def main(cfg) -> None:
+            try:
+                run = from_hydra(cfg)
+                if run.cfg.job.threads > 0:
+                    torch.set_num_threads(run.cfg.job.threads)
+                device = pick_device(run.cfg.job.device)
+                plan = memory.check(run.cfg, stage, device)
+                task(run, device, plan)
+                print(memory.peak_line(plan, device), flush=True)
+            except DiffattrError as e:  # its message already names the problem and the fix
+                sys.exit(f"error: {e}")
+            except OSError as e:
+                if e.errno == errno.ENOSPC:
+                    sys.exit(f"error: disk full while writing {e.filename or 'an output'}; nothing partial was kept. "
+                             "Free space or point results_dir= at a larger disk, then rerun.")
+                raise
 
-    return main
+        return main
+
+    return wrap

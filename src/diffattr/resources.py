@@ -1,7 +1,8 @@
 """Cluster resources of each compute job (memory, minutes), scaled from the run's config: the rules pass them to
 Snakemake, so the SLURM profile needs no per-rule numbers.
 
-Rates are the measured ones of the README (one H100: training ~1,700 samples/s and ~1,100 per-example gradients/s
+``mem_mb`` is the memory plan's estimate of the job's peak at its smallest sizes (``diffattr.memory.least``) with
+its margin: a job granted that limit plans those sizes, from the same formulas. Time rates are the measured ones of the README (one H100: training ~1,700 samples/s and ~1,100 per-example gradients/s
 on the 35.7M-parameter UNet, scaled by parameter count for other models), with a safety factor: a job that asks for
 too little is killed, one that asks for twice what it needs only waits a little longer in the queue.
 """
@@ -13,14 +14,14 @@ import math
 from omegaconf import DictConfig
 
 from .data import split_size
+from .memory import MARGIN, least, profile
 
-PARAMS = {"micro": 0.03e6, "tiny": 0.7e6, "ddpm_cifar10": 35.7e6}  # measured by diffattr.grads.num_trainable
 TRAIN_PER_S, GRADS_PER_S = 1700.0, 1100.0  # at 35.7M parameters, one H100
-SAFETY, BASE_MB, BASE_MIN = 2.0, 4000, 10
+SAFETY, BASE_MIN = 2.0, 10
 
 
 def params(cfg: DictConfig) -> float:
-    return PARAMS.get(cfg.model.name, 35.7e6)
+    return float(profile(cfg).params)
 
 
 def _minutes(work: float, rate: float, cfg: DictConfig) -> int:
@@ -30,53 +31,45 @@ def _minutes(work: float, rate: float, cfg: DictConfig) -> int:
 
 def job_resources(stage: str, cfg: DictConfig, family: str = "") -> dict[str, int]:
     """``mem_mb`` and ``runtime`` (minutes) of one job of ``stage``: train, sample, norm_study, attribution (with
-    its ``family``), validate (one chunk of subset models), removal (one chunk of cases), merge, data, report; any other stage gets the base
-    request."""
-    a, n, p = cfg.attribution, split_size(cfg.data, "train"), params(cfg)
+    its ``family``), validate (one chunk of subset models), removal (one chunk of cases), merge, data, report; any
+    other stage gets the base request."""
+    mem_mb = math.ceil(least(stage, cfg, family).total * MARGIN / 1e6)
+    return {"mem_mb": mem_mb, "runtime": _runtime(stage, cfg, family)}
+
+
+def _runtime(stage: str, cfg: DictConfig, family: str) -> int:
+    a, n = cfg.attribution, split_size(cfg.data, "train")
     n_ckpt = math.ceil(cfg.train.epochs / cfg.train.checkpoint_every)
     queries = a.n_train_queries + a.n_test_queries + a.n_generated_queries
     if stage == "train":
-        return {"mem_mb": BASE_MB + int(p * 16 / 1e6) * 4,
-                "runtime": _minutes(cfg.train.epochs * n, TRAIN_PER_S, cfg)}
+        return _minutes(cfg.train.epochs * n, TRAIN_PER_S, cfg)
     if stage == "sample":
         steps = cfg.sample.num_inference_steps or cfg.model.num_train_timesteps
-        return {"mem_mb": BASE_MB, "runtime": _minutes(cfg.sample.n * steps, 3 * TRAIN_PER_S, cfg)}
+        return _minutes(cfg.sample.n * steps, 3 * TRAIN_PER_S, cfg)
     if stage == "norm_study":
         s = cfg.norm_study
-        work = n_ckpt * (s.n_examples * s.n_timesteps + n) * len(s.losses) / cfg.shards
-        return {"mem_mb": BASE_MB + int(s.batch_size * p * 8 / 1e6), "runtime": _minutes(work, GRADS_PER_S, cfg)}
+        return _minutes(n_ckpt * (s.n_examples * s.n_timesteps + n) * len(s.losses) / cfg.shards, GRADS_PER_S, cfg)
     if stage == "attribution" and family == "tracin":
         per_ckpt = n + queries * a.test_timesteps * a.test_noises + n * a.self_influence_timesteps * \
             a.self_influence_noises
-        work = n_ckpt * per_ckpt / cfg.shards
-        mem = 2 * queries * p * 4 + 3 * a.block_size * p * 4  # query gradients raw + normalised, one train block
-        return {"mem_mb": BASE_MB + int(mem / 1e6), "runtime": _minutes(work, GRADS_PER_S, cfg)}
+        return _minutes(n_ckpt * per_ckpt / cfg.shards, GRADS_PER_S, cfg)
     if stage == "attribution":  # the TRAK families and any other unsharded one: features of every image
-        k = a.get("proj_dim", 4096)
-        members = a.get("trak_checkpoints", 1)
         per_image = max(a.get("trak_timesteps", 100), a.get("journey_train_timesteps", 0))
         journeys = a.n_generated_queries * a.get("journey_steps", 0) * a.get("journey_noises", 0)
-        work = members * ((n + queries) * per_image + journeys)
-        mem = members * (n + queries) * k * 4 + 2 * min(n, k) ** 2 * 8
-        return {"mem_mb": BASE_MB + int(mem / 1e6), "runtime": _minutes(work, GRADS_PER_S, cfg)}
+        return _minutes(a.get("trak_checkpoints", 1) * ((n + queries) * per_image + journeys), GRADS_PER_S, cfg)
     if stage == "validate":  # one job: models_per_job subset trainings, then F of every measured query on each
         v = cfg.validate
         per_kind = {"train": a.n_train_queries, "test": a.n_test_queries, "generated": a.n_generated_queries}
         measured = sum(per_kind[k] for k in v.query_kinds) * v.output_timesteps * v.output_noises
         work = v.models_per_job * (cfg.train.epochs * v.alpha * n + measured / 3)  # a forward: ~1/3 of a step
-        return {"mem_mb": BASE_MB + int(p * 16 / 1e6) * 4, "runtime": _minutes(work, TRAIN_PER_S, cfg)}
+        return _minutes(work, TRAIN_PER_S, cfg)
     if stage == "removal":  # one job: cases_per_job retrainings, one regenerated image and one F each
         v, steps = cfg.validate, cfg.sample.num_inference_steps or cfg.model.num_train_timesteps
         work = cfg.removal.cases_per_job * (cfg.train.epochs * n + (steps + v.output_timesteps * v.output_noises) / 3)
-        return {"mem_mb": BASE_MB + int(p * 16 / 1e6) * 4, "runtime": _minutes(work, TRAIN_PER_S, cfg)}
+        return _minutes(work, TRAIN_PER_S, cfg)
     dense = queries * n * 8  # one [Q, N] float64 score matrix
-    if stage == "data":  # both splits in memory, float32, plus the decoded archive
-        pixels = cfg.data.channels * cfg.data.resolution ** 2
-        return {"mem_mb": BASE_MB + int(n * 1.2 * max(pixels, 3072) * 4 * 3 / 1e6), "runtime": BASE_MIN}
-    if stage == "merge":  # every shard of a side, four normalisations, plus the merged copy
-        return {"mem_mb": BASE_MB + int(dense * 4 * 3 / 1e6), "runtime": BASE_MIN + math.ceil(dense * 4 / 1e9)}
-    if stage == "report":  # every method's dense scores, and its long table (about three times their size)
-        methods = len(a.methods)
-        return {"mem_mb": BASE_MB + int(methods * dense * 4 / 1e6),
-                "runtime": BASE_MIN + math.ceil(methods * dense / 8 / 2e7)}
-    return {"mem_mb": BASE_MB, "runtime": BASE_MIN}  # configs, queries, the norm report
+    if stage == "merge":
+        return BASE_MIN + math.ceil(dense * 4 / 1e9)
+    if stage == "report":
+        return BASE_MIN + math.ceil(len(a.methods) * dense / 8 / 2e7)
+    return BASE_MIN  # data, configs, queries, the norm report

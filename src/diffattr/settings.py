@@ -223,6 +223,8 @@ class JobSettings:
                             "list) that a job works on", min=0)
     last_model: int = knob(0, min=0)
     device: str = knob("auto", "auto (CUDA when available) | cpu | cuda | cuda:N", pattern=r"auto|cpu|cuda(:\d+)?")
+    memory_gb: float = knob(0.0, "the job's memory budget, checked by its plan before any work (diffattr.memory); "
+                            "0: what the machine has (GPU memory on CUDA)", min=0)
 
 
 @functools.lru_cache(maxsize=None)

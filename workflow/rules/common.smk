@@ -1,10 +1,11 @@
 # The runs of this invocation (one, or every point of a sweep), composed and validated before any job starts, and
 # the lookups the rules need. Every path comes from diffattr.layout; every method from the diffattr.methods registry.
+import os
 import shlex
 import sys
 
 from diffattr.checkpoints import checkpoint_epochs, checkpoint_name
-from diffattr.config import compose, resolved_yaml, stage_overrides, sweep_from_config
+from diffattr.config import STAGE_JOB_ENV, compose, resolved_yaml, stage_overrides, sweep_from_config
 from diffattr.layout import pattern
 from diffattr.methods import families, shard_count
 from diffattr.resources import job_resources
@@ -15,6 +16,10 @@ EXPERIMENT = str(config.get("experiment", "digits"))
 SWEEP = sweep_from_config(config)  # .name (None unless several runs), .points (override lists), .keys (swept)
 RUNS = [compose(EXPERIMENT, point) for point in SWEEP.points]
 ROOT = str(RUNS[0].layout.root)
+os.environ[STAGE_JOB_ENV] = "1"  # the runs are checked whole; their jobs see only their stage's keys
+# job.device and job.memory_gb reach every job (conf/config.yaml reads them), and are in no command: a new budget
+# reruns nothing
+os.environ.update(DIFFATTR_JOB_DEVICE=RUNS[0].cfg.job.device, DIFFATTR_JOB_MEMORY_GB=str(RUNS[0].cfg.job.memory_gb))
 # Compute rules use this many threads, so on a small machine Snakemake runs them one at a time.
 THREADS = RUNS[0].cfg.train.threads
 

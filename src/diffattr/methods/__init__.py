@@ -15,7 +15,7 @@ import functools
 import importlib
 import os
 import pkgutil
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
@@ -41,6 +41,7 @@ class Job:
     shards: int
     out: Path  # a fresh directory, renamed onto the shard's path when the job succeeds
     device: Any = None  # torch.device
+    sizes: Mapping[str, int] = field(default_factory=dict)  # what the memory plan chose (diffattr.memory)
 
     def train_set(self):
         from ..data import ImageSet
@@ -77,20 +78,21 @@ def shard_count(family: "Family", cfg: "DictConfig") -> int:
     return cfg.shards if family.sharded else 1
 
 
-def _job(run, family: "Family", shard: int, out: Path, device=None) -> Job:
+def _job(run, family: "Family", shard: int, out: Path, device=None, sizes: Mapping[str, int] | None = None) -> Job:
     variants = requested_families(run.cfg.attribution.methods)[family]
-    return Job(run.cfg, run.layout, family, variants, shard, shard_count(family, run.cfg), out, device)
+    return Job(run.cfg, run.layout, family, variants, shard, shard_count(family, run.cfg), out, device, sizes or {})
 
 
-def run_job(run, family_name: str, shard: int, device) -> None:
-    """Shard ``shard`` of the run's job of a family, written atomically into its ``method_shard`` directory."""
+def run_job(run, family_name: str, shard: int, device, sizes: Mapping[str, int] | None = None) -> None:
+    """Shard ``shard`` of the run's job of a family, written atomically into its ``method_shard`` directory;
+    ``sizes`` are the memory plan's (they change no result)."""
     from ..atomic import atomic_path
 
     family = families()[family_name]
     target = run.layout.path("method_shard", family=family.name, shard=shard, shards=shard_count(family, run.cfg))
     with atomic_path(target, suffix="") as tmp:
         tmp.mkdir()
-        family.run(_job(run, family, shard, tmp, device))
+        family.run(_job(run, family, shard, tmp, device, sizes))
 
 
 def merge_job(run, family_name: str) -> None:

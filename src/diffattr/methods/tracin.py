@@ -82,8 +82,10 @@ def run(job: Job) -> None:
         for state in states:
             model = job.load_unet(state)
             slot.append(kernels.query_gradients(model, scheduler, query_images.to(device), query_ids,
-                                                timesteps=test_t, n_noise=a.test_noises, seed=a.seed, output=output))
+                                                timesteps=test_t, n_noise=a.test_noises, seed=a.seed, output=output,
+                                                rows_per_call=job.sizes.get("rows_per_call", kernels.SUM_ROWS)))
             yield model
+            del model  # before the next checkpoint's loads
 
     def grads():
         for _ in states:  # zip pulls each model before its gradients
