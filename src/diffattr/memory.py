@@ -153,9 +153,16 @@ def _images(cfg, n: int) -> float:
     return 4.0 * n * cfg.data.channels * cfg.data.resolution ** 2
 
 
-def _queries(cfg) -> int:
+def n_queries(cfg) -> int:
     a = cfg.attribution
     return a.n_train_queries + a.n_test_queries + a.n_generated_queries
+
+
+def measured_triples(cfg) -> int:
+    """(query, timestep, noise) triples a validation model is measured on (``validate.query_kinds``)."""
+    a, v = cfg.attribution, cfg.validate
+    per_kind = {"train": a.n_train_queries, "test": a.n_test_queries, "generated": a.n_generated_queries}
+    return sum(per_kind[k] for k in v.query_kinds) * v.output_timesteps * v.output_noises
 
 
 def estimate(stage: str, cfg, family: str = "", rows_per_call: int | None = None) -> Estimate:
@@ -165,7 +172,7 @@ def estimate(stage: str, cfg, family: str = "", rows_per_call: int | None = None
     prof, a = profile(cfg), cfg.attribution
     P, n = prof.params, split_size(cfg.data, "train")
     w = 4.0 * P
-    terms: dict[str, float] = {"base": LIGHT.get(stage, BASE), "images": _images(cfg, n + _queries(cfg))}
+    terms: dict[str, float] = {"base": LIGHT.get(stage, BASE), "images": _images(cfg, n + n_queries(cfg))}
     sizes: dict[str, int] = {}
     ema = 1 if cfg.train.ema_decay > 0 else 0
     training = {"weights": w * (4 + ema),  # weights, gradients, Adam's two moments, the EMA copy
@@ -174,23 +181,22 @@ def estimate(stage: str, cfg, family: str = "", rows_per_call: int | None = None
         terms.update(training)
         if stage != "train":  # then the measurement, after training: forwards without gradients, one batch at a time
             v = cfg.validate
-            per_kind = {"train": a.n_train_queries, "test": a.n_test_queries, "generated": a.n_generated_queries}
-            queries = sum(per_kind[k] for k in v.query_kinds) if stage == "validate" else 1
-            batch = min(v.batch_size, queries * v.output_timesteps * v.output_noises)
-            terms["activations"] = max(terms["activations"], batch * 4.0 * prof.outputs / 4)
+            triples = measured_triples(cfg) if stage == "validate" else v.output_timesteps * v.output_noises
+            # without a graph about a quarter of the layer outputs (float32) live at once
+            terms["activations"] = max(terms["activations"], min(v.batch_size, triples) * float(prof.outputs))
         if stage == "removal":  # the full run's model, kept to regenerate the original images
             terms["weights"] += w
     elif stage == "sample":
         terms["weights"] = w * (1 + ema)
-        # no graph: only a few layers' outputs live at once
-        terms["activations"] = min(cfg.sample.batch_size, cfg.sample.n) * 4.0 * prof.outputs / 4
+        # no graph: about a quarter of the layer outputs (float32) live at once
+        terms["activations"] = min(cfg.sample.batch_size, cfg.sample.n) * float(prof.outputs)
     elif stage == "norm_study":
         terms["weights"] = 2 * w
         terms["activations"] = _grad_chunk(prof, cfg.norm_study.batch_size)
     elif stage == "attribution" and family == "tracin":
         from .methods.tracin import VARIANTS, sides
 
-        q, R = _queries(cfg), a.test_noises
+        q, R = n_queries(cfg), a.test_noises
         train_sides = sides([m for m in a.methods if m in VARIANTS])
         group = min(max(1, QUERY_ROWS // R), a.test_timesteps)  # timesteps summed together (kernels.tracin.SUM_ROWS)
         per_call = min(group, max(1, (rows_per_call or QUERY_ROWS) // R))
@@ -213,7 +219,7 @@ def estimate(stage: str, cfg, family: str = "", rows_per_call: int | None = None
     elif stage == "attribution":  # the TRAK families: projected features, no [rows, P] matrix
         k = a.proj_dim
         members = a.trak_checkpoints
-        features = members * (2 * n if a.self_influence else n) + members * _queries(cfg)
+        features = members * (2 * n if a.self_influence else n) + members * n_queries(cfg)
         terms["weights"] = 2 * w
         terms["projector"] = 8.0 * P * 3 if a.projector == "countsketch" else min(4.0 * P * k, 2 ** 30)
         terms["activations"] = _grad_chunk(prof, min(ENGINE_CHUNK, a.block_size))
@@ -222,7 +228,7 @@ def estimate(stage: str, cfg, family: str = "", rows_per_call: int | None = None
     elif stage == "data":  # the decoded archive (uint8) and both splits as float32 while they are resized
         terms["images"] = 3 * _images(cfg, n + split_size(cfg.data, "test")) + (180e6 if cfg.data.channels == 3 else 0)
     elif stage in ("merge", "report"):
-        dense = 8.0 * _queries(cfg) * n
+        dense = 8.0 * n_queries(cfg) * n
         terms["scores"] = dense * (4 * 3 if stage == "merge" else 4 * len(a.methods))
     return Estimate(stage, terms, sizes)
 

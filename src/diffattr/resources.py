@@ -15,7 +15,7 @@ import math
 from omegaconf import DictConfig
 
 from .data import split_size
-from .memory import MARGIN, least, profile
+from .memory import MARGIN, least, measured_triples, n_queries, profile
 
 TRAIN_PER_S, GRADS_PER_S = 1700.0, 1100.0  # at 35.7M parameters, one H100
 SAFETY, BASE_MIN = 2.0, 10
@@ -41,7 +41,7 @@ def job_resources(stage: str, cfg: DictConfig, family: str = "") -> dict[str, in
 def _runtime(stage: str, cfg: DictConfig, family: str) -> int:
     a, n = cfg.attribution, split_size(cfg.data, "train")
     n_ckpt = math.ceil(cfg.train.epochs / cfg.train.checkpoint_every)
-    queries = a.n_train_queries + a.n_test_queries + a.n_generated_queries
+    queries = n_queries(cfg)
     if stage == "train":
         return _minutes(cfg.train.epochs * n, TRAIN_PER_S, cfg)
     if stage == "sample":
@@ -60,9 +60,7 @@ def _runtime(stage: str, cfg: DictConfig, family: str) -> int:
         return _minutes(a.get("trak_checkpoints", 1) * ((n + queries) * per_image + journeys), GRADS_PER_S, cfg)
     if stage == "validate":  # one job: models_per_job subset trainings, then F of every measured query on each
         v = cfg.validate
-        per_kind = {"train": a.n_train_queries, "test": a.n_test_queries, "generated": a.n_generated_queries}
-        measured = sum(per_kind[k] for k in v.query_kinds) * v.output_timesteps * v.output_noises
-        work = v.models_per_job * (cfg.train.epochs * v.alpha * n + measured / 3)  # a forward: ~1/3 of a step
+        work = v.models_per_job * (cfg.train.epochs * v.alpha * n + measured_triples(cfg) / 3)  # a forward: ~1/3 step
         return _minutes(work, TRAIN_PER_S, cfg)
     if stage == "removal":  # one job: cases_per_job retrainings, one regenerated image and one F each
         v, steps = cfg.validate, cfg.sample.num_inference_steps or cfg.model.num_train_timesteps

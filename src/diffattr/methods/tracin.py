@@ -88,7 +88,7 @@ def run(job: Job) -> None:
             del model  # before the next checkpoint's loads
 
     def grads():
-        for _ in states:  # zip pulls each model before its gradients
+        for _ in states:  # the kernel pulls each model before its gradients
             yield slot.pop()
 
     draws = recorded_draws(read_table(job.layout.path("train_log"), "train"), states) \
