@@ -94,7 +94,7 @@ def test_attribution_tables_and_figures(smoke_run):
     _, path = smoke_run
     run = path.dir
     methods = ["tracin", "retrac", "retrac_train_only", "retrac_test_only", "trak", "dtrak", "journey_trak",
-               "journey_trak_normalized"]
+               "journey_trak_normalized", "pixel_cosine", "feature_cosine", "grad_dot", "grad_cosine"]
     journeys = {"journey_trak", "journey_trak_normalized"}
     queries = pd.read_parquet(path("query_table"))
     reported = queries[~queries.heldout]
@@ -116,10 +116,44 @@ def test_attribution_tables_and_figures(smoke_run):
     tracing = pd.read_csv(run / "tables" / "tracing.csv")
     assert set(tracing.method) == set(methods) - journeys
     assert tracing[["top1", "top5"]].apply(lambda c: c.between(0, 1)).all().all()
+    assert (tracing[tracing.method == "pixel_cosine"].top1 == 1).all()  # a training image is its own nearest image
     lam = pd.read_csv(path("method_shard", family="trak", shard=0, shards=1) / "lambda.csv")
     assert lam.chosen.sum() == 1
     for name in ("general_influence.png", "score_vs_grad_norm.png"):
         assert (run / "figures" / name).stat().st_size > 10_000
+
+
+def test_the_similarity_baselines_score_what_they_say(smoke_run, monkeypatch):
+    """Wiring: grad_dot is TRAK's last member's features without the kernel inverse, pixel_cosine the images'
+    cosine, feature_cosine the h-space cosine of the final checkpoint's attributed weights (kernels: test_similarity)."""
+    import torch
+
+    from diffattr.checkpoints import load_checkpoint_unet
+    from diffattr.data import ImageSet
+    from diffattr.kernels.similarity import cosine_scores, hspace_features
+    from diffattr.models import build_scheduler
+    from diffattr.queries import load_queries
+
+    work, path = smoke_run
+    monkeypatch.chdir(work)
+    cfg, layout = path.run.cfg, path.run.layout
+    scores = {m: load_file(str(layout.scores(m))) for m in ("grad_dot", "grad_cosine", "pixel_cosine", "feature_cosine")}
+    last = cfg.attribution.trak_checkpoints - 1
+    trak = load_file(str(path("method_shard", family="trak", shard=0, shards=1) / "features.safetensors"))
+    phi_q, phi_t = trak[f"phi_query.{last}"].double(), trak[f"phi_train.{last}"].double()
+    torch.testing.assert_close(scores["grad_dot"]["scores"], phi_q @ phi_t.T, rtol=1e-12, atol=0)
+    torch.testing.assert_close(scores["grad_cosine"]["scores"], cosine_scores(phi_q, phi_t), rtol=1e-12, atol=0)
+    queries, query_images = load_queries(layout)
+    train = ImageSet.load(layout.path("data", split="train"))
+    assert scores["pixel_cosine"]["query_ids"].tolist() == queries.query_id.tolist()
+    assert torch.equal(scores["pixel_cosine"]["train_ids"], train.ids)
+    torch.testing.assert_close(scores["pixel_cosine"]["scores"], cosine_scores(query_images, train.images))
+    model = load_checkpoint_unet(layout.path("checkpoint", checkpoint="epoch_0002"),
+                                 ema=cfg.attribution.weights == "generating" and cfg.sample.use_ema)
+    scheduler = build_scheduler(cfg.model)
+    expected = cosine_scores(*(hspace_features(model, scheduler, x, cfg.attribution.feature_timestep)
+                               for x in (query_images, train.images)))
+    torch.testing.assert_close(scores["feature_cosine"]["scores"], expected)
 
 
 def test_snakemake_report_collects_figures(smoke_run):
@@ -402,7 +436,8 @@ def test_validate_reports_every_method_the_control_and_the_ceiling(validated):
     pairs = pd.read_csv(path("table", name="lds_pairs.csv"))
     assert {(r.variant, r.versus) for r in pairs.itertuples()} == {
         ("retrac", "tracin"), ("retrac_train_only", "tracin"), ("retrac_test_only", "tracin"), ("dtrak", "trak"),
-        ("journey_trak_normalized", "journey_trak"), ("trak", "tracin"), ("dtrak", "tracin"), ("dtrak", "retrac")}
+        ("journey_trak_normalized", "journey_trak"), ("trak", "tracin"), ("dtrak", "tracin"), ("dtrak", "retrac"),
+        ("trak", "grad_dot"), ("grad_cosine", "grad_dot")}
     means = table.set_index(["variant", "query_kind"]).lds_mean
     for row in pairs.itertuples():
         assert row.ci_low <= row.difference <= row.ci_high

@@ -216,15 +216,23 @@ def estimate(stage: str, cfg, family: str = "", rows_per_call: int | None = None
         terms["activations"] = _grad_chunk(prof, min(ENGINE_CHUNK, max(rows, a.block_size)))
         terms["scores"] = 8.0 * q * n * 4 * len(train_sides)  # four normalisations per train side, float64
         sizes["rows_per_call"] = rows
+    elif stage == "attribution" and family == "similarity":  # forwards without a graph, no gradient
+        terms["weights"] = 2 * w
+        terms["activations"] = min(a.block_size, n) * float(prof.outputs)
+        terms["scores"] = 8.0 * n_queries(cfg) * n * 2  # a variant's float64 scores and the product's copy
     elif stage == "attribution":  # the TRAK families: projected features, no [rows, P] matrix
         k = a.proj_dim
-        members = a.trak_checkpoints
-        features = members * (2 * n if a.self_influence else n) + members * n_queries(cfg)
+        members = 1 if family == "grad_similarity" else a.trak_checkpoints  # the final checkpoint only
+        own = a.self_influence and family != "grad_similarity"
+        features = members * (2 * n if own else n) + members * n_queries(cfg)
         terms["weights"] = 2 * w
         terms["projector"] = 8.0 * P * 3 if a.projector == "countsketch" else min(4.0 * P * k, 2 ** 30)
         terms["activations"] = _grad_chunk(prof, min(ENGINE_CHUNK, a.block_size))
         terms["features"] = 4.0 * features * k
-        terms["kernel"] = 3 * 8.0 * min(n, k) ** 2  # the Gram matrix, its Cholesky factor and a solve, float64
+        if family == "grad_similarity":  # no kernel inverse: the float64 products of the features
+            terms["scores"] = 8.0 * n_queries(cfg) * n * 2
+        else:  # the Gram matrix, its Cholesky factor and a solve, float64
+            terms["kernel"] = 3 * 8.0 * min(n, k) ** 2
     elif stage == "data":  # the decoded archive (uint8) and both splits as float32 while they are resized
         terms["images"] = 3 * _images(cfg, n + split_size(cfg.data, "test")) + (180e6 if cfg.data.channels == 3 else 0)
     elif stage in ("merge", "report"):

@@ -184,9 +184,11 @@ def write_lds_report(cfg: DictConfig, layout: Layout) -> None:
 
 # The comparisons the papers claim, as paired LDS differences on the same subsets and queries (so the training noise
 # the two share cancels): Diffusion-ReTrac's renormalisation against TracIn (Xie et al. 2024), D-TRAK's loss
-# against TRAK's output (Zheng et al. 2024), Journey-TRAK's normalisation, and the TRAK family against TracIn.
+# against TRAK's output (Zheng et al. 2024), Journey-TRAK's normalisation, the TRAK family against TracIn, what TRAK's
+# kernel inverse adds to the plain gradient dot product, and what the cosine's normalisation does to it.
 PAIRS = [("retrac", "tracin"), ("retrac_train_only", "tracin"), ("retrac_test_only", "tracin"), ("dtrak", "trak"),
-         ("journey_trak_normalized", "journey_trak"), ("trak", "tracin"), ("dtrak", "tracin"), ("dtrak", "retrac")]
+         ("journey_trak_normalized", "journey_trak"), ("trak", "tracin"), ("dtrak", "tracin"), ("dtrak", "retrac"),
+         ("trak", "grad_dot"), ("grad_cosine", "grad_dot")]
 CHUNK_COLUMNS = ["model", "subset", "seed", "query_id", "output"]
 PAIR_COLUMNS = ["variant", "versus", "query_kind", "n_subsets", "difference", "ci_low", "ci_high"]
 

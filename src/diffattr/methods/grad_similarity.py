@@ -1,0 +1,43 @@
+"""Gradient similarity: TracIn at the final checkpoint without learning-rate weights, on TRAK's projected loss
+gradients (the same features as ``trak`` at its last member: K evenly spaced timesteps, one noise each), compared by
+dot product or by cosine — D-TRAK's "Gradient" rows (Zheng et al., ICLR 2024, Table 1). It measures what TRAK's
+kernel inverse adds. Kernels: ``diffattr.kernels.similarity`` and ``diffattr.kernels.trak``."""
+
+from __future__ import annotations
+
+from . import Family, Job, register
+
+VARIANTS = {
+    "grad_dot": "phi(q) . phi(i): TRAK's projected loss gradients at the final checkpoint, no kernel inverse",
+    "grad_cosine": "the cosine of the same two features",
+}
+
+
+def run(job: Job) -> None:
+    import torch
+
+    from ..atomic import save_tensors
+    from ..kernels.similarity import cosine_scores, dot_scores
+    from ..kernels.trak import trak_spec
+    from ..outputs import LOSS_OUTPUTS
+    from ..projectors import make_projector
+    from .trak import features, query_features
+
+    cfg, a = job.cfg, job.cfg.attribution
+    train_set = job.train_set()
+    queries, query_images = job.queries()
+    model = job.load_unet(job.checkpoints()[-1])
+    projector = make_projector(a.projector, model, a.proj_dim, seed=a.seed)
+    spec = trak_spec(a.trak_timesteps, output=LOSS_OUTPUTS[cfg.train.loss], seed=a.seed, grid=a.timestep_grid)
+    phi_train = features(job, model, train_set.images, train_set.ids, spec, projector)
+    phi_query = query_features(job, model, queries, query_images, spec, projector)
+    kernel = {"grad_dot": dot_scores, "grad_cosine": cosine_scores}
+    ids = {"query_ids": torch.tensor(queries.query_id.to_numpy()), "train_ids": train_set.ids}
+    for method in job.variants:
+        save_tensors({"scores": kernel[method](phi_query, phi_train), **ids}, job.out / f"{method}.safetensors")
+
+
+register(Family(
+    name="grad_similarity", variants=VARIANTS, run=run, uses=("projector", "proj_dim", "trak_timesteps"),
+    batch=lambda requested: list(VARIANTS),
+))
