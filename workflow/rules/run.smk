@@ -73,5 +73,8 @@ for _i, _run in enumerate(RUNS):
 
 
 def run_targets(run):
+    # every method's own output too, so that a method added to a finished run is computed even where Snakemake's
+    # metadata (which notices the changed config) was lost
     return [path_of(run, "manifest"), *sample_outputs(run), path_of(run, "figure", name="norm_vs_timestep"),
-            path_of(run, "figure", name="norm_at_recorded_timestep"), path_of(run, "table", name="general_influence.csv")]
+            path_of(run, "figure", name="norm_at_recorded_timestep"), path_of(run, "table", name="general_influence.csv"),
+            *(path_of(run, "scores_long", method=m) for m in run.cfg.attribution.methods)]
