@@ -219,12 +219,16 @@ def estimate(stage: str, cfg, family: str = "", rows_per_call: int | None = None
     elif stage == "attribution":  # the TRAK families: projected features, no [rows, P] matrix
         k = a.proj_dim
         members = a.trak_checkpoints
-        features = members * (2 * n if a.self_influence else n) + members * n_queries(cfg)
+        # DAS keeps the residual-weighted training features beside the plain ones, and has no self-influence
+        train_rows = 2 * n if a.self_influence or family == "das" else n
+        features = members * train_rows + members * n_queries(cfg)
         terms["weights"] = 2 * w
         terms["projector"] = 8.0 * P * 3 if a.projector == "countsketch" else min(4.0 * P * k, 2 ** 30)
         terms["activations"] = _grad_chunk(prof, min(ENGINE_CHUNK, a.block_size))
         terms["features"] = 4.0 * features * k
         terms["kernel"] = 3 * 8.0 * min(n, k) ** 2  # the Gram matrix, its Cholesky factor and a solve, float64
+        if family == "das":  # the solve against the weighted features [min(N, k), N] and a score matrix, float64
+            terms["kernel"] += 8.0 * (min(n, k) + n_queries(cfg)) * n
     elif stage == "data":  # the decoded archive (uint8) and both splits as float32 while they are resized
         terms["images"] = 3 * _images(cfg, n + split_size(cfg.data, "test")) + (180e6 if cfg.data.channels == 3 else 0)
     elif stage in ("merge", "report"):
