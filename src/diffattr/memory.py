@@ -223,8 +223,10 @@ def estimate(stage: str, cfg, family: str = "", rows_per_call: int | None = None
     elif stage == "attribution":  # the TRAK families: projected features, no [rows, P] matrix
         k = a.proj_dim
         members = 1 if family == "grad_similarity" else a.trak_checkpoints  # the final checkpoint only
-        own = a.self_influence and family != "grad_similarity"
-        features = members * (2 * n if own else n) + members * n_queries(cfg)
+        # DAS keeps the residual-weighted training features beside the plain ones, and has no self-influence
+        own = a.self_influence and family not in ("grad_similarity", "das")
+        train_rows = 2 * n if own or family == "das" else n
+        features = members * train_rows + members * n_queries(cfg)
         terms["weights"] = 2 * w
         terms["projector"] = 8.0 * P * 3 if a.projector == "countsketch" else min(4.0 * P * k, 2 ** 30)
         terms["activations"] = _grad_chunk(prof, min(ENGINE_CHUNK, a.block_size))
@@ -233,6 +235,8 @@ def estimate(stage: str, cfg, family: str = "", rows_per_call: int | None = None
             terms["scores"] = 8.0 * n_queries(cfg) * n * 2
         else:  # the Gram matrix, its Cholesky factor and a solve, float64
             terms["kernel"] = 3 * 8.0 * min(n, k) ** 2
+        if family == "das":  # the solve against the weighted features [min(N, k), N] and a score matrix, float64
+            terms["kernel"] += 8.0 * (min(n, k) + n_queries(cfg)) * n
     elif stage == "data":  # the decoded archive (uint8) and both splits as float32 while they are resized
         terms["images"] = 3 * _images(cfg, n + split_size(cfg.data, "test")) + (180e6 if cfg.data.channels == 3 else 0)
     elif stage in ("merge", "report"):

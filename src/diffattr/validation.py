@@ -3,7 +3,7 @@ run's LDS report (``snakemake validate``; METHODS.md §5).
 
 The report compares every method of ``attribution.methods`` on the same queries: those of ``validate.query_kinds``
 that are not held out. The held-out ones choose the ridge lambda of every family that can be re-scored at another
-lambda (``Family.retune``: TRAK, D-TRAK) by their mean LDS, as D-TRAK and TRAK tune it, but never on the reported
+lambda (``Family.retune``: TRAK, D-TRAK, DAS) by their mean LDS, as D-TRAK and TRAK tune it, but never on the reported
 queries (``tables/lds_lambda.csv``). Beside the methods it reports a random-score control (LDS about 0) and the
 seed-to-seed ceiling (how well one training seed's outputs predict another's: the most any attribution can reach under
 this training noise).
@@ -184,11 +184,12 @@ def write_lds_report(cfg: DictConfig, layout: Layout) -> None:
 
 # The comparisons the papers claim, as paired LDS differences on the same subsets and queries (so the training noise
 # the two share cancels): Diffusion-ReTrac's renormalisation against TracIn (Xie et al. 2024), D-TRAK's loss
-# against TRAK's output (Zheng et al. 2024), Journey-TRAK's normalisation, the TRAK family against TracIn, what TRAK's
-# kernel inverse adds to the plain gradient dot product, and what the cosine's normalisation does to it.
+# against TRAK's output (Zheng et al. 2024), Journey-TRAK's normalisation, the TRAK family against TracIn, DAS
+# against D-TRAK, its r = 1 case (Lin et al. 2025), what TRAK's kernel inverse adds to the plain gradient dot product,
+# and what the cosine's normalisation does to it.
 PAIRS = [("retrac", "tracin"), ("retrac_train_only", "tracin"), ("retrac_test_only", "tracin"), ("dtrak", "trak"),
          ("journey_trak_normalized", "journey_trak"), ("trak", "tracin"), ("dtrak", "tracin"), ("dtrak", "retrac"),
-         ("trak", "grad_dot"), ("grad_cosine", "grad_dot")]
+         ("das", "dtrak"), ("trak", "grad_dot"), ("grad_cosine", "grad_dot")]
 CHUNK_COLUMNS = ["model", "subset", "seed", "query_id", "output"]
 PAIR_COLUMNS = ["variant", "versus", "query_kind", "n_subsets", "difference", "ci_low", "ci_high"]
 

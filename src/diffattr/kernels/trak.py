@@ -19,7 +19,7 @@ smaller of the k x k and N x N Gram matrices (the two are equal by the push-thro
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -99,22 +99,32 @@ def trak_features(model, scheduler, x0: torch.Tensor, ids: torch.Tensor, project
     f is ``spec.reduce`` over the K (timestep, noise) pairs of ``feature_draws(spec, ids, T, role)`` of
     ``spec.output``; by linearity the feature is the same reduction of the K projected per-pair gradients.
     """
-    from ..grads import projected_grads
-
     if spec.reduce not in ("sum", "mean"):
         raise ValueError(f"unknown reduction {spec.reduce!r} (sum | mean)")
+    out = [(phi.sum(1) if spec.reduce == "sum" else phi.mean(1)).cpu()
+           for _, phi in pair_features(model, scheduler, x0, ids, projector, spec, role=role, block_size=block_size,
+                                       batch_size=batch_size)]
+    return torch.cat(out) if out else torch.zeros(0, projector.k)
+
+
+def pair_features(model, scheduler, x0: torch.Tensor, ids: torch.Tensor, projector, spec: FeatureSpec, *,
+                  role: str = "train", block_size: int = 64, batch_size: int | None = None):
+    """Yields ``(pairs, phi)`` per block of ``block_size`` images: the block's (image, timestep, noise) pairs
+    (``x0`` repeated K times [B * K, C, H, W], timesteps [B * K], noise [B * K, C, H, W], image-major) and their
+    projected gradients ``phi`` [B, K, k] of ``spec.output``, which ``trak_features`` reduces over the K pairs."""
+    from ..grads import projected_grads
+
     timesteps, noise_seeds = feature_draws(spec, ids, scheduler.config.num_train_timesteps, role)
     K = timesteps.shape[1]
     kwargs = {} if batch_size is None else {"batch_size": batch_size}
-    out = []
     for start in range(0, len(x0), block_size):
         rows = slice(start, start + block_size)
         x = x0[rows]
         noise = noise_from_seeds(noise_seeds[rows].reshape(-1), x0.shape[1:])
-        phi = projected_grads(model, scheduler, x.repeat_interleave(K, 0), timesteps[rows].reshape(-1), noise,
-                              projector, output=spec.output, **kwargs).view(len(x), K, -1)
-        out.append((phi.sum(1) if spec.reduce == "sum" else phi.mean(1)).cpu())
-    return torch.cat(out) if out else torch.zeros(0, projector.k)
+        images, steps = x.repeat_interleave(K, 0), timesteps[rows].reshape(-1)
+        phi = projected_grads(model, scheduler, images, steps, noise, projector, output=spec.output,
+                              **kwargs).view(len(x), K, -1)
+        yield (images, steps, noise), phi
 
 
 @torch.no_grad()
@@ -299,14 +309,15 @@ class LambdaChoice:
 
 def select_lambda(phi_queries: Sequence[torch.Tensor], phi_trains: Sequence[torch.Tensor], query_ids, *,
                   grid: Sequence[float], fraction: float = 0.25, salt: int = 0, relative: bool = True,
-                  folds: int = 2) -> LambdaChoice:
+                  folds: int = 2, check: Callable[[float], None] | None = None) -> LambdaChoice:
     """lambda from ``grid`` minimising the ``reconstruction_error`` of the held-out queries
     (``heldout_mask(query_ids, fraction, salt)``); every refused lambda is recorded with the reason.
 
     ``phi_queries[m]`` holds the features of *all* queries of the pool for member m; only the held-out rows enter.
     The criterion is a proxy until counterfactual validation (an LDS on held-out queries) exists; it is the same for
     every method of the family and reads neither labels nor any metric the report shows. Ties go to the largest
-    lambda, the better-conditioned kernel.
+    lambda, the better-conditioned kernel. ``check(lam)``, when given, raises ``LinAlgError`` for a lambda at which
+    the method's own scores cannot be computed (DAS's leverage), and that lambda is refused too.
     """
     ids = np.asarray(query_ids, dtype=np.int64)
     rows = np.nonzero(heldout_mask(ids, fraction, salt))[0]
@@ -317,6 +328,8 @@ def select_lambda(phi_queries: Sequence[torch.Tensor], phi_trains: Sequence[torc
     values, refused = [], []
     for lam in grid:
         try:
+            if check is not None:
+                check(lam)
             values.append(reconstruction_error(held, phi_trains, lam, relative=relative, folds=folds, seed=salt))
             refused.append("")
         except np.linalg.LinAlgError as err:

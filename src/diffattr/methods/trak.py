@@ -52,8 +52,9 @@ def query_features(job: Job, model, queries, images, spec, projector):
     return features(job, model, images, torch.tensor(queries.query_id.to_numpy()), spec, projector, role="query")
 
 
-def select_lambda(job: Job, queries, phi_queries, phi_trains):
-    """lambda minimising the held-out queries' cross-validated feature reconstruction error; written to lambda.csv."""
+def select_lambda(job: Job, queries, phi_queries, phi_trains, check=None):
+    """lambda minimising the held-out queries' cross-validated feature reconstruction error; written to lambda.csv.
+    ``check``: see ``kernels.trak.select_lambda``."""
     import numpy as np
 
     from ..atomic import write_csv
@@ -62,7 +63,7 @@ def select_lambda(job: Job, queries, phi_queries, phi_trains):
     a = job.cfg.attribution
     rows = np.nonzero((queries.query_kind != "generated").to_numpy())[0]
     choice = kernels.select_lambda([q[rows] for q in phi_queries], phi_trains, queries.query_id.to_numpy()[rows],
-                                   grid=list(a.lambda_grid), fraction=a.heldout_fraction, salt=a.seed)
+                                   grid=list(a.lambda_grid), fraction=a.heldout_fraction, salt=a.seed, check=check)
     table = choice.table.assign(method=job.variants[0], chosen=lambda t: t.lam == choice.lam,
                                 n_heldout=len(choice.heldout_ids))
     for row in table[table.refused != ""].itertuples():

@@ -1,0 +1,99 @@
+"""DAS, the Diffusion Attribution Score (Lin, Tao, Dong, Xu, ICLR 2025, arXiv 2410.18639): the change of the
+predicted noise on a query when a training example is removed, linearised with one Sherman-Morrison Newton step.
+D-TRAK is its special case r = 1 (``attribution.das_residual=none``, ``das_leverage=false``). It shares TRAK's
+projection, K timesteps, ensemble and lambda grid; the formulas, the published approximations and the sign are in
+``diffattr.kernels.das``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from ..settings import knob
+from . import Family, Job, register
+from .trak import LAMBDA_KEYS, TrakSettings, members, query_features, select_lambda
+
+
+def _outputs():
+    from ..outputs import OUTPUTS
+
+    return OUTPUTS
+
+
+def _residuals():
+    from ..kernels.das import RESIDUALS
+
+    return RESIDUALS
+
+
+@dataclass
+class DasSettings:
+    das_output: str = knob("avg", "DAS's compressed output f (diffattr.outputs); the authors' code: avg, the pixel mean "
+                                  "of eps_theta", choices=_outputs)
+    das_residual: str = knob("paper", "residual weighting of the training features: paper (per timestep) | released "
+                                      "(the authors' per-example weight) | none (= D-TRAK)", choices=_residuals)
+    das_leverage: bool = knob(True, "divide by 1 - h_i, the Sherman-Morrison leverage correction (the paper's; the "
+                                    "authors' code never runs it)")
+
+
+FEATURES = "features.safetensors"
+
+
+def run(job: Job) -> None:
+    """Training side (features and residuals) and query features per ensemble member, lambda by TRAK's label-free
+    proxy among the lambdas at which the scores exist (the leverage refuses the others), scores; every feature is
+    saved so that ``retune`` rescores at another lambda."""
+    import torch
+
+    from ..atomic import save_tensors
+    from ..kernels import das as kernels
+    from ..kernels.trak import d_trak_spec
+    from ..projectors import make_projector
+
+    a, (method,) = job.cfg.attribution, job.variants
+    spec = d_trak_spec(a.trak_timesteps, output=a.das_output, seed=a.seed, grid=a.timestep_grid)
+    train_set = job.train_set()
+    queries, query_images = job.queries()
+    trains, phi_queries, projector = [], [], None
+    for state in members(job):
+        model = job.load_unet(state)
+        projector = projector or make_projector(a.projector, model, a.proj_dim, seed=a.seed)
+        trains.append(kernels.das_train_features(model, job.scheduler(), train_set.images.to(job.device),
+                                                 train_set.ids, projector, spec, a.das_residual,
+                                                 block_size=a.block_size))
+        phi_queries.append(query_features(job, model, queries, query_images, spec, projector))
+
+    def scores_at(lam):
+        return kernels.das_ensemble_scores(phi_queries, trains, lam, leverage=a.das_leverage)
+
+    choice = select_lambda(job, queries, phi_queries, [t.phi for t in trains], check=scores_at)
+    saved = {}
+    for i, (train, phi_query) in enumerate(zip(trains, phi_queries)):
+        saved.update({f"phi_train.{i}": train.phi, f"phi_query.{i}": phi_query})
+        if train.psi is not None:
+            saved[f"psi_train.{i}"] = train.psi
+        if train.weights is not None:
+            saved[f"weights.{i}"] = train.weights
+    save_tensors({**saved, "leverage": torch.tensor(bool(a.das_leverage))}, job.out / FEATURES)
+    save_tensors({"scores": scores_at(choice.lam), "query_ids": torch.tensor(queries.query_id.to_numpy()),
+                  "train_ids": train_set.ids}, job.out / f"{method}.safetensors")
+
+
+def retune(job_dir, variant: str, lam: float):
+    """The scores of every query at another lambda, from the members' saved features and residual weighting."""
+    from ..artifacts import read_tensors
+    from ..kernels import das as kernels
+
+    saved = read_tensors(job_dir / FEATURES, "attribute", keys=("leverage", "phi_train.0", "phi_query.0"))
+    ids = sorted(int(k.split(".")[1]) for k in saved if k.startswith("phi_train."))
+    trains = [kernels.DasTrain(saved[f"phi_train.{i}"], saved.get(f"psi_train.{i}"), saved.get(f"weights.{i}"))
+              for i in ids]
+    return kernels.das_ensemble_scores([saved[f"phi_query.{i}"] for i in ids], trains, lam,
+                                       leverage=bool(saved["leverage"]))
+
+
+register(Family(
+    name="das",
+    variants={"das": "DAS: phi(q)^T (Phi^T Phi + lambda I)^-1 phi(i) r(i) / (1 - h(i)), the linearised change of the "
+                     "query's output when i is removed"},
+    run=run, settings=DasSettings, uses=(*(f.name for f in fields(TrakSettings)), *LAMBDA_KEYS), retune=retune,
+))
