@@ -43,7 +43,7 @@ def test_stage_keys_follow_what_each_stage_depends_on():
     # the counterfactual removal reads the scores of every method it removes for (smoke: all)
     assert changed("attribution.test_noises=3") == {"attribution/tracin", "removal"}
     assert changed("attribution.proj_dim=32") == {"attribution/trak", "attribution/dtrak", "attribution/journey_trak",
-                                                  "attribution/grad_similarity", "removal"}
+                                                  "attribution/grad_similarity", "attribution/das", "removal"}
     assert changed("attribution.feature_timestep=5") == {"attribution/similarity", "removal"}
     assert changed("attribution.dtrak_output=avg") == {"attribution/dtrak", "removal"}
     only_tracin = compose("smoke", ["removal.methods=[tracin]"]).layout.keys

@@ -94,7 +94,7 @@ def test_attribution_tables_and_figures(smoke_run):
     _, path = smoke_run
     run = path.dir
     methods = ["tracin", "retrac", "retrac_train_only", "retrac_test_only", "trak", "dtrak", "journey_trak",
-               "journey_trak_normalized", "pixel_cosine", "feature_cosine", "grad_dot", "grad_cosine"]
+               "journey_trak_normalized", "das", "pixel_cosine", "feature_cosine", "grad_dot", "grad_cosine"]
     journeys = {"journey_trak", "journey_trak_normalized"}
     queries = pd.read_parquet(path("query_table"))
     reported = queries[~queries.heldout]
@@ -437,7 +437,7 @@ def test_validate_reports_every_method_the_control_and_the_ceiling(validated):
     assert {(r.variant, r.versus) for r in pairs.itertuples()} == {
         ("retrac", "tracin"), ("retrac_train_only", "tracin"), ("retrac_test_only", "tracin"), ("dtrak", "trak"),
         ("journey_trak_normalized", "journey_trak"), ("trak", "tracin"), ("dtrak", "tracin"), ("dtrak", "retrac"),
-        ("trak", "grad_dot"), ("grad_cosine", "grad_dot")}
+        ("das", "dtrak"), ("trak", "grad_dot"), ("grad_cosine", "grad_dot")}
     means = table.set_index(["variant", "query_kind"]).lds_mean
     for row in pairs.itertuples():
         assert row.ci_low <= row.difference <= row.ci_high
@@ -450,9 +450,9 @@ def test_validate_reports_every_method_the_control_and_the_ceiling(validated):
     assert set(pd.read_csv(path("table", name="lds_outputs.csv")).query_kind) == set(cfg.validate.query_kinds)
     # TRAK's and D-TRAK's lambda: chosen by the held-out queries' LDS, one per variant, from the whole grid
     tuned = pd.read_csv(path("table", name="lds_lambda.csv"))
-    assert set(tuned.variant) == {"trak", "dtrak"}
+    assert set(tuned.variant) == {"trak", "dtrak", "das"}
     assert (tuned.groupby("variant").chosen.sum() == 1).all()
-    assert (tuned.groupby("variant").lam.apply(list) == [list(cfg.attribution.lambda_grid)] * 2).all()
+    assert (tuned.groupby("variant").lam.apply(list) == [list(cfg.attribution.lambda_grid)] * 3).all()
     assert (tuned.n_heldout == (~reported & (arrays["query_kinds"] == "test")).sum()).all()
 
 
