@@ -189,6 +189,10 @@ class Curvature:
         return out
 
 
+def _add(total: Tensor | None, part: Tensor) -> Tensor:
+    return part.double() if total is None else total + part.double()
+
+
 Rows = Tuple[Tensor, Tensor, Tensor, VectorFn]  # x0 [B, C, H, W], timesteps [B], noise [B, C, H, W], vectors
 
 
@@ -207,13 +211,15 @@ def fit_curvature(model, scheduler, blocks: Callable[[], Iterable[Rows]], *,
         for _, k, stream in layer_stream(model, scheduler, x0, timesteps, noise, backward_vectors=vectors,
                                          batch_size=batch_size):
             for name, m, calls in _by_layer(stream, layers):
+                # a chunk's sums in the model's dtype (the factor products dominate the cost: R in'^2 per row for a
+                # convolution), accumulated over chunks in float64
                 if k == 0:  # the inputs do not depend on the backward vector
-                    cols = [_inputs(m, a).double() for a, _ in calls]
+                    cols = [_inputs(m, a) for a, _ in calls]
                     positions[name] = sum(c.shape[1] for c in cols)
                     cols = torch.cat([c.flatten(0, 1) for c in cols])
-                    A[name] = cols.T @ cols if A[name] is None else A[name] + cols.T @ cols
-                rows = torch.cat([_out_grads(m, g).flatten(0, 1) for _, g in calls]).double()
-                G[name] = rows.T @ rows if G[name] is None else G[name] + rows.T @ rows
+                    A[name] = _add(A[name], cols.T @ cols)
+                rows = torch.cat([_out_grads(m, g).flatten(0, 1) for _, g in calls])
+                G[name] = _add(G[name], rows.T @ rows)
     curv = Curvature(list(layers), {k: A[k] / (n * positions[k]) for k in layers}, {k: G[k] / n for k in layers})
     kfac = {}
     for name in layers:
@@ -227,7 +233,7 @@ def fit_curvature(model, scheduler, blocks: Callable[[], Iterable[Rows]], *,
         for _, _, stream in layer_stream(model, scheduler, x0, timesteps, noise, backward_vectors=vectors,
                                          batch_size=batch_size):
             for name, m, calls in _by_layer(stream, layers):
-                ekfac[name] += curv.rotate(name, _grad_matrices(m, calls).double()).square().sum(0)
+                ekfac[name] += curv.rotate(name, _grad_matrices(m, calls)).double().square().sum(0)
     curv.eigenvalues["ekfac"] = {k: e / n for k, e in ekfac.items()}
     return curv
 
