@@ -55,6 +55,8 @@ def test_the_profile_counts_the_unet_as_diffusers_builds_it(name, resolution, ch
     assert prof.largest_layer == max(sum(p.numel() for p in m.parameters(recurse=False)) for m in unet.modules()
                                      if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear, torch.nn.GroupNorm)))
     assert abs(prof.saved_bytes / saved - 1) < 0.1, (prof.saved_bytes, saved)
+    assert prof.factors == sum((m.weight[0].numel() + (m.bias is not None)) ** 2 + m.weight.shape[0] ** 2
+                               for m in unet.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
 
 
 def test_tracin_query_calls_shrink_to_fit_and_never_below_whole_chunks():
@@ -88,7 +90,8 @@ def test_smaller_query_calls_give_bit_identical_gradients():
 
 @pytest.mark.parametrize("stage, family", [("train", ""), ("sample", ""), ("norm_study", ""),
                                            ("attribution", "tracin"), ("attribution", "trak"), ("attribution", "das"),
-                                           ("validate", ""), ("removal", ""), ("merge", ""), ("report", ""), ("data", "")])
+                                           ("attribution", "influence"), ("validate", ""),
+                                           ("removal", ""), ("merge", ""), ("report", ""), ("data", "")])
 def test_cluster_memory_is_the_least_the_plan_can_run_in_with_its_margin(stage, family):
     for cfg in (compose("smoke").cfg, compose("cifar10_paper").cfg):
         need = job_resources(stage, cfg, family)["mem_mb"]

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -135,20 +135,25 @@ class _Run:
 
     def chunks(self, x0: Tensor, timesteps: Tensor, noise: Tensor) -> Iterator[Tuple[slice, Iterator[Block]]]:
         """(rows, blocks) per chunk of examples; the blocks of a chunk must be consumed before the next chunk."""
+        blocks = self._layerwise_blocks if self.engine == "layerwise" else self._func_blocks
+        for rows, x_t, t_c, noise_c in self.inputs(x0, timesteps, noise):
+            yield rows, blocks(x_t, t_c, noise_c)
+
+    def inputs(self, x0: Tensor, timesteps: Tensor, noise: Tensor) -> Iterator[Tuple[slice, Tensor, Tensor, Tensor]]:
+        """(rows, x_t, t, noise) per chunk, on the model's device and dtype, with dropout off and grad enabled."""
         if not (len(x0) == len(timesteps) == len(noise)):
             raise ValueError(f"x0, timesteps and noise disagree on N: {len(x0)}, {len(timesteps)}, {len(noise)}")
-        blocks = self._layerwise_blocks if self.engine == "layerwise" else self._func_blocks
         with dropout_off(self.model), torch.enable_grad():
             for start in range(0, len(x0), self.batch_size):
                 rows = slice(start, min(start + self.batch_size, len(x0)))
                 x0_c = x0[rows].to(self.device, self.dtype)
                 noise_c = noise[rows].to(self.device, self.dtype)
                 t_c = timesteps[rows].to(self.device, torch.long)
-                x_t = self.scheduler.add_noise(x0_c, noise_c, t_c)
-                yield rows, blocks(x_t, t_c, noise_c)
+                yield rows, self.scheduler.add_noise(x0_c, noise_c, t_c), t_c, noise_c
 
-    def _layerwise_blocks(self, x_t: Tensor, t: Tensor, noise: Tensor) -> Iterator[Block]:
-        calls: Dict[nn.Module, List[Tuple[Tensor, Tensor, int]]] = {}
+    def recorded_forward(self, x_t: Tensor, t: Tensor) -> Tuple[Tensor, "_Calls"]:
+        """eps_theta(x_t, t) and, per layer that owns a trainable parameter, each call's (input, output, version)."""
+        calls: _Calls = {}
 
         def record(module, args, out):
             calls.setdefault(module, []).append((args[0].detach(), out, out._version))
@@ -159,24 +164,17 @@ class _Run:
         finally:
             for handle in handles:
                 handle.remove()
-        f = self.output(eps, noise, x_t, t, self.scheduler)
-        outs = [out for module_calls in calls.values() for _, out, _ in module_calls]
-        if any(out._version != version for module_calls in calls.values() for _, out, version in module_calls):
-            # A layer output modified in place no longer holds the value whose gradient we would read.
-            raise RuntimeError("a layer output was modified in place after the layer; use engine='func'")
-        grad_outs = list(torch.autograd.grad(f.sum(), outs, allow_unused=True))
-        del f, eps, outs
-        position = 0
-        for module, module_calls in list(calls.items()):
+        return eps, calls
+
+    def _layerwise_blocks(self, x_t: Tensor, t: Tensor, noise: Tensor) -> Iterator[Block]:
+        eps, calls = self.recorded_forward(x_t, t)
+        root = self.output(eps, noise, x_t, t, self.scheduler).sum()
+        del eps
+        for module, pairs in output_grads(calls, root):
             total: Dict[str, Tensor] = {}
-            for inp, out, _ in module_calls:
-                g, grad_outs[position] = grad_outs[position], None  # free each output gradient once used
-                position += 1
-                if g is None:  # the layer's output does not reach the output function
-                    continue
-                for name, grad in _LAYER_RULES[type(module)](module, inp, g):
+            for inp, g in pairs:
+                for name, grad in layer_param_grads(module, inp, g).items():
                     total[name] = grad if name not in total else total[name] + grad
-            del calls[module]
             for name, grad in total.items():
                 param = getattr(module, name)
                 if param.requires_grad:
@@ -198,6 +196,75 @@ class _Run:
             grads = vmap(grad(example_output), in_dims=(None, 0, 0, 0))(trainable, x_t, t, noise)
         for name, p in self.params:
             yield self.offsets[id(p)], grads.pop(name)
+
+
+# module -> one (input, output, output version) per call of the module in the forward pass
+_Calls = Dict[nn.Module, List[Tuple[Tensor, Tensor, int]]]
+
+
+def output_grads(calls: _Calls, root: Tensor, grad_root: Optional[Tensor] = None, *,
+                 retain_graph: bool = False) -> Iterator[Tuple[nn.Module, List[Tuple[Tensor, Tensor]]]]:
+    """Backward from ``root`` (with ``grad_root`` as its output gradient; None for a scalar) to the recorded layer
+    outputs: per module, the (input, output gradient) of each of its calls whose output reaches ``root``. One
+    ``torch.autograd.grad`` call; each output gradient (and, unless ``retain_graph``, the module's record) is dropped
+    once its module has been consumed."""
+    outs = [out for module_calls in calls.values() for _, out, _ in module_calls]
+    if any(out._version != version for module_calls in calls.values() for _, out, version in module_calls):
+        # A layer output modified in place no longer holds the value whose gradient we would read.
+        raise RuntimeError("a layer output was modified in place after the layer; use engine='func'")
+    grads = list(torch.autograd.grad(root, outs, grad_root, allow_unused=True, retain_graph=retain_graph))
+    del outs
+    position = 0
+    for module, module_calls in list(calls.items()):
+        pairs = []
+        for inp, _, _ in module_calls:
+            g, grads[position] = grads[position], None  # free each output gradient once used
+            position += 1
+            if g is not None:  # else the layer's output does not reach root
+                pairs.append((inp, g))
+        if not retain_graph:  # nothing will backpropagate to this layer's output again: free it and its input
+            del calls[module]
+        yield module, pairs
+
+
+def layer_param_grads(module: nn.Module, a: Tensor, g: Tensor) -> Dict[str, Tensor]:
+    """Per-example gradients of a Linear / Conv2d / GroupNorm layer's parameters (name -> [B, ...], not always
+    contiguous), from the input ``a`` and output gradient ``g`` of one call (leading dim = examples)."""
+    return dict(_LAYER_RULES[type(module)](module, a, g))
+
+
+LayerGrad = Tuple[str, nn.Module, Tensor, Tensor]  # (module name, module, input a, output gradient g)
+
+
+def layer_stream(model, scheduler, x0: Tensor, timesteps: Tensor, noise: Tensor, output: Union[str, Output] = "loss",
+                 *, backward_vectors: Optional[Callable[[slice, Tensor], Iterable[Tensor]]] = None,
+                 batch_size: Optional[int] = None) -> Iterator[Tuple[slice, int, Iterator[LayerGrad]]]:
+    """The layerwise engine's raw material, public: per chunk of examples and per backward pass,
+    ``(rows, k, layers)`` with ``layers`` yielding ``(module name, module, a, g)`` for every call of every Linear /
+    Conv2d / GroupNorm layer that owns a trainable parameter: its input ``a`` and the gradient ``g`` of its output.
+
+    Without ``backward_vectors`` there is one pass (k = 0): g is the output gradient of ``output`` (as in
+    ``per_sample_grads``; row i of g belongs to example i alone). With ``backward_vectors(rows, eps)`` (an iterable of
+    tensors shaped like eps_theta [B, C, H, W]) the chunk is evaluated once and backpropagated once per vector v,
+    k = 0, 1, ...: g is then the output gradient of ``sum(v * eps_theta)``, row i the Jacobian-vector product
+    ``J_i^T v_i`` of example i (what Gauss-Newton curvature estimates need). Each ``layers`` must be consumed before
+    the next item is requested. Dropout is off; the model's parameters are not written.
+    """
+    run = _Run(model, scheduler, output, batch_size, "layerwise")
+    names = {module: name for name, module in model.named_modules()}
+
+    def layers(calls: _Calls, root: Tensor, grad_root: Optional[Tensor], retain: bool) -> Iterator[LayerGrad]:
+        for module, pairs in output_grads(calls, root, grad_root, retain_graph=retain):
+            for a, g in pairs:
+                yield names[module], module, a, g
+
+    for rows, x_t, t, noise_c in run.inputs(x0, timesteps, noise):
+        eps, calls = run.recorded_forward(x_t, t)
+        if backward_vectors is None:
+            yield rows, 0, layers(calls, run.output(eps, noise_c, x_t, t, scheduler).sum(), None, False)
+            continue
+        for k, v in enumerate(backward_vectors(rows, eps)):
+            yield rows, k, layers(calls, eps, v.to(eps.device, eps.dtype), True)
 
 
 # Per-example weight gradients of a layer from its input `a` and output gradient `g` (leading dim = examples).

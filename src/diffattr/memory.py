@@ -47,6 +47,7 @@ class UNetProfile:
     outputs: int  # elements of every Conv2d / Linear / GroupNorm output, one forward
     attention: int  # elements of the attention probabilities, one forward
     largest_layer: int  # parameters of the largest layer (one per-example weight gradient at a time)
+    factors: int = 0  # entries of the K-FAC factors, (in + 1)^2 + out^2 summed over the Linear / Conv2d layers
 
     @property
     def saved_bytes(self) -> float:
@@ -65,31 +66,35 @@ def unet_profile(unet: Mapping[str, Any], resolution: int, channels: int) -> UNe
     up = list(unet.get("up_block_types", ["AttnUpBlock2D"] * (n_levels - 1) + ["UpBlock2D"]))
     c0 = chans[0]
     temb = c0 * 4
-    count = {"params": 0, "outputs": 0, "attention": 0, "largest": 0}
+    count = {"params": 0, "outputs": 0, "attention": 0, "largest": 0, "factors": 0}
 
-    def layer(params: int, outputs: int) -> None:
+    def layer(params: int, outputs: int, fan_in: int = 0) -> None:
+        """``fan_in``: a Linear / Conv2d layer's weight columns (0 for GroupNorm); its output size is params // (fan_in
+        + 1), as every such layer of the UNet has a bias."""
         count["params"] += params
         count["outputs"] += outputs
         count["largest"] = max(count["largest"], params)
+        if fan_in:
+            count["factors"] += (fan_in + 1) ** 2 + (params // (fan_in + 1)) ** 2
 
     def conv(cin, cout, r, k=3):
-        layer(k * k * cin * cout + cout, cout * r * r)
+        layer(k * k * cin * cout + cout, cout * r * r, k * k * cin)
 
     def norm(c, r):
         layer(2 * c, c * r * r)
 
     def resnet(cin, cout, r):
-        norm(cin, r), conv(cin, cout, r), layer(temb * cout + cout, cout), norm(cout, r), conv(cout, cout, r)
+        norm(cin, r), conv(cin, cout, r), layer(temb * cout + cout, cout, temb), norm(cout, r), conv(cout, cout, r)
         if cin != cout:
             conv(cin, cout, r, k=1)
 
     def attention(c, r):
         norm(c, r)
         for _ in range(4):  # q, k, v, out
-            layer(c * c + c, c * r * r)
+            layer(c * c + c, c * r * r, c)
         count["attention"] += (c // (head_dim or c)) * (r * r) ** 2
 
-    layer(c0 * temb + temb, temb), layer(temb * temb + temb, temb)  # the timestep embedding
+    layer(c0 * temb + temb, temb, c0), layer(temb * temb + temb, temb, temb)  # the timestep embedding
     r = int(resolution)
     conv(channels, c0, r)
     out = c0
@@ -115,7 +120,7 @@ def unet_profile(unet: Mapping[str, Any], resolution: int, channels: int) -> UNe
             r *= 2
             conv(out, out, r)  # the convolution after upsampling
     norm(c0, r), conv(c0, channels, r)
-    return UNetProfile(count["params"], count["outputs"], count["attention"], count["largest"])
+    return UNetProfile(count["params"], count["outputs"], count["attention"], count["largest"], count["factors"])
 
 
 def profile(cfg) -> UNetProfile:
@@ -220,6 +225,21 @@ def estimate(stage: str, cfg, family: str = "", rows_per_call: int | None = None
         terms["weights"] = 2 * w
         terms["activations"] = min(a.block_size, n) * float(prof.outputs)
         terms["scores"] = 8.0 * n_queries(cfg) * n * 2  # a variant's float64 scores and the product's copy
+    elif stage == "attribution" and family == "influence":
+        from .methods.influence import lambdas
+
+        q, B = n_queries(cfg), a.block_size
+        pixels = cfg.data.channels * cfg.data.resolution ** 2
+        terms["weights"] = 2 * w
+        # float64: the K-FAC factors and their eigenbases, the K-FAC and EK-FAC eigenvalues
+        terms["curvature"] = 8.0 * (2 * prof.factors + 2 * P)
+        terms["query gradients"] = 2 * q * w  # [Q, P] per layer, and their rotation into the eigenbasis
+        # a block's mean gradients [B, P], one layer's rotation; the noise of a block of measurement rows
+        terms["gradient rows"] = B * w + 4.0 * B * prof.largest_layer + \
+            4.0 * pixels * B * max(a.influence_train_draws, a.influence_query_timesteps * a.influence_query_noises)
+        # a chunk's forward kept for its backward passes, and the float64 rotation of its EK-FAC gradients
+        terms["activations"] = _grad_chunk(prof, ENGINE_CHUNK) + ENGINE_CHUNK * 3 * 8.0 * prof.largest_layer
+        terms["scores"] = 8.0 * q * n * 2 * 2 * len(lambdas(a))  # [L, Q, N] per variant, float64, as parts and whole
     elif stage == "attribution":  # the TRAK families: projected features, no [rows, P] matrix
         k = a.proj_dim
         members = 1 if family == "grad_similarity" else a.trak_checkpoints  # the final checkpoint only

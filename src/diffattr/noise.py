@@ -18,6 +18,7 @@ FEATURE_TIMESTEPS, FEATURE_NOISE, JOURNEY_NOISE, HELDOUT_SPLIT = 201, 202, 203, 
 QUERY_FEATURE_TIMESTEPS, QUERY_FEATURE_NOISE = 205, 206  # TRAK family, queries: never a training row's draws
 VALIDATE_SUBSETS, VALIDATE_OUTPUT_NOISE = 301, 302  # diffattr.subsets: which examples, F's fixed noise
 REMOVAL_RANDOM = 303  # diffattr.removal: the random images a control case removes
+GGN_VECTORS = 401  # influence family: the Monte-Carlo output-gradient vectors of its Gauss-Newton fit
 
 
 def noise_from_seeds(seeds: Sequence[int] | torch.Tensor, shape: Sequence[int], dtype=torch.float32) -> torch.Tensor:
