@@ -73,6 +73,7 @@ ARTIFACTS: tuple[tuple[str, str, str], ...] = (
     ("removal_images", "stages/removal/{removal}/cases_{first}_to_{last}.safetensors",
      "images [n, C, H, W]: each case's regenerated image, in the rows' order"),
     ("stage_log", "stages/logs/{job}.log", "one log per stage job"),
+    ("stage_benchmark", "stages/benchmarks/{job}.tsv", "Snakemake's record of an attribution job: wall time, peak RSS"),
     ("config", "{run}/config.yaml", "the resolved Hydra config of the run"),
     ("manifest", "{run}/manifest.yaml", "the stage directories the run used, each with the config it is keyed by"),
     ("norm_table", "{run}/tables/grad_norms.parquet",

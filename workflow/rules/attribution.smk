@@ -29,6 +29,8 @@ rule attribute:
                                           f"job.family={wc.family}", f"job.shard={wc.shard}", f"job.threads={threads}"),
     log:
         P("stage_log", job="{family}_{method_key}_{shard}_of_{shards}"),
+    benchmark:
+        P("stage_benchmark", job="{family}_{method_key}_{shard}_of_{shards}")
     shell:
         "{params.cmd} 2>&1 | tee {log}"
 
