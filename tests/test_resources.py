@@ -26,3 +26,21 @@ def test_the_report_and_merge_scale_with_queries_and_training_set():
     smoke, paper = compose("smoke").cfg, compose("cifar10_paper").cfg
     for stage in ("report", "merge", "data"):
         assert job_resources(stage, paper)["mem_mb"] > job_resources(stage, smoke)["mem_mb"], stage
+
+
+def test_every_family_counts_its_gradient_evaluations_and_the_runtime_follows_them():
+    from diffattr.methods import checkpoint_count, families
+
+    cfg = compose("cifar10_paper").cfg
+    a = cfg.attribution
+    for family in families().values():
+        grads = family.cost(cfg, list(family.variants))
+        assert set(grads) == {"train", "query"} and min(grads.values()) >= 0, family.name
+    assert families()["tracin"].cost(cfg, ["tracin"]) == {
+        "train": checkpoint_count(cfg), "query": checkpoint_count(cfg) * a.test_timesteps * a.test_noises}
+    assert families()["tracin"].cost(cfg, ["tracin_expectation"])["train"] == \
+        checkpoint_count(cfg) * a.expectation_timesteps
+    assert families()["similarity"].cost(cfg, ["pixel_cosine"]) == {"train": 0, "query": 0}
+    more = compose("cifar10_paper", ["attribution.influence_train_draws=64"]).cfg
+    assert job_resources("attribution", more, "influence")["runtime"] > job_resources("attribution", cfg,
+                                                                                      "influence")["runtime"]

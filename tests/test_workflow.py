@@ -447,6 +447,11 @@ def test_validate_reports_every_method_the_control_and_the_ceiling(validated):
     kept = masks.pivot(index="subset", columns="sample_id", values="kept")[arrays["train_ids"]].to_numpy()
     np.testing.assert_array_equal(kept, arrays["masks"])
     assert path("figure", name="lds").stat().st_size > 5_000
+    # beside the LDS, what each method's job cost: its family's gradient counts and Snakemake's wall time of the job
+    cost = pd.read_csv(path("table", name="lds_cost.csv"))
+    assert cost[list(table.columns)].equals(table[~table.method.isin(["control", "ceiling"])].reset_index(drop=True))
+    assert (cost.job_wall_s > 0).all() and (cost[cost.method != "similarity"].train_grads > 0).all()
+    assert path("figure", name="lds_cost").stat().st_size > 5_000
     assert set(pd.read_csv(path("table", name="lds_outputs.csv")).query_kind) == set(cfg.validate.query_kinds)
     # TRAK's and D-TRAK's lambda: chosen by the held-out queries' LDS, one per variant, from the whole grid
     tuned = pd.read_csv(path("table", name="lds_lambda.csv"))

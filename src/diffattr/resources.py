@@ -50,14 +50,13 @@ def _runtime(stage: str, cfg: DictConfig, family: str) -> int:
     if stage == "norm_study":
         s = cfg.norm_study
         return _minutes(n_ckpt * (s.n_examples * s.n_timesteps + n) * len(s.losses) / cfg.shards, GRADS_PER_S, cfg)
-    if stage == "attribution" and family == "tracin":
-        per_ckpt = n + queries * a.test_timesteps * a.test_noises + n * a.self_influence_timesteps * \
-            a.self_influence_noises
-        return _minutes(n_ckpt * per_ckpt / cfg.shards, GRADS_PER_S, cfg)
-    if stage == "attribution":  # the TRAK families and any other unsharded one: features of every image
-        per_image = max(a.get("trak_timesteps", 100), a.get("journey_train_timesteps", 0))
-        journeys = a.n_generated_queries * a.get("journey_steps", 0) * a.get("journey_noises", 0)
-        return _minutes(a.get("trak_checkpoints", 1) * ((n + queries) * per_image + journeys), GRADS_PER_S, cfg)
+    if stage == "attribution":  # the gradient evaluations the family counts for its job (Family.cost)
+        from .methods import families, requested_families, shard_count
+
+        fam = families()[family]
+        grads = fam.cost(cfg, fam.job_variants(requested_families(a.methods).get(fam, list(fam.variants)))) \
+            if fam.cost is not None else {"train": 100 * n_ckpt, "query": 100 * n_ckpt}
+        return _minutes((n * grads["train"] + queries * grads["query"]) / shard_count(fam, cfg), GRADS_PER_S, cfg)
     if stage == "validate":  # one job: models_per_job subset trainings, then F of every measured query on each
         v = cfg.validate
         work = v.models_per_job * (cfg.train.epochs * v.alpha * n + measured_triples(cfg) / 3)  # a forward: ~1/3 step

@@ -99,7 +99,7 @@ def chunk_files(cfg: DictConfig, layout: Layout) -> list:
 
 def write_lds_report(cfg: DictConfig, layout: Layout) -> None:
     """``tables/lds.csv`` and ``lds_outputs.csv``, ``figures/lds.png``, and the plain arrays of ``lds/``."""
-    from .figures.lds import lds_figure
+    from .figures.lds import lds_cost_figure, lds_figure
     from .methods import family_of
 
     v = cfg.validate
@@ -175,6 +175,9 @@ def write_lds_report(cfg: DictConfig, layout: Layout) -> None:
     write_csv(_outputs_summary(outputs, full_outputs, kinds, reported), layout.path("table", name="lds_outputs.csv"))
     write_csv(pd.concat(tuned, ignore_index=True) if tuned else pd.DataFrame(columns=LAMBDA_COLUMNS),
               layout.path("table", name="lds_lambda.csv"))
+    cost = cost_table(cfg, layout, result, n_train=len(train_ids), n_queries=len(load_queries(layout)[0]))
+    write_csv(cost, layout.path("table", name="lds_cost.csv"))
+    lds_cost_figure(cost, layout.path("figure", name="lds_cost"))
     write_parquet(masks_table(train_ids, v), layout.path("lds_masks"))
     with atomic_path(layout.path("lds_arrays")) as tmp:
         with open(tmp, "wb") as f:
@@ -195,6 +198,37 @@ CHUNK_COLUMNS = ["model", "subset", "seed", "query_id", "output"]
 PAIR_COLUMNS = ["variant", "versus", "query_kind", "n_subsets", "difference", "ci_low", "ci_high"]
 
 LAMBDA_COLUMNS = ["method", "variant", "lam", "heldout_lds", "n_heldout", "refused", "chosen"]
+
+
+COST_COLUMNS = ["job_variants", "train_grads", "query_grads", "job_wall_s", "wall_per_train_s", "wall_per_query_s"]
+
+
+def cost_table(cfg: DictConfig, layout: Layout, lds_table: pd.DataFrame, n_train: int, n_queries: int) -> pd.DataFrame:
+    """``tables/lds_cost.csv``: every method's LDS rows beside what its attribution job cost. ``train_grads`` /
+    ``query_grads``: the gradient evaluations its family counts per training example and per query
+    (``Family.cost``); ``job_wall_s``: the wall time of its job (Snakemake's benchmark of every shard, summed; NaN
+    where the job ran before benchmarks were recorded), shared by the variants one job computes (``job_variants``);
+    the per-example and per-query times split it in proportion to the gradient counts. Kept out of ``lds.csv``:
+    wall times differ between runs, the LDS does not."""
+    from .methods import requested_families, shard_count
+
+    rows = []
+    for family, variants in requested_families(cfg.attribution.methods).items():
+        in_job = family.job_variants(variants)
+        grads = family.cost(cfg, in_job) if family.cost is not None else {"train": np.nan, "query": np.nan}
+        shards = shard_count(family, cfg)
+        key = layout.keys[f"attribution/{family.name}"]
+        files = [layout.path("stage_benchmark", job=f"{family.name}_{key}_{s}_of_{shards}") for s in range(shards)]
+        wall = sum(float(pd.read_csv(f, sep="\t")["s"].iloc[0]) for f in files) \
+            if all(f.exists() for f in files) else np.nan
+        total = n_train * grads["train"] + n_queries * grads["query"]
+        per_grad = wall / total if total > 0 else np.nan
+        for variant in variants:
+            rows.append({"variant": variant, "job_variants": " ".join(in_job), "train_grads": grads["train"],
+                         "query_grads": grads["query"], "job_wall_s": wall, "wall_per_train_s": per_grad * grads["train"],
+                         "wall_per_query_s": per_grad * grads["query"]})
+    cost = pd.DataFrame(rows, columns=["variant", *COST_COLUMNS])
+    return lds_table.merge(cost, on="variant", how="inner")[[*lds_table.columns, *COST_COLUMNS]]
 
 
 def lambda_by_lds(scores_at, grid, heldout, masks, outputs, fallback):

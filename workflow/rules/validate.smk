@@ -36,6 +36,9 @@ for _i, _run in enumerate(RUNS):
             lam=path_of(_run, "table", name="lds_lambda.csv"),
             pairs=path_of(_run, "table", name="lds_pairs.csv"),
             figure=report(path_of(_run, "figure", name="lds"), caption="../report/lds.rst", category="Validation"),
+            cost=path_of(_run, "table", name="lds_cost.csv"),
+            cost_figure=report(path_of(_run, "figure", name="lds_cost"), caption="../report/lds_cost.rst",
+                               category="Validation"),
             masks=path_of(_run, "lds_masks"),
             arrays=path_of(_run, "lds_arrays"),
         resources:

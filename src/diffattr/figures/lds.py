@@ -37,3 +37,31 @@ def lds_figure(table: pd.DataFrame, path: str | os.PathLike) -> None:
         ax.legend(fontsize=7, loc="best", framealpha=0.9)
     axes[0].set_ylabel("LDS (Spearman), mean over queries")
     save(fig, path)
+
+
+def lds_cost_figure(cost: pd.DataFrame, path: str | os.PathLike) -> None:
+    """``cost`` is ``tables/lds_cost.csv``: per query kind, each method's LDS (95% interval) against its job's wall
+    time; methods whose job has no recorded time are listed under the axes."""
+    kinds = list(pd.unique(cost.query_kind)) or ["test"]
+    fig = Figure(figsize=(4.8 * len(kinds), 4.2), layout="constrained")
+    axes = fig.subplots(1, len(kinds), sharey=True, squeeze=False)[0]
+    for ax, kind in zip(axes, kinds):
+        rows = cost[cost.query_kind == kind]
+        timed = rows[rows.job_wall_s > 0]
+        ax.errorbar(timed.job_wall_s, timed.lds_mean, yerr=[timed.lds_mean - timed.ci_low,
+                                                          timed.ci_high - timed.lds_mean],
+                    fmt="o", ms=4, capsize=2, color="C0", zorder=2)
+        for row in timed.itertuples():
+            ax.annotate(row.variant, (row.job_wall_s, row.lds_mean), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+        if len(timed):
+            ax.set_xscale("log")
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set_xlabel("wall time of the attribution job (s)")
+        ax.set_title(f"{kind} queries", fontsize=9)
+        untimed = sorted(set(rows.variant) - set(timed.variant))
+        if untimed:
+            ax.text(0, -0.18, "no recorded time: " + ", ".join(untimed), transform=ax.transAxes, fontsize=6,
+                    va="top", wrap=True)
+    axes[0].set_ylabel("LDS (Spearman), mean over queries")
+    save(fig, path)

@@ -74,6 +74,11 @@ class Job:
         return build_scheduler(self.cfg.model)
 
 
+def checkpoint_count(cfg: "DictConfig") -> int:
+    """How many checkpoints training saves."""
+    return -(-cfg.train.epochs // cfg.train.checkpoint_every)
+
+
 def shard_count(family: "Family", cfg: "DictConfig") -> int:
     return cfg.shards if family.sharded else 1
 
@@ -133,6 +138,9 @@ class Family:
     # retune(job_dir, variant, lam): the variant's scores [Q, N] (the rows of its score file) recomputed from what its
     # job saved at another ridge lambda, so that `validate` can choose lambda by held-out LDS
     retune: Callable[[Path, str, float], Any] | None = None
+    # cost(cfg, variants): the job's gradient evaluations (per-example backward passes) per training example and per
+    # query, {"train": ..., "query": ...}, what the runtime request and the LDS-cost table count
+    cost: Callable[["DictConfig", Sequence[str]], Mapping[str, float]] | None = None
 
     def job_variants(self, requested: Sequence[str]) -> list[str]:
         return list(self.batch(requested)) if self.batch is not None else list(requested)

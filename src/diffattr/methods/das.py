@@ -96,4 +96,6 @@ register(Family(
     variants={"das": "DAS: phi(q)^T (Phi^T Phi + lambda I)^-1 phi(i) r(i) / (1 - h(i)), the linearised change of the "
                      "query's output when i is removed"},
     run=run, settings=DasSettings, uses=(*(f.name for f in fields(TrakSettings)), *LAMBDA_KEYS), retune=retune,
+    cost=lambda cfg, variants: {"train": cfg.attribution.trak_checkpoints * cfg.attribution.trak_timesteps,
+                                "query": cfg.attribution.trak_checkpoints * cfg.attribution.trak_timesteps},
 ))

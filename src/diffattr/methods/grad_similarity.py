@@ -40,4 +40,5 @@ def run(job: Job) -> None:
 register(Family(
     name="grad_similarity", variants=VARIANTS, run=run, uses=("projector", "proj_dim", "trak_timesteps"),
     batch=lambda requested: list(VARIANTS),
+    cost=lambda cfg, variants: {"train": cfg.attribution.trak_timesteps, "query": cfg.attribution.trak_timesteps},
 ))

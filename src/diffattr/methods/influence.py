@@ -56,6 +56,14 @@ def lambdas(a) -> list[float]:
     return list(dict.fromkeys(float(x) for x in [*a.lambda_grid, a.kfac_damping]))
 
 
+def cost(cfg, variants) -> dict:
+    """Per training draw: M vector passes for the K-FAC factors, M again for the EK-FAC diagonal, one for L(j);
+    per query, its measurement's timesteps x noises."""
+    a = cfg.attribution
+    return {"train": a.influence_train_draws * (2 * a.kfac_ggn_samples + 1),
+            "query": a.influence_query_timesteps * a.influence_query_noises}
+
+
 def run(job: Job) -> None:
     import pandas as pd
     import torch
@@ -145,5 +153,5 @@ def retune(job_dir, variant: str, lam: float):
 
 register(Family(
     name="influence", variants=VARIANTS, run=run, settings=InfluenceSettings, uses=("lambda_grid",),
-    batch=lambda requested: list(VARIANTS), retune=retune,
+    batch=lambda requested: list(VARIANTS), retune=retune, cost=cost,
 ))

@@ -80,4 +80,9 @@ register(Family(
     },
     run=run, settings=JourneyTrakSettings, batch=lambda requested: list(AGGREGATES),
     uses=("projector", "proj_dim", "trak_checkpoints", "lambda_grid", *LAMBDA_KEYS),
+    # per member: K per training image; per generated query, its steps x noises (the labelled queries that choose
+    # lambda cost K each on top)
+    cost=lambda cfg, variants: {"train": cfg.attribution.trak_checkpoints * cfg.attribution.journey_train_timesteps,
+                                "query": cfg.attribution.trak_checkpoints * cfg.attribution.journey_steps
+                                * cfg.attribution.journey_noises},
 ))

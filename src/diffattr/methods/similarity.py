@@ -51,5 +51,5 @@ def run(job: Job) -> None:
 
 register(Family(
     name="similarity", variants=VARIANTS, run=run, settings=SimilaritySettings, depends=depends,
-    batch=lambda requested: list(VARIANTS),
+    batch=lambda requested: list(VARIANTS), cost=lambda cfg, variants: {"train": 0, "query": 0},  # forwards only
 ))

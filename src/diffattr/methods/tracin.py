@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..settings import knob
-from . import COMMON_KEYS, Family, Job, register
+from . import COMMON_KEYS, Family, Job, checkpoint_count, register
 
 # variant -> (train side, normalisation of diffattr.kernels.tracin)
 VARIANTS = {
@@ -53,6 +53,15 @@ def depends(cfg, variants) -> dict:
     keys += ["expectation_timesteps"] if "expectation" in sides(variants) else []
     keys += ["train_noise"] if "recorded" in sides(variants) else []
     return {"sides": sides(variants), **{k: a[k] for k in keys}}
+
+
+def cost(cfg, variants) -> dict:
+    """Per checkpoint: one train gradient per side (K for the expectation side), S x R per query, S' x R' per
+    training row for self-influence."""
+    a, c = cfg.attribution, checkpoint_count(cfg)
+    per_row = sum(a.expectation_timesteps if side == "expectation" else 1 for side in sides(variants))
+    own = a.self_influence_timesteps * a.self_influence_noises if a.self_influence else 0
+    return {"train": c * (per_row + own), "query": c * a.test_timesteps * a.test_noises}
 
 
 def run(job: Job) -> None:
@@ -132,6 +141,6 @@ register(Family(
         "retrac_train_only_expectation": "train-side-only normalisation, expectation train side",
         "retrac_test_only_expectation": "test-side-only normalisation, expectation train side",
     },
-    run=run, merge=merge, depends=depends, batch=batch, settings=TracInSettings, uses=("self_influence",),
+    run=run, merge=merge, depends=depends, batch=batch, cost=cost, settings=TracInSettings, uses=("self_influence",),
     sharded=True, self_influence=True, grad_norms=True,
 ))

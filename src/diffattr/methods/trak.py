@@ -119,6 +119,13 @@ def retune(job_dir, variant: str, lam: float):
                                    [saved[f"phi_train.{i}"] for i in members], lam)
 
 
+def cost(cfg, variants) -> dict:
+    """K gradients per image and ensemble member; the training set twice with self-influence."""
+    a = cfg.attribution
+    per_image = a.trak_checkpoints * a.trak_timesteps
+    return {"train": per_image * (2 if a.self_influence else 1), "query": per_image}
+
+
 def run(job: Job) -> None:
     from ..kernels.trak import trak_spec
     from ..outputs import LOSS_OUTPUTS
@@ -132,4 +139,5 @@ register(Family(
     name="trak",
     variants={"trak": "phi(q)^T (Phi^T Phi + lambda I)^-1 phi(i), projected loss gradients at K timesteps"},
     run=run, settings=TrakSettings, uses=(*LAMBDA_KEYS, "self_influence"), self_influence=True, retune=retune,
+    cost=cost,
 ))
