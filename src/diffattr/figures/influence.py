@@ -23,6 +23,18 @@ def save(fig: Figure, path: str | os.PathLike, dpi: int = 150) -> None:
     save_figure(fig, path, dpi=dpi, bbox_inches="tight")
 
 
+def panel_grid(n: int, width: float, height: float, columns: int = 4, **shared):
+    """A figure with ``n`` panels in rows of at most ``columns`` (legible at page width, where one strip of a dozen
+    methods is not), and its axes in reading order; the unused cells of the last row are switched off."""
+    cols = max(1, min(columns, n))
+    rows = max(1, -(-n // cols))
+    fig = Figure(figsize=(width * cols, height * rows), layout="tight")
+    axes = fig.subplots(rows, cols, squeeze=False, **shared).ravel()
+    for ax in axes[n:]:
+        ax.set_axis_off()
+    return fig, axes[:n]
+
+
 def general_influence_histograms(counts: Mapping[str, np.ndarray], n_queries: int, k: int,
                                  threshold: float | None = None):
     """One panel per method: how many training examples appear in the top-k of 0, 1, 2, ... queries.
@@ -31,11 +43,10 @@ def general_influence_histograms(counts: Mapping[str, np.ndarray], n_queries: in
     top many queries (the generally influential ones) are few. ``threshold`` draws the n_general cut.
     """
     methods = list(counts)
-    fig = Figure(figsize=(3.2 * len(methods), 2.8), layout="tight")
-    axes = fig.subplots(1, len(methods), sharex=True, sharey=True, squeeze=False)
+    fig, axes = panel_grid(len(methods), 3.2, 2.8, sharex=True, sharey=True)
     top = max(int(np.max(c)) for c in counts.values()) if methods else 0
     bins = np.arange(-0.5, top + 1.5)
-    for ax, method in zip(axes[0], methods):
+    for ax, method in zip(axes, methods):
         c = np.asarray(counts[method])
         ax.hist(c, bins=bins, color="C0", edgecolor="none")
         ax.set_yscale("log")
@@ -45,7 +56,8 @@ def general_influence_histograms(counts: Mapping[str, np.ndarray], n_queries: in
             ax.axvline(need - 0.5, color="C3", lw=1, ls="--")
             ax.text(0.97, 0.95, f"{int((c >= need).sum())} in >= {threshold:.0%}", transform=ax.transAxes,
                     ha="right", va="top", fontsize=8, color="C3")
-    axes[0][0].set_ylabel("training examples")
+    for ax in axes[::4]:
+        ax.set_ylabel("training examples")
     fig.supxlabel(f"number of queries whose top-{k} contains the example", fontsize=9)
     fig.suptitle(f"General influence ({n_queries} queries)", fontsize=10)
     return fig
@@ -59,11 +71,10 @@ def score_vs_grad_norm(mean_scores: Mapping[str, np.ndarray], grad_norms: np.nda
     ``grad_norms`` is per example (e.g. averaged over checkpoints); ``is_outlier`` colours planted outliers.
     """
     methods = list(mean_scores)
-    fig = Figure(figsize=(3.4 * len(methods), 3.0), layout="tight")
-    axes = fig.subplots(1, len(methods), squeeze=False)
+    fig, axes = panel_grid(len(methods), 3.4, 3.0)
     norms = np.asarray(grad_norms, dtype=np.float64)
     outlier = np.zeros(len(norms), bool) if is_outlier is None else np.asarray(is_outlier, dtype=bool)
-    for ax, method in zip(axes[0], methods):
+    for ax, method in zip(axes, methods):
         s = np.asarray(mean_scores[method], dtype=np.float64)
         ax.scatter(norms[~outlier], s[~outlier], s=6, alpha=0.6, color="C0", label="in-distribution",
                    edgecolors="none")
