@@ -276,7 +276,8 @@ def job_for(tmp_path, lambda_grid, damping):
     cfg = OmegaConf.create({
         "train": {"loss": "l2"}, "model": {"num_train_timesteps": 1000},
         "attribution": {"seed": 0, "block_size": 3, "timestep_grid": "ends", "lambda_grid": lambda_grid,
-                        "kfac_damping": damping, "influence_train_draws": 2, "influence_query_timesteps": 3,
+                        "kfac_damping": damping, "influence_train_draws": 2, "influence_train_schedule": "even",
+                        "influence_query_timesteps": 3,
                         "influence_query_noises": 2, "kfac_ggn": "mc", "kfac_ggn_samples": 2}})
     return SimpleNamespace(cfg=cfg, out=tmp_path, checkpoints=lambda: ["last"], load_unet=lambda state: model,
                            scheduler=lambda: scheduler, train_set=lambda: train, queries=lambda: (queries, q_images))
@@ -291,7 +292,11 @@ def test_the_family_registers_validates_its_keys_and_retune_reads_the_saved_grid
     assert run.cfg.attribution.influence_train_draws == 4
     other = compose("smoke", ["attribution.methods=[kfac,ekfac]", "attribution.kfac_damping=0.1"])
     assert run.layout.keys["attribution/influence"] != other.layout.keys["attribution/influence"]
-    for bad in ["attribution.influence_train_draws=0", "attribution.kfac_ggn=full", "attribution.kfac_damping=-1"]:
+    uniform = compose("smoke", ["attribution.methods=[kfac,ekfac]", "attribution.kfac_damping=0.1",
+                                "attribution.influence_train_schedule=random"])
+    assert uniform.layout.keys["attribution/influence"] != other.layout.keys["attribution/influence"]
+    for bad in ["attribution.influence_train_draws=0", "attribution.kfac_ggn=full", "attribution.kfac_damping=-1",
+                "attribution.influence_train_schedule=grid"]:
         with pytest.raises(ConfigError, match=bad.split("=")[0]):
             compose("smoke", ["attribution.methods=[kfac]", bad])
 

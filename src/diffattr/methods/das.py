@@ -29,7 +29,7 @@ def _residuals():
 class DasSettings:
     das_output: str = knob("avg", "DAS's compressed output f (diffattr.outputs); the authors' code: avg, the pixel mean "
                                   "of eps_theta", choices=_outputs)
-    das_residual: str = knob("paper", "residual weighting of the training features: paper (per timestep) | released "
+    das_residual: str = knob("released", "residual weighting of the training features: paper (per timestep) | released "
                                       "(the authors' per-example weight) | none (= D-TRAK)", choices=_residuals)
     das_leverage: bool = knob(True, "divide by 1 - h_i, the Sherman-Morrison leverage correction (the paper's; the "
                                     "authors' code never runs it)")

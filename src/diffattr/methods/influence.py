@@ -3,8 +3,12 @@ Data Attribution in Diffusion Models", ICLR 2025; METHODS.md §8): ``grad m(q)^T
 final checkpoint's attributed weights, G the Gauss-Newton of the model output fitted per Linear / Conv2d layer
 (GroupNorm parameters are left out). Kernels and the library choice: ``diffattr.kernels.influence``.
 
-- L(j): the training loss of example j averaged over ``influence_train_draws`` (t, eps) draws (t uniform; the paper
-  uses 250); the curvature is fitted on the same training rows and draws.
+- L(j): the training loss of example j averaged over ``influence_train_draws`` (t, eps) draws; the curvature is fitted
+  on the same training rows and draws. The paper averages 250 uniform timesteps. At a few draws a uniform draw's
+  variance across examples would rank them (the gradient norm spans orders of magnitude over t: Diffusion-TracIn's
+  finding), so by default (``influence_train_schedule=even``) every example takes the same evenly spaced timesteps of
+  ``attribution.timestep_grid``, a stratified estimate of the same mean, with noise of its own; ``random`` draws
+  uniform timesteps per example.
 - m(q): the query's loss averaged over ``influence_query_timesteps`` of ``attribution.timestep_grid`` x
   ``influence_query_noises`` noises: by default 100 x 2 on the ``ends`` grid, the grid on which ``validate``
   measures F (``validate.output_timesteps`` x ``validate.output_noises``; their noises are the validation's own).
@@ -38,6 +42,9 @@ def _ggn_modes():
 class InfluenceSettings:
     influence_train_draws: int = knob(16, "D: (t, eps) draws per training example of L(j) and of the curvature fit "
                                           "(paper: 250)", min=1)
+    influence_train_schedule: str = knob("even", "timesteps of L(j): even (the same evenly spaced grid for every "
+                                               "example) | random (uniform per example, the paper's)",
+                                         choices=lambda: ("even", "random"))
     influence_query_timesteps: int = knob(100, "timesteps of the measurement m(q) on attribution.timestep_grid "
                                                "(default: validate.output_timesteps')", min=1)
     influence_query_noises: int = knob(2, "noises per measurement timestep (default: validate.output_noises')", min=1)
@@ -83,8 +90,9 @@ def run(job: Job) -> None:
     queries, query_images = job.queries()
     shape = tuple(train_set.images.shape[1:])
     T, D, M = cfg.model.num_train_timesteps, a.influence_train_draws, a.kfac_ggn_samples
-    # L(j)'s draws: D uniform timesteps per example with their noises, a function of (seed, sample id, index)
-    steps, noise_seeds = feature_draws(FeatureSpec(n_timesteps=D, schedule="random", seed=a.seed), train_set.ids, T)
+    # L(j)'s draws: D timesteps per example with their noises, a function of (seed, sample id, index)
+    steps, noise_seeds = feature_draws(FeatureSpec(n_timesteps=D, schedule=a.influence_train_schedule, seed=a.seed,
+                                                   grid=a.timestep_grid), train_set.ids, T)
     blocks = [slice(s, s + a.block_size) for s in range(0, len(train_set.ids), a.block_size)]
 
     def rows(block: slice):
