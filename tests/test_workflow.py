@@ -299,7 +299,7 @@ def test_a_sweep_runs_from_one_command_and_leaves_a_summary(smoke_run):
     assert list(summary.columns[:3]) == ["run", "attribution.topk", "method"]
     assert sorted(summary.run.unique()) == sorted(r.run.name for r in runs)
     n = len(path.run.cfg.attribution.methods)
-    assert n == 8 and len(summary) == 2 * n and summary["attribution.topk"].tolist() == [2] * n + [3] * n
+    assert n == 13 and len(summary) == 2 * n and summary["attribution.topk"].tolist() == [2] * n + [3] * n
     for run in runs:  # every headline metric is the run's own table
         general = pd.read_csv(run.dir / "tables" / "general_influence.csv").query("query_kind == 'all'")
         mine = summary[summary.run == run.run.name].set_index("method")
@@ -315,7 +315,8 @@ def test_a_sweep_file_is_a_sweep(tmp_path):
     proc = snakemake("-n", "--cores", "2", "--config", "experiment=smoke", "sweep=test_noises", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     jobs = jobs_of(proc)
-    assert jobs["train"] == 1 and jobs["sweep_summary"] == 1 and jobs["attribute"] == 3 * 2 + 3
+    # TracIn's job (two shards) per run; the six other families' jobs shared by the three runs
+    assert jobs["train"] == 1 and jobs["sweep_summary"] == 1 and jobs["attribute"] == 3 * 2 + 6
     assert "results/smoke/sweeps/test_noises/summary.csv" in proc.stdout
 
 
