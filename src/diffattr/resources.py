@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from .data import split_size
 from .memory import MARGIN, least, measured_triples, n_queries, profile
+from .methods import checkpoint_count, families, requested_families, shard_count
 
 TRAIN_PER_S, GRADS_PER_S = 1700.0, 1100.0  # at 35.7M parameters, one H100
 SAFETY, BASE_MIN = 2.0, 10
@@ -40,7 +41,7 @@ def job_resources(stage: str, cfg: DictConfig, family: str = "") -> dict[str, in
 
 def _runtime(stage: str, cfg: DictConfig, family: str) -> int:
     a, n = cfg.attribution, split_size(cfg.data, "train")
-    n_ckpt = math.ceil(cfg.train.epochs / cfg.train.checkpoint_every)
+    n_ckpt = checkpoint_count(cfg)
     queries = n_queries(cfg)
     if stage == "train":
         return _minutes(cfg.train.epochs * n, TRAIN_PER_S, cfg)
@@ -51,8 +52,6 @@ def _runtime(stage: str, cfg: DictConfig, family: str) -> int:
         s = cfg.norm_study
         return _minutes(n_ckpt * (s.n_examples * s.n_timesteps + n) * len(s.losses) / cfg.shards, GRADS_PER_S, cfg)
     if stage == "attribution":  # the gradient evaluations the family counts for its job (Family.cost)
-        from .methods import families, requested_families, shard_count
-
         fam = families()[family]
         grads = fam.cost(cfg, fam.job_variants(requested_families(a.methods).get(fam, list(fam.variants)))) \
             if fam.cost is not None else {"train": 100 * n_ckpt, "query": 100 * n_ckpt}

@@ -175,7 +175,7 @@ def write_lds_report(cfg: DictConfig, layout: Layout) -> None:
     write_csv(_outputs_summary(outputs, full_outputs, kinds, reported), layout.path("table", name="lds_outputs.csv"))
     write_csv(pd.concat(tuned, ignore_index=True) if tuned else pd.DataFrame(columns=LAMBDA_COLUMNS),
               layout.path("table", name="lds_lambda.csv"))
-    cost = cost_table(cfg, layout, result, n_train=len(train_ids), n_queries=len(load_queries(layout)[0]))
+    cost = cost_table(cfg, layout, result, n_train=len(train_ids), n_queries=len(read_table(layout.path("query_table"), "queries")))
     write_csv(cost, layout.path("table", name="lds_cost.csv"))
     lds_cost_figure(cost, layout.path("figure", name="lds_cost"))
     write_parquet(masks_table(train_ids, v), layout.path("lds_masks"))
