@@ -44,6 +44,18 @@ include: "workflow/rules/sweep.smk"
 include: "workflow/rules/validate.smk"
 
 
+# The report opens on the findings: a landing page written now (so `snakemake --report` shows the tables on disk)
+# and again after every successful invocation, with results/<experiment>/index.html (diffattr.overview).
+LANDING = refresh_overview() if workflow.is_main_process else None
+if LANDING:
+
+    report: os.path.abspath(LANDING)
+
+
+onsuccess:
+    refresh_overview()
+
+
 rule all:
     input:
         [run_targets(r) for r in RUNS],

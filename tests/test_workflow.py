@@ -1,5 +1,6 @@
 """The DAG as a user runs it: Snakemake on the smoke experiment in a temporary directory."""
 
+import json
 import os
 import re
 import subprocess
@@ -11,6 +12,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
+from diffattr import overview
 from diffattr.config import compose, run_name
 from diffattr.exceptions import ConfigError
 from diffattr.subsets import chunks
@@ -156,12 +158,24 @@ def test_the_similarity_baselines_score_what_they_say(smoke_run, monkeypatch):
     torch.testing.assert_close(scores["feature_cosine"]["scores"], expected)
 
 
-def test_snakemake_report_collects_figures(smoke_run):
-    work, _ = smoke_run
+def test_the_report_opens_on_the_headline_tables_and_links_every_figure_of_the_run(smoke_run):
+    work, path = smoke_run
     proc = snakemake("--cores", "2", "--config", "experiment=smoke", "--report", "report.html", cwd=work)
     assert proc.returncode == 0, proc.stderr[-2000:]
     html = (work / "report.html").read_text(errors="ignore")
-    assert "general_influence.png" in html and "norm_vs_timestep.png" in html
+    landing = json.loads(re.search(r"var workflow_desc = (\".*?\");\n", html).group(1))  # the report's first page
+    assert "Run default of experiment smoke" in landing
+    run = path.dir
+    tables = overview.headline_tables(run)
+    assert any(c.startswith("General influence") for c in tables) and any(c.startswith("Image tracing") for c in tables)
+    for table in tables.values():
+        assert overview._html_table(table) in landing
+    figures = sorted(p.relative_to(work) for p in (run / "figures").glob("*.png"))
+    assert len(figures) > 4
+    for figure in figures:  # linked from the landing page, so held by the report
+        assert f"app.showResultInfo('{figure}')" in landing
+    index = (work / "results" / "smoke" / "index.html").read_text()
+    assert 'href="default/"' in index and "best tracing top-1" in index
 
 
 def test_second_run_has_nothing_to_do(smoke_run):
@@ -308,6 +322,10 @@ def test_a_sweep_runs_from_one_command_and_leaves_a_summary(smoke_run):
         tracing = pd.read_csv(run.dir / "tables" / "tracing.csv").set_index("method")
         assert (mine.loc[tracing.index, "tracing_top1"] == tracing.top1).all()
     assert (sweep_dir / "summary.png").stat().st_size > 10_000
+    landing = (sweep_dir / "report.rst").read_text()  # the sweep's report opens on its runs, then each run's tables
+    assert landing.startswith("{% raw %}") and all(f"Run {r.run.name}" in landing for r in runs)
+    assert "summary.png" in landing and all(r.run.name in (sweep_dir.parents[1] / "index.html").read_text()
+                                            for r in runs)
     assert runs[0].run.layout.keys == runs[1].run.layout.keys == path.run.layout.keys
 
 
@@ -454,6 +472,11 @@ def test_validate_reports_every_method_the_control_and_the_ceiling(validated):
     assert (cost.job_wall_s > 0).all() and (cost[cost.method != "similarity"].train_grads > 0).all()
     assert path("figure", name="lds_cost").stat().st_size > 5_000
     assert set(pd.read_csv(path("table", name="lds_outputs.csv")).query_kind) == set(cfg.validate.query_kinds)
+    # the report's landing page, rewritten after the validation, opens on the LDS
+    landing = (path.dir / "report.rst").read_text()
+    lds_table = overview.headline_tables(path.dir)
+    assert next(iter(lds_table)).startswith("LDS") and landing.index("LDS") < landing.index("General influence")
+    assert overview._html_table(next(iter(lds_table.values()))).splitlines()[1].strip() in landing
     # TRAK's and D-TRAK's lambda: chosen by the held-out queries' LDS, one per variant, from the whole grid
     tuned = pd.read_csv(path("table", name="lds_lambda.csv"))
     assert set(tuned.variant) == {"trak", "dtrak", "das"}

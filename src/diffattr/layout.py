@@ -93,10 +93,15 @@ ARTIFACTS: tuple[tuple[str, str, str], ...] = (
      "subset m has no seed s), full_outputs [Q], scores_<method> [Q, N] (NaN rows: query kinds the method does not "
      "score)"),
     ("run_log", "{run}/logs/{job}.log", "one log per report job of the run"),
+    ("landing", "{run}/report.rst",
+     "the first page of `snakemake --report`: overrides, sizes, headline tables, what each figure shows "
+     "(diffattr.overview; rewritten whenever Snakemake runs)"),
     ("sweep_summary", "sweeps/{sweep}/summary.csv", "one row per run x method: swept keys and headline metrics"),
     ("sweep_figure", "sweeps/{sweep}/summary.png", "headline metrics against the swept values"),
     ("sweep_lds", "sweeps/{sweep}/lds.csv", "every run's lds.csv with its swept values (snakemake validate)"),
     ("sweep_lds_figure", "sweeps/{sweep}/lds.png", "LDS of every method against the swept values"),
+    ("sweep_landing", "sweeps/{sweep}/report.rst", "the first page of a sweep's report: its runs, then each run's"),
+    ("index", "index.html", "every run and sweep of the experiment with its overrides and headline numbers"),
 )
 TEMPLATES = {name: template for name, template, _ in ARTIFACTS}
 SCORE_VS_NORM = "score_vs_grad_norm"  # the report draws it when a method's score files carry train_grad_norms

@@ -8,6 +8,7 @@ from diffattr.checkpoints import checkpoint_epochs, checkpoint_name
 from diffattr.config import STAGE_JOB_ENV, compose, resolved_yaml, stage_overrides, sweep_from_config
 from diffattr.layout import pattern
 from diffattr.methods import families, shard_count
+from diffattr.overview import refresh
 from diffattr.resources import job_resources
 from diffattr.removal import chunks as removal_chunks, removal_methods
 from diffattr.subsets import chunks
@@ -28,6 +29,13 @@ BY_KEY = {}
 for _run in RUNS:
     for _stage, _key in _run.layout.keys.items():
         BY_KEY.setdefault((_stage, _key), _run)
+
+
+def refresh_overview():
+    """Rewrite the experiment's index.html and the report's landing page from what the runs have on disk; the
+    landing page's path (None before any run was computed)."""
+    sweep_dir = os.path.dirname(P("sweep_summary", sweep=SWEEP.name)) if SWEEP.name else None
+    return refresh(EXPERIMENT, ROOT, [r.dir for r in RUNS], sweep_dir)
 
 
 def run_of(stage, key):
