@@ -22,7 +22,8 @@ def make_run(root, name, overrides=(), lds=True, figures=("general_influence", "
                                                      "attribution": {"methods": ["tracin", "trak"]}}))
     general = [{"method": m, "query_kind": kind, "k": 10, "threshold": t, "n_general": n + i, "n_distinct": 40 + i,
                 "n_queries": 84, "ratio_to_tracin": (n + i) / n}
-               for i, m in enumerate(["tracin", "trak"]) for kind in ("train", "all") for t, n in ((0.1, 22), (0.25, 13))]
+               for i, m in enumerate(["tracin", "trak"]) for kind in ("train", "all")
+               for t, n in ((0.1, 22), (0.25, 13))]
     pd.DataFrame(general).to_csv(run / "tables" / "general_influence.csv", index=False)
     pd.DataFrame({"method": ["tracin", "trak"], "n_queries": [32, 32], "top1": [0.03125, 0.5625],
                   "top5": [0.0625, 0.65625]}).to_csv(run / "tables" / "tracing.csv", index=False)
@@ -117,3 +118,14 @@ def test_refresh_writes_nothing_before_a_run_and_both_pages_after(tmp_path):
     assert landing == run / "report.rst" and "Run default" in landing.read_text()
     assert "default" in (root / "index.html").read_text()
     assert not list(root.rglob("*.tmp"))
+
+
+def test_a_damaged_table_leaves_the_pages_as_they_were_and_says_so(tmp_path):
+    root = tmp_path / "digits"
+    run = make_run(root, "default")
+    landing = overview.refresh("digits", root, [run])
+    before = landing.read_text()
+    (run / "tables" / "tracing.csv").write_bytes(b"\x00\xff not a table")
+    with pytest.warns(UserWarning, match="not refreshed"):
+        assert overview.refresh("digits", root, [run]) is None
+    assert landing.read_text() == before

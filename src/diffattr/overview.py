@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import html
 import json
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -309,8 +310,14 @@ def refresh(experiment: str, root: Path, run_dirs: Sequence[Path], sweep_dir: Pa
     root, run_dirs = Path(root), [Path(r) for r in run_dirs]
     if not any((r / "manifest.yaml").is_file() for r in run_dirs):
         return None
-    write_text(pattern("index", root), index_page(root))
     landing = Path(pattern("sweep_landing", root, sweep=Path(sweep_dir).name) if sweep_dir else
                    pattern("landing", root, run=run_dirs[0].name))
-    write_text(landing, landing_page(experiment, [r for r in run_dirs if (r / "manifest.yaml").is_file()], sweep_dir))
+    try:
+        computed = [r for r in run_dirs if (r / "manifest.yaml").is_file()]
+        index, page = index_page(root), landing_page(experiment, computed, sweep_dir)
+    except Exception as e:  # a view never stops the workflow: a damaged table is the DAG's to redo, not the parser's
+        warnings.warn(f"the report's landing page and {root}/index.html were not refreshed: {e!r}")
+        return None
+    write_text(pattern("index", root), index)
+    write_text(landing, page)
     return landing
