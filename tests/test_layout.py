@@ -50,6 +50,7 @@ def test_stage_keys_follow_what_each_stage_depends_on():
     dtrak_avg = compose("smoke", ["removal.methods=[tracin]", "attribution.dtrak_output=avg"]).layout.keys
     assert {s for s in only_tracin if only_tracin[s] != dtrak_avg[s]} == {"attribution/dtrak"}
     assert changed("norm_study.n_timesteps=4") == {"norm_study"}
+    assert changed("norm_study.timestep_axis=log") == set()  # how the norm figures are drawn, not what is computed
     assert changed("sample.n=5") == {"samples", "queries", "outputs", "removal",
                                      *(s for s in base if s.startswith("attribution/"))}
     assert changed("train.epochs=3") == set(base) - {"data"}

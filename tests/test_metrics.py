@@ -1,8 +1,7 @@
-"""Top-k tables, general influence, image tracing, outlier metrics and the influence figures."""
+"""Top-k tables, general influence, image tracing and outlier metrics."""
 
 import numpy as np
 import pytest
-import torch
 
 from diffattr import metrics
 
@@ -83,19 +82,3 @@ def test_outlier_topk_fraction_averages_outlier_share_over_in_class_queries():
 def test_outlier_auroc_is_one_when_self_influence_separates_outliers():
     assert metrics.outlier_auroc([0.1, 5.0, 0.2, 7.0], [False, True, False, True]) == 1.0
     assert metrics.outlier_auroc([5.0, 0.1, 7.0, 0.2], [False, True, False, True]) == 0.0
-
-
-@pytest.mark.parametrize("channels", [1, 3])
-def test_influence_figures_are_written(tmp_path, channels):
-    from diffattr.figures import influence as figs
-
-    counts = {"tracin": metrics.topk_counts(HAND, 2), "retrac": np.array([1, 2, 2, 1, 1, 1])}
-    figs.save(figs.general_influence_histograms(counts, n_queries=4, k=2, threshold=0.5), tmp_path / "hist.png")
-    figs.save(figs.score_vs_grad_norm({"tracin": HAND.mean(0), "retrac": HAND.mean(0)}, np.arange(1, 7.0),
-                                      is_outlier=np.arange(6) < 2), tmp_path / "scatter.pdf")
-    images = torch.rand(6, channels, 8, 8) * 2 - 1
-    table = metrics.topk_table(HAND[:2], [10, 11], TRAIN_IDS, k=6)
-    figs.save(figs.topk_figure(table, images[:2], [10, 11], images, TRAIN_IDS), tmp_path / "topk.png")
-    for name in ("hist.png", "scatter.pdf", "topk.png"):
-        assert (tmp_path / name).stat().st_size > 1000
-    assert not list(tmp_path.glob(".*tmp"))

@@ -108,7 +108,7 @@ def test_attribution_tables_and_figures(smoke_run):
         expected = reported if method not in journeys else reported[reported.query_kind == "generated"]
         assert set(long.query_id) == set(expected.query_id)  # held-out queries are never reported
         assert len(long) == len(expected) * n_train and long.score.notna().all()
-        assert (run / "figures" / f"topk_{method}.png").stat().st_size > 10_000
+        _assert_figure(run / "figures" / f"topk_{method}.png")
     topk = pd.read_parquet(run / "tables" / "topk.parquet")
     assert set(topk.method) == set(methods)
     general = pd.read_csv(run / "tables" / "general_influence.csv")
@@ -122,7 +122,12 @@ def test_attribution_tables_and_figures(smoke_run):
     lam = pd.read_csv(path("method_shard", family="trak", shard=0, shards=1) / "lambda.csv")
     assert lam.chosen.sum() == 1
     for name in ("general_influence.png", "score_vs_grad_norm.png"):
-        assert (run / "figures" / name).stat().st_size > 10_000
+        _assert_figure(run / "figures" / name)
+
+
+def _assert_figure(png):
+    """A figure is its PNG and, beside it, its PDF (written first, so the PNG stands for both)."""
+    assert png.stat().st_size > 10_000 and png.with_suffix(".pdf").read_bytes().startswith(b"%PDF"), png
 
 
 def test_the_similarity_baselines_score_what_they_say(smoke_run, monkeypatch):
@@ -244,7 +249,7 @@ def test_norm_tables_and_figures(smoke_run):
         assert rec.sample_id.tolist() == drawn.sample_id.tolist()
         assert rec.timestep.tolist() == drawn.timestep.tolist()
     for name in ("norm_vs_timestep.png", "norm_at_recorded_timestep.png"):
-        assert (run / "figures" / name).stat().st_size > 10_000
+        _assert_figure(run / "figures" / name)
 
 
 def test_recorded_norm_is_the_gradient_of_the_logged_training_example(smoke_run):

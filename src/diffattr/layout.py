@@ -85,7 +85,8 @@ ARTIFACTS: tuple[tuple[str, str, str], ...] = (
      "topk.parquet, general_influence.csv, tracing.csv, outliers.csv (cifar_mnist); lds.csv, lds_outputs.csv, "
      "lds_lambda.csv, lds_pairs.csv (snakemake validate); removal.csv, removal_summary.csv (snakemake removal)"),
     ("figure", "{run}/figures/{name}.png",
-     "norm_vs_timestep, norm_at_recorded_timestep, general_influence, score_vs_grad_norm, topk_<method>; lds; removal"),
+     "norm_vs_timestep, norm_at_recorded_timestep, general_influence, score_vs_grad_norm, topk_<method>; lds, "
+     "lds_cost; removal (150 dpi; a PDF of each beside it, {name}.pdf)"),
     ("lds_masks", "{run}/lds/masks.parquet", "subset, sample_id, kept: the validation's random subsets"),
     ("lds_arrays", "{run}/lds/arrays.npz",
      "plain arrays for any LDS implementation: masks [M, N] bool, train_ids [N], query_ids [Q], query_kinds [Q], "
@@ -97,9 +98,9 @@ ARTIFACTS: tuple[tuple[str, str, str], ...] = (
      "the first page of `snakemake --report`: overrides, sizes, headline tables, what each figure shows "
      "(diffattr.overview; rewritten whenever Snakemake runs)"),
     ("sweep_summary", "sweeps/{sweep}/summary.csv", "one row per run x method: swept keys and headline metrics"),
-    ("sweep_figure", "sweeps/{sweep}/summary.png", "headline metrics against the swept values"),
+    ("sweep_figure", "sweeps/{sweep}/summary.png", "headline metrics against the swept values (and summary.pdf)"),
     ("sweep_lds", "sweeps/{sweep}/lds.csv", "every run's lds.csv with its swept values (snakemake validate)"),
-    ("sweep_lds_figure", "sweeps/{sweep}/lds.png", "LDS of every method against the swept values"),
+    ("sweep_lds_figure", "sweeps/{sweep}/lds.png", "LDS of every method against the swept values (and lds.pdf)"),
     ("sweep_landing", "sweeps/{sweep}/report.rst", "the first page of a sweep's report: its runs, then each run's"),
     ("index", "index.html", "every run and sweep of the experiment with its overrides and headline numbers"),
 )
@@ -119,9 +120,9 @@ OWN_CONFIG = {"data": ("data",), "train": ("model", "train"), "samples": ("sampl
               "subsets": tuple(f"validate.{k}" for k in SUBSET_KEYS),
               "outputs": tuple(f"validate.{k}" for k in OUTPUT_KEYS),
               "removal": ("removal", *(f"validate.{k}" for k in MEASURE_KEYS))}
-# Keys of a group that say how or where to compute, not what: never part of a stage key.
+# Keys of a group that say how or where to compute (or how to draw), not what: never part of a stage key.
 _NOT_KEYED = {"data": ("archive", "url", "md5", "verify_checksum", "cache_dir", "download"),
-              "sample": ("checkpoints",)}
+              "sample": ("checkpoints",), "norm_study": ("timestep_axis",)}
 
 
 def digest(obj: Any) -> str:

@@ -117,10 +117,12 @@ def merge_shards(paths, target: Path) -> pd.DataFrame:
 
 def write_norm_report(cfg: DictConfig, layout: Layout) -> None:
     """The run's merged norm tables and the two figures of Diffusion-TracIn."""
-    from .figures.norms import plot_norm_at_recorded_timestep, plot_norm_vs_timestep
+    from .figures.norms import norm_at_recorded_timestep_figure, norm_vs_timestep_figure
+    from .figures.style import save
 
     shards = [layout.path("norm_shard", kind=k, shard=i, shards=cfg.shards) for k in KINDS for i in range(cfg.shards)]
     grid = merge_shards(shards[:cfg.shards], layout.path("norm_table"))
     recorded = merge_shards(shards[cfg.shards:], layout.path("norm_recorded_table"))
-    plot_norm_vs_timestep(grid, layout.path("figure", name="norm_vs_timestep"))
-    plot_norm_at_recorded_timestep(recorded, layout.path("figure", name="norm_at_recorded_timestep"))
+    axis = cfg.norm_study.timestep_axis
+    save(norm_vs_timestep_figure(grid, recorded, axis), layout.path("figure", name="norm_vs_timestep"))
+    save(norm_at_recorded_timestep_figure(recorded, axis), layout.path("figure", name="norm_at_recorded_timestep"))

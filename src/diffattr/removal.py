@@ -201,6 +201,7 @@ def summary(table: pd.DataFrame, n_resamples: int, seed: int) -> pd.DataFrame:
 def write_removal_report(cfg: DictConfig, layout: Layout) -> None:
     """``tables/removal.csv`` (every case), ``tables/removal_summary.csv`` and ``figures/removal.png``."""
     from .figures.removal import removal_figure
+    from .figures.style import save
 
     parts = chunks(cfg)
     table = pd.concat([read_table(layout.path("removal_chunk", first=a, last=b), "removal_chunk", COLUMNS)
@@ -215,4 +216,4 @@ def write_removal_report(cfg: DictConfig, layout: Layout) -> None:
     write_csv(result, layout.path("table", name="removal_summary.csv"))
     queries, query_images = load_queries(layout)
     originals = query_images[pd.Index(queries.query_id).get_indexer(table.query_id)]
-    removal_figure(table, result, originals, regenerated, layout.path("figure", name="removal"))
+    save(removal_figure(table, result, originals, regenerated), layout.path("figure", name="removal"))

@@ -19,6 +19,7 @@ from .layout import SCORE_VS_NORM, Layout
 from .queries import load_queries
 from .data import ImageSet
 from .figures import influence as figs
+from .figures.style import save
 
 TOPK_FIGURE = 6  # the papers' layout: each query with its top-6 training images
 FIGURE_QUERIES_PER_KIND = 2
@@ -50,7 +51,7 @@ def write_report(cfg: DictConfig, layout: Layout) -> None:
             tracing.append({"method": method, "n_queries": int(is_train.sum()), **rates})
         if train_set.is_outlier.any():
             outliers.append(_outlier_row(method, s, ids, reported, train_set, dense.get("self_influence")))
-        _topk_figure(layout, method, table, reported, ids, kinds, queries, query_images, train_set)
+        _topk_figure(layout, method, table, ids, kinds, queries, query_images, train_set)
 
     write_parquet(pd.concat(topk, ignore_index=True)[["method", "query_id", "query_kind", "rank", "train_id",
                                                        "score"]], layout.path("table", name="topk.parquet"))
@@ -86,24 +87,22 @@ def _outlier_row(method, s, ids, reported, train_set, self_influence) -> dict:
                                      else float("nan"))}
 
 
-def _topk_figure(layout, method, table, reported, ids, kinds, queries, query_images, train_set) -> None:
+def _topk_figure(layout, method, table, ids, kinds, queries, query_images, train_set) -> None:
     chosen = [i for kind in ("train", "test", "generated") for i in ids[kinds == kind][:FIGURE_QUERIES_PER_KIND]]
-    fig = figs.topk_figure(table[table.query_id.isin(chosen)], query_images, queries.query_id.to_numpy(),
-                           train_set.images, train_set.ids.numpy(), k=TOPK_FIGURE,
+    fig = figs.topk_figure(table[table.query_id.isin(chosen)], queries, query_images, train_set, k=TOPK_FIGURE,
                            title=f"{method}: top-{TOPK_FIGURE} training images per query")
-    figs.save(fig, layout.path("figure", name=f"topk_{method}"))
+    save(fig, layout.path("figure", name=f"topk_{method}"))
 
 
 def _general_influence_figures(layout: Layout, grouped, scores, a, is_outlier) -> None:
     pooled = {m: np.concatenate(list(k.values())) for m, k in grouped.items()}
     n_queries = next(iter(pooled.values())).shape[0]
     counts = {m: metrics.topk_counts(s, a.topk) for m, s in pooled.items()}
-    figs.save(figs.general_influence_histograms(counts, n_queries, a.topk, a.thresholds[0]),
-              layout.path("figure", name="general_influence"))
+    save(figs.general_influence_histograms(counts, n_queries, a.topk, a.thresholds[0]),
+         layout.path("figure", name="general_influence"))
     with_norms = [m for m in scores if "train_grad_norms" in scores[m]]
     if with_norms:
         # the cause of the bias: mean score against the train gradient norm at the recorded timestep
         norms = scores[with_norms[0]]["train_grad_norms"].numpy().mean(0)
         mean_scores = {m: pooled[m].mean(0) for m in with_norms}
-        figs.save(figs.score_vs_grad_norm(mean_scores, norms, is_outlier),
-                  layout.path("figure", name=SCORE_VS_NORM))
+        save(figs.score_vs_grad_norm(mean_scores, norms, is_outlier), layout.path("figure", name=SCORE_VS_NORM))

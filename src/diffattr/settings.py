@@ -126,6 +126,8 @@ class NormStudySettings:
     losses: List[str] = knob(help="l2 and/or l1: one figure panel each", choices=_losses, factory=lambda: ["l2"])
     seed: int = knob(0, "which examples are studied and their fixed noise per (example, timestep)", min=0)
     batch_size: int = knob(64, "examples per gradient chunk", min=1)
+    timestep_axis: str = knob("linear", "the t axis of the norm figures; log plots t + 1 so t = 0 shows (report only: "
+                              "in no stage key)", choices=lambda: ("linear", "log"))
 
 
 @dataclass

@@ -16,7 +16,9 @@ import pandas as pd
 from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
-from .atomic import save_figure, write_csv
+from .atomic import write_csv
+from .figures.lds import REFERENCES
+from .figures.style import REFERENCE_COLOURS, method_colour, panel_grid, save
 
 OUTLIER_METRICS = ("outlier_fraction_top10", "self_influence_auroc")
 
@@ -44,11 +46,12 @@ def summary_figure(table: pd.DataFrame, keys: Sequence[str]) -> Figure:
     """One panel per headline metric: its value for every run (x, labelled by the swept values), a line per method."""
     metrics = [c for c in table.columns if c not in ("run", "method", *keys) and not c.startswith("ratio_to")]
     runs, labels = _runs(table, keys)
-    fig = Figure(figsize=(4.2 * len(metrics), 3.6), layout="constrained")
-    for ax, metric in zip(np.atleast_1d(fig.subplots(1, len(metrics))), metrics):
+    fig, axes = panel_grid(len(metrics), 3.6, 3.0, columns=3)
+    for ax, metric in zip(axes, metrics):
         for method, part in table.groupby("method", sort=False):
             values = part.set_index("run")[metric].reindex(runs)
-            ax.plot(range(len(runs)), values.to_numpy(dtype=float), marker="o", label=method)
+            ax.plot(range(len(runs)), values.to_numpy(dtype=float), marker="o", label=method,
+                    color=method_colour(method))
         _run_ticks(ax, runs, labels)
         ax.set_title(metric, fontsize=9)
     return _finish(fig, keys)
@@ -60,7 +63,7 @@ def write_summary(run_dirs: Sequence[Path], keys: Sequence[str], table_path: Pat
     make_table, make_figure = (lds_summary_table, lds_summary_figure) if lds else (summary_table, summary_figure)
     table = make_table(run_dirs, keys)
     write_csv(table, table_path)
-    save_figure(make_figure(table, keys), figure_path, dpi=120)
+    save(make_figure(table, keys), figure_path)
 
 
 def lds_summary_table(run_dirs: Sequence[Path], keys: Sequence[str]) -> pd.DataFrame:
@@ -74,16 +77,16 @@ def lds_summary_table(run_dirs: Sequence[Path], keys: Sequence[str]) -> pd.DataF
 
 
 def lds_summary_figure(table: pd.DataFrame, keys: Sequence[str]) -> Figure:
-    """LDS against each swept key, the other keys held at the first run's values: a row per query kind, a column per
-    key, a line per method the key moves, with its 95% interval. A method the key leaves alone has the same scores
+    """LDS against each swept key, the other keys held at the first run's values: a row per key (a sweep has more
+    keys than kinds, and the rows keep it page-wide), a column per query kind, a line per method the key moves, with
+    its 95% interval. A method the key leaves alone has the same scores
     in every run of the column (its stage is shared), so its flat line is left out; the random control and the
     seed-to-seed ceiling are grey, horizontal where the key leaves them alone (any attribution key does)."""
     kinds, columns = list(pd.unique(table.query_kind)), list(keys) or [None]
-    colour = {variant: f"C{i % 10}" for i, variant in enumerate(pd.unique(table.variant))}
-    fig = Figure(figsize=(3.6 * len(columns) + 1.2, 3.2 * len(kinds)), layout="constrained")
-    axes = np.asarray(fig.subplots(len(kinds), len(columns), sharey=True, squeeze=False))
-    for row, kind in enumerate(kinds):
-        for col, key in enumerate(columns):
+    fig = Figure(figsize=(3.8 * len(kinds) + 1.8, 2.6 * len(columns) + 0.4), layout="constrained")
+    axes = np.asarray(fig.subplots(len(columns), len(kinds), sharey=True, squeeze=False))
+    for col, kind in enumerate(kinds):
+        for row, key in enumerate(columns):
             ax, part = axes[row, col], _slice(table[table.query_kind == kind], key, keys)
             x, ticks = _positions(part, key)
             if min(ticks[0]) > 0 and max(ticks[0]) >= 8 * min(ticks[0]) and key is not None:
@@ -91,21 +94,23 @@ def lds_summary_figure(table: pd.DataFrame, keys: Sequence[str]) -> Figure:
                 ax.minorticks_off()
             for variant, line in part.groupby("variant", sort=False):
                 mean, reference = line.lds_mean.to_numpy(), line.method.iloc[0] in ("control", "ceiling")
-                style = dict(color="0.5", ls=":" if line.method.iloc[0] == "control" else "--") if reference \
-                    else dict(color=colour[variant])
+                style = dict(color=REFERENCE_COLOURS[line.method.iloc[0]],
+                             ls=":" if line.method.iloc[0] == "control" else "--") if reference \
+                    else dict(color=method_colour(variant))
                 if np.ptp(mean) == 0 and (reference or len(mean) > 1):
                     if reference:
-                        ax.axhline(mean[0], lw=0.8, label=variant, **style)
+                        ax.axhline(mean[0], lw=0.8, label=REFERENCES[line.method.iloc[0]], **style)
                 else:
                     ax.errorbar(x[line.index], mean, yerr=[mean - line.ci_low, line.ci_high - mean], marker="o",
-                                capsize=2, label=variant, **style)
+                                capsize=2, label=REFERENCES.get(line.method.iloc[0], variant), **style)
             ax.axhline(0, color="k", lw=0.5)
-            ax.set_xticks(*ticks, fontsize=7)
+            ax.set_xticks(*ticks, fontsize=8)
             ax.set_xlabel(key or "run", fontsize=8)
-            ax.set_title(f"{kind} queries", fontsize=9)
-            ax.legend(fontsize=6)
-    axes[0, 0].set_ylabel("LDS (mean over queries)")
-    return _finish(fig, keys, legend=False)
+            if row == 0:
+                ax.set_title(f"{kind} queries", fontsize=9)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("LDS (mean over queries)", fontsize=8)
+    return _finish(fig, keys)
 
 
 def _slice(table: pd.DataFrame, key: str | None, keys: Sequence[str]) -> pd.DataFrame:
@@ -150,12 +155,17 @@ def _runs(table: pd.DataFrame, keys: Sequence[str]) -> tuple[list[str], pd.Serie
 
 
 def _run_ticks(ax, runs: Sequence[str], labels: pd.Series) -> None:
-    ax.set_xticks(range(len(runs)), [labels[r] for r in runs], rotation=30, ha="right", fontsize=7)
+    ax.set_xticks(range(len(runs)), [labels[r] for r in runs], rotation=30, ha="right", fontsize=8)
 
 
-def _finish(fig: Figure, keys: Sequence[str], legend: bool = True) -> Figure:
-    if legend:
-        fig.axes[0].legend(fontsize=7)
+def _finish(fig: Figure, keys: Sequence[str]) -> Figure:
+    """One legend for the whole figure, under the panels (a legend inside a panel hides its lines), naming every
+    line any panel draws once."""
+    named = {}
+    for ax in fig.axes:
+        handles, labels = ax.get_legend_handles_labels()
+        named.update(zip(labels, handles))
+    fig.legend(list(named.values()), list(named), loc="outside lower center", ncols=4, fontsize=8, frameon=False)
     if keys:
         fig.suptitle("swept: " + ", ".join(keys), fontsize=9)
     return fig

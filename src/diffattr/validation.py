@@ -100,6 +100,7 @@ def chunk_files(cfg: DictConfig, layout: Layout) -> list:
 def write_lds_report(cfg: DictConfig, layout: Layout) -> None:
     """``tables/lds.csv`` and ``lds_outputs.csv``, ``figures/lds.png``, and the plain arrays of ``lds/``."""
     from .figures.lds import lds_cost_figure, lds_figure
+    from .figures.style import save
     from .methods import family_of
 
     v = cfg.validate
@@ -177,12 +178,12 @@ def write_lds_report(cfg: DictConfig, layout: Layout) -> None:
               layout.path("table", name="lds_lambda.csv"))
     cost = cost_table(cfg, layout, result, n_train=len(train_ids), n_queries=len(read_table(layout.path("query_table"), "queries")))
     write_csv(cost, layout.path("table", name="lds_cost.csv"))
-    lds_cost_figure(cost, layout.path("figure", name="lds_cost"))
+    save(lds_cost_figure(cost), layout.path("figure", name="lds_cost"))
     write_parquet(masks_table(train_ids, v), layout.path("lds_masks"))
     with atomic_path(layout.path("lds_arrays")) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
-    lds_figure(result, layout.path("figure", name="lds"))
+    save(lds_figure(result), layout.path("figure", name="lds"))
 
 
 # The comparisons the papers claim, as paired LDS differences on the same subsets and queries (so the training noise

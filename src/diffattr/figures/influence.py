@@ -1,12 +1,11 @@
 """Figures of the attribution results: general-influence histograms, score vs gradient norm, top-k proponents.
 
 Figures are plain ``matplotlib.figure.Figure`` objects (Agg canvas, no pyplot state), so building one never touches a
-display or the global backend; ``save`` writes one atomically.
+display or the global backend; ``diffattr.figures.style.save`` writes one.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Mapping
 
 import numpy as np
@@ -14,25 +13,9 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
-from ..atomic import save_figure
+from ..data import ImageSet
 from ..metrics import min_queries
-
-
-def save(fig: Figure, path: str | os.PathLike, dpi: int = 150) -> None:
-    """Write ``fig`` atomically, the format taken from the suffix of ``path``."""
-    save_figure(fig, path, dpi=dpi, bbox_inches="tight")
-
-
-def panel_grid(n: int, width: float, height: float, columns: int = 4, **shared):
-    """A figure with ``n`` panels in rows of at most ``columns`` (legible at page width, where one strip of a dozen
-    methods is not), and its axes in reading order; the unused cells of the last row are switched off."""
-    cols = max(1, min(columns, n))
-    rows = max(1, -(-n // cols))
-    fig = Figure(figsize=(width * cols, height * rows), layout="tight")
-    axes = fig.subplots(rows, cols, squeeze=False, **shared).ravel()
-    for ax in axes[n:]:
-        ax.set_axis_off()
-    return fig, axes[:n]
+from .style import OUTLIER_COLOUR, QUERY_KIND_COLOURS, log_axis, method_colour, panel_grid
 
 
 def general_influence_histograms(counts: Mapping[str, np.ndarray], n_queries: int, k: int,
@@ -48,14 +31,14 @@ def general_influence_histograms(counts: Mapping[str, np.ndarray], n_queries: in
     bins = np.arange(-0.5, top + 1.5)
     for ax, method in zip(axes, methods):
         c = np.asarray(counts[method])
-        ax.hist(c, bins=bins, color="C0", edgecolor="none")
-        ax.set_yscale("log")
+        ax.hist(c, bins=bins, color=method_colour(method), edgecolor="none")
+        log_axis(ax, "y")
         ax.set_title(method)
         if threshold is not None:
             need = min_queries(threshold, n_queries)
-            ax.axvline(need - 0.5, color="C3", lw=1, ls="--")
+            ax.axvline(need - 0.5, color=OUTLIER_COLOUR, lw=1, ls="--")
             ax.text(0.97, 0.95, f"{int((c >= need).sum())} in >= {threshold:.0%}", transform=ax.transAxes,
-                    ha="right", va="top", fontsize=8, color="C3")
+                    ha="right", va="top", fontsize=8)
     for ax in axes[::4]:
         ax.set_ylabel("training examples")
     fig.supxlabel(f"number of queries whose top-{k} contains the example", fontsize=9)
@@ -68,53 +51,68 @@ def score_vs_grad_norm(mean_scores: Mapping[str, np.ndarray], grad_norms: np.nda
     """One panel per method: each training example's mean score over the queries against its gradient norm.
 
     Under TracIn the score grows with the norm (the timestep-induced bias); ReTrac should show no such trend.
-    ``grad_norms`` is per example (e.g. averaged over checkpoints); ``is_outlier`` colours planted outliers.
+    ``grad_norms`` is per example (e.g. averaged over checkpoints), the same for every method, so the panels share
+    x; the methods' scores have unrelated scales, so each keeps its own y. ``is_outlier`` marks planted outliers.
     """
     methods = list(mean_scores)
-    fig, axes = panel_grid(len(methods), 3.4, 3.0)
+    fig, axes = panel_grid(len(methods), 3.2, 2.8, sharex=True)
     norms = np.asarray(grad_norms, dtype=np.float64)
     outlier = np.zeros(len(norms), bool) if is_outlier is None else np.asarray(is_outlier, dtype=bool)
     for ax, method in zip(axes, methods):
         s = np.asarray(mean_scores[method], dtype=np.float64)
-        ax.scatter(norms[~outlier], s[~outlier], s=6, alpha=0.6, color="C0", label="in-distribution",
-                   edgecolors="none")
+        ax.scatter(norms[~outlier], s[~outlier], s=6, alpha=0.6, color=method_colour(method),
+                   label="in-distribution", edgecolors="none")
         if outlier.any():
-            ax.scatter(norms[outlier], s[outlier], s=8, alpha=0.8, color="C3", label="outlier", edgecolors="none")
+            ax.scatter(norms[outlier], s[outlier], s=10, marker="x", linewidths=0.8, color=OUTLIER_COLOUR,
+                       label="outlier")
             ax.legend(fontsize=7, loc="best")
-        ax.set_xscale("log")
+        log_axis(ax, "x")
         ax.set_title(method)
-        ax.set_xlabel(xlabel, fontsize=8)
+    for ax in axes[::4]:
         ax.set_ylabel("mean score over queries")
+    fig.supxlabel(xlabel, fontsize=9)
     return fig
 
 
-def topk_figure(table: pd.DataFrame, query_images: torch.Tensor, query_ids, train_images: torch.Tensor, train_ids,
+KIND_NAMES = {"train": "train", "test": "held-out test", "generated": "generated"}
+
+
+def topk_figure(table: pd.DataFrame, queries: pd.DataFrame, query_images: torch.Tensor, train_set: ImageSet,
                 k: int = 6, title: str | None = None):
     """Query images (rows) next to their top-k training images with scores, the papers' layout.
 
-    ``table`` is ``diffattr.metrics.topk_table``; images are [n, C, H, W] in [-1, 1] with 1 or 3 channels, looked
-    up by id. Queries are drawn in the order of ``query_ids``.
+    ``table`` is ``diffattr.metrics.topk_table``; ``queries`` is the query table (query_id, query_kind, label), row
+    i describing ``query_images[i]``; ``train_set`` is the training ``ImageSet``. Images are [n, C, H, W] in
+    [-1, 1] with 1 or 3 channels. Queries are drawn in the order of ``queries``, titled by kind and class (their
+    ids are in ``tables/topk.parquet``); training images by class and score.
     """
-    query_pos = {int(i): p for p, i in enumerate(np.asarray(query_ids, dtype=np.int64))}
-    train_pos = {int(i): p for p, i in enumerate(np.asarray(train_ids, dtype=np.int64))}
-    queries = [q for q in query_pos if q in set(table["query_id"].astype(int))]
-    fig = Figure(figsize=(1.1 * (k + 1), 1.25 * len(queries) + 0.3), layout="tight")
-    axes = fig.subplots(len(queries), k + 1, squeeze=False)
-    for r, q in enumerate(queries):
-        rows = table[table["query_id"] == q].sort_values("rank").head(k)
-        _show(axes[r][0], query_images[query_pos[q]])
-        axes[r][0].set_title(f"query {q}", fontsize=7)
+    train_pos = {int(i): p for p, i in enumerate(train_set.ids.numpy())}
+    shown = queries.reset_index(drop=True)
+    shown = shown[shown.query_id.isin(table["query_id"])]
+    fig = Figure(figsize=(1.15 * (k + 1), 1.35 * len(shown) + 0.3), layout="tight")
+    axes = fig.subplots(len(shown), k + 1, squeeze=False)
+    for r, (pos, q) in enumerate(shown.iterrows()):
+        rows = table[table["query_id"] == q.query_id].sort_values("rank").head(k)
+        _show(axes[r][0], query_images[pos])
+        axes[r][0].set_title(_query_title(q, train_set.class_names), fontsize=8,
+                             color=QUERY_KIND_COLOURS[q.query_kind])
         for j in range(k):
             ax = axes[r][j + 1]
             if j < len(rows):
                 row = rows.iloc[j]
-                _show(ax, train_images[train_pos[int(row["train_id"])]])
-                ax.set_title(f"#{int(row['train_id'])}\n{row['score']:.3g}", fontsize=6)
+                p = train_pos[int(row["train_id"])]
+                _show(ax, train_set.images[p])
+                ax.set_title(f"{train_set.class_names[int(train_set.labels[p])]}\n{row['score']:.3g}", fontsize=7)
             else:
                 ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=9)
     return fig
+
+
+def _query_title(query, class_names) -> str:
+    kind = KIND_NAMES[query.query_kind]
+    return kind if query.label < 0 else f"{kind}\n{class_names[int(query.label)]}"  # two lines: CIFAR names are long
 
 
 def _show(ax, image: torch.Tensor) -> None:

@@ -3,21 +3,18 @@ that moved them most, beside the same images after removing k random training im
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
 from .grid import image_grid
-from .influence import save
 
 MAX_QUERIES = 8
 
 
-def removal_figure(table: pd.DataFrame, summary: pd.DataFrame, originals: torch.Tensor, regenerated: torch.Tensor,
-                   path: str | os.PathLike) -> None:
+def removal_figure(table: pd.DataFrame, summary: pd.DataFrame, originals: torch.Tensor,
+                   regenerated: torch.Tensor) -> Figure:
     """``table`` is ``tables/removal.csv`` (row i regenerated ``regenerated[i]`` from ``originals[i]``), ``summary``
     its summary. Columns: original, the best method (largest median L2 at the largest fraction), random (draw 0)."""
     fraction = table.fraction.max()
@@ -45,4 +42,4 @@ def removal_figure(table: pd.DataFrame, summary: pd.DataFrame, originals: torch.
             if r == 0:
                 ax.set_title(title, fontsize=8)
     fig.suptitle(f"removing {fraction:.0%} of the training set", fontsize=9)
-    save(fig, path)
+    return fig
