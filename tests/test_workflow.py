@@ -567,9 +567,10 @@ def test_a_dag_killed_in_training_in_a_gradient_stage_and_in_the_report_recovers
     import time
 
     work, reference = smoke_run
-    path = Paths(tmp_path)
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--cores", "2", "--config",
-           "experiment=smoke"]
+    methods = "attribution.methods=[tracin,trak]"  # a sharded and an unsharded family: the DAG's shape, at less cost
+    path = Paths(tmp_path, [methods])
+    config = ["--config", "experiment=smoke", f'overrides=["{methods}"]']
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--cores", "2", *config]
     started = {"training": lambda out: path("checkpoint", checkpoint="epoch_0001").exists(),
                "a gradient stage": lambda out: "rule attribute:" in out,
                "the report": lambda out: "rule attribution_report" in out}
@@ -589,11 +590,22 @@ def test_a_dag_killed_in_training_in_a_gradient_stage_and_in_the_report_recovers
             if when == "training":  # killed between its checkpoints: the rerun resumes from the first
                 assert not path("checkpoint", checkpoint="epoch_0002").exists()
         # the README's recovery: unlock, then the same command with --rerun-incomplete
-        assert snakemake("--unlock", "--config", "experiment=smoke", cwd=tmp_path).returncode == 0
-    final = snakemake("--cores", "2", "--rerun-incomplete", "--config", "experiment=smoke", cwd=tmp_path)
+        assert snakemake("--unlock", *config, cwd=tmp_path).returncode == 0
+    final = snakemake("--cores", "2", "--rerun-incomplete", *config, cwd=tmp_path)
     assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
-    tables = sorted(p.relative_to(path.dir) for p in (path.dir / "tables").iterdir())  # the default target's
-    assert {"general_influence.csv", "tracing.csv", "topk.parquet", "grad_norms.parquet"} <= {t.name for t in tables}
-    for table in tables:  # the reference's module-wide run has these and more (other tests validated it)
-        assert (path.dir / table).read_bytes() == (reference.dir / table).read_bytes(), table
+    # equal to the uninterrupted module-wide run (which has these methods and more): the norm tables and every
+    # stage file byte for byte, the report's tables row for row
+    for table in ("grad_norms.parquet", "grad_norms_recorded.parquet"):
+        assert path("table", name=table).read_bytes() == (reference.dir / "tables" / table).read_bytes(), table
+    stages = [p.relative_to(tmp_path) for p in (tmp_path / reference.run.layout.root / "stages").rglob("*")
+              if p.is_file() and "logs" not in p.parts and "benchmarks" not in p.parts]
+    assert any("attribution" in p.parts for p in stages) and any(p.name == "replay.parquet" for p in stages)
+    for stage_file in stages:
+        assert (tmp_path / stage_file).read_bytes() == (work / stage_file).read_bytes(), stage_file
+    for name in ("general_influence.csv", "tracing.csv", "topk.parquet"):
+        mine = pd.read_parquet if name.endswith(".parquet") else pd.read_csv
+        ours, theirs = mine(path("table", name=name)), mine(reference.dir / "tables" / name)
+        pd.testing.assert_frame_equal(ours, theirs[theirs.method.isin(["tracin", "trak"])].reset_index(drop=True))
+    for method in ("tracin", "trak"):
+        assert path("scores_long", method=method).read_bytes() == reference("scores_long", method=method).read_bytes()
     assert not list(tmp_path.rglob("*.tmp"))

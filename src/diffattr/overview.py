@@ -34,7 +34,7 @@ FIGURE_GUIDE = {
                           "timestep bias); a flat cloud is free of it.",
     "topk": "Whether the top-6 training images resemble their query (class, shape, colour); a training image "
             "queried should find itself first.",
-    "lds": "Methods whose bar clears the grey band (random scores) and nears the red one (seed-to-seed ceiling) "
+    "lds": "Methods whose bar clears the grey band (random scores) towards the hatched one (seed-to-seed ceiling) "
            "predict what retraining on a subset does; overlapping intervals do not separate methods.",
     "lds_cost": "Up and to the left is better: counterfactual accuracy per second of attribution.",
     "removal": "If a method's top-k really made an image, retraining without them moves the regenerated image "
