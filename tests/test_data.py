@@ -389,13 +389,20 @@ def test_imageset_subset_keeps_rows_together():
 
 
 @pytest.mark.parametrize("overrides", [{}, {"per_class": 7, "test_per_class": 3}, {"classes": ["3", "8"]},
-                                       {"classes": [1], "per_class": 500, "test_fraction": 0.5, "seed": 4}])
+                                       {"classes": [1], "per_class": 500, "test_fraction": 0.5, "seed": 4},
+                                       {"per_class": None, "test_per_class": None, "test_fraction": 0.33},
+                                       {"classes": [8, 9], "per_class": 139, "test_per_class": 36, "test_fraction": 0.2}])
 def test_split_size_counts_what_loading_returns_without_the_images(overrides):
-    from diffattr.data import split_size
+    import sys
 
+    from diffattr.data import digits, split_size
+
+    sys.modules.pop("sklearn.datasets", None)
     cfg = {"name": "digits", "resolution": 8, **overrides}
-    for split in ("train", "test"):
-        assert split_size(cfg, split) == len(load_dataset(cfg, split))
+    sizes = [split_size(cfg, split) for split in ("train", "test")]
+    assert "sklearn.datasets" not in sys.modules  # planned from the class counts, not from the data
+    assert sizes == [len(load_dataset(cfg, split)) for split in ("train", "test")]
+    assert digits.CLASS_COUNTS == tuple(np.bincount(digits.raw_digits()[1]).tolist())
 
 
 def test_cifar_split_size_is_the_official_per_class_count():

@@ -30,7 +30,6 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Un
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import Attention, AttnProcessor
 from torch import Tensor, nn
 
 from diffattr.outputs import Output, get_output
@@ -368,6 +367,8 @@ def _layerwise_applies(model: nn.Module, params) -> bool:
 
 def _check_attention_processors(model: nn.Module) -> None:
     # torch's fused attention has no vmap batching rule on CPU: vmap would fall back to a per-example loop.
+    from diffusers.models.attention_processor import Attention, AttnProcessor
+
     for name, module in model.named_modules():
         if isinstance(module, Attention) and type(module.processor) is not AttnProcessor:
             raise ValueError(f"attention {name!r} uses {type(module.processor).__name__}; per-sample gradients need "

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
+
+if TYPE_CHECKING:
+    from diffusers import DDPMScheduler, UNet2DModel
 
 from .grads import dropout_off
 from .noise import SAMPLE_INITIAL, SAMPLE_STEPS, derive_seeds
@@ -20,7 +22,7 @@ def generate(unet: UNet2DModel, scheduler: DDPMScheduler, seeds: Sequence[int], 
     Image j depends on ``seeds[j]`` alone (its own generators for the initial noise and for every step's noise), so
     the result does not depend on batching. ``num_inference_steps`` None uses all training timesteps.
     """
-    scheduler = DDPMScheduler.from_config(scheduler.config)
+    scheduler = type(scheduler).from_config(scheduler.config)  # a fresh copy: set_timesteps changes it
     scheduler.set_timesteps(num_inference_steps or scheduler.config.num_train_timesteps)
     device = next(unet.parameters()).device
     keep = set(int(k) for k in keep_steps)
