@@ -64,7 +64,8 @@ def test_an_unknown_method_gets_the_same_colour_in_every_process():
 def test_a_method_has_the_same_colour_in_every_figure():
     methods = ["tracin", "retrac", "trak"]
     want = {m: to_rgb(style.method_colour(m)) for m in methods}
-    hist = figs.general_influence_histograms({m: metrics.topk_counts(SCORES, 2) for m in methods}, 3, 2, 0.5)
+    hist = figs.general_influence_histograms({m: metrics.topk_counts(SCORES, 2) for m in methods},
+                                             dict.fromkeys(methods, 3), 2, 0.5)
     scatter = figs.score_vs_grad_norm({m: SCORES.mean(0) for m in methods}, np.arange(1, 7.0))
     bars = lds_figure(_lds_table(methods))
     cost = _lds_table(methods).query("method in @methods").assign(job_variants=lambda t: t.variant,
@@ -164,3 +165,15 @@ def test_method_figures_fit_the_page_with_a_dozen_methods():
     keys = [f"attribution.k{i}" for i in range(5)]
     sweep = pd.concat([_lds_table(methods).assign(run=f"r{v}", **{k: v for k in keys}) for v in (1, 2)])
     assert lds_summary_figure(sweep.reset_index(drop=True), keys).get_size_inches()[0] <= 10
+
+
+def test_each_general_influence_panel_counts_what_the_table_counts_over_its_own_queries():
+    rng = np.random.default_rng(0)
+    scores = {"tracin": rng.normal(size=(12, 30)), "journey_trak": rng.normal(size=(4, 30))}  # generated only
+    scores["journey_trak"][:, :3] += 5  # three examples top every query of Journey-TRAK
+    fig = figs.general_influence_histograms({m: metrics.topk_counts(s, 3) for m, s in scores.items()},
+                                            {m: len(s) for m, s in scores.items()}, 3, 0.5)
+    for ax, (method, s) in zip(fig.axes, scores.items()):
+        shown = int(next(t.get_text() for t in ax.texts if "in >=" in t.get_text()).split()[0])
+        assert shown == metrics.general_influence(s, 3, 0.5)["n_general"]
+    assert fig.axes[1].get_title() == "journey_trak (4 queries)" and fig.axes[0].get_title() == "tracin"

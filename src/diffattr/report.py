@@ -96,7 +96,7 @@ def _topk_figure(layout, method, table, ids, kinds, queries, query_images, train
 
 def _general_influence_figures(layout: Layout, grouped, scores, a, is_outlier) -> None:
     pooled = {m: np.concatenate(list(k.values())) for m, k in grouped.items()}
-    n_queries = next(iter(pooled.values())).shape[0]
+    n_queries = {m: s.shape[0] for m, s in pooled.items()}
     counts = {m: metrics.topk_counts(s, a.topk) for m, s in pooled.items()}
     save(figs.general_influence_histograms(counts, n_queries, a.topk, a.thresholds[0]),
          layout.path("figure", name="general_influence"))

@@ -18,31 +18,35 @@ from ..metrics import min_queries
 from .style import OUTLIER_COLOUR, QUERY_KIND_COLOURS, log_axis, method_colour, panel_grid
 
 
-def general_influence_histograms(counts: Mapping[str, np.ndarray], n_queries: int, k: int,
+def general_influence_histograms(counts: Mapping[str, np.ndarray], n_queries: Mapping[str, int], k: int,
                                  threshold: float | None = None):
     """One panel per method: how many training examples appear in the top-k of 0, 1, 2, ... queries.
 
-    ``counts[method]`` is ``diffattr.metrics.topk_counts``; the y axis is logarithmic because the examples that
-    top many queries (the generally influential ones) are few. ``threshold`` draws the n_general cut.
+    ``counts[method]`` is ``diffattr.metrics.topk_counts`` over the ``n_queries[method]`` queries the method scores
+    (Journey-TRAK scores the generated ones only), so the cut and its count are those of ``general_influence.csv``.
+    The y axis is logarithmic because the examples that top many queries (the generally influential ones) are few.
+    ``threshold`` draws the n_general cut.
     """
     methods = list(counts)
     fig, axes = panel_grid(len(methods), 3.2, 2.8, sharex=True, sharey=True)
     top = max(int(np.max(c)) for c in counts.values()) if methods else 0
+    usual = max(n_queries.values(), key=list(n_queries.values()).count) if methods else 0
     bins = np.arange(-0.5, top + 1.5)
     for ax, method in zip(axes, methods):
         c = np.asarray(counts[method])
         ax.hist(c, bins=bins, color=method_colour(method), edgecolor="none")
         log_axis(ax, "y")
-        ax.set_title(method)
+        ax.set_title(method if n_queries[method] == usual else f"{method} ({n_queries[method]} queries)")
         if threshold is not None:
-            need = min_queries(threshold, n_queries)
+            need = min_queries(threshold, n_queries[method])
             ax.axvline(need - 0.5, color=OUTLIER_COLOUR, lw=1, ls="--")
             ax.text(0.97, 0.95, f"{int((c >= need).sum())} in >= {threshold:.0%}", transform=ax.transAxes,
                     ha="right", va="top", fontsize=8)
     for ax in axes[::4]:
         ax.set_ylabel("training examples")
     fig.supxlabel(f"number of queries whose top-{k} contains the example", fontsize=9)
-    fig.suptitle(f"General influence ({n_queries} queries)", fontsize=10)
+    fig.suptitle(f"General influence ({usual} queries, fewer where a panel says so)"
+                 if len(set(n_queries.values())) > 1 else f"General influence ({usual} queries)", fontsize=10)
     return fig
 
 
