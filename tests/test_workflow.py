@@ -186,6 +186,8 @@ def test_the_report_opens_on_the_headline_tables_and_links_every_figure_of_the_r
     html = (work / "report.html").read_text(errors="ignore")
     landing = json.loads(re.search(r"var workflow_desc = (\".*?\");\n", html).group(1))  # the report's first page
     assert "Run default of experiment smoke" in landing
+    # the repository's profile styles the report: a page or figure taller than the window scrolls from its top
+    assert (REPO / "profiles" / "default" / "report.css").read_text().split("*/")[-1].strip() in html
     run = path.dir
     tables = overview.headline_tables(run)
     assert any(c.startswith("General influence") for c in tables) and any(c.startswith("Image tracing") for c in tables)

@@ -44,10 +44,6 @@ SWEEP_GUIDE = {"summary": "How each headline metric moves with the swept values,
                "lds": "What each swept knob buys counterfactually: LDS against its values, a line per method it moves."}
 FIGURE_ORDER = ("norm_vs_timestep", "norm_at_recorded_timestep", "general_influence", "score_vs_grad_norm", "lds",
                 "lds_cost", "removal", "topk")
-# The report's first panel is a vertically centred flexbox whose top a page taller than the window cannot scroll
-# to; these rules (inert where Snakemake's classes differ) align it to the top and give the tables more width.
-_REPORT_CSS = (".h-screen.overflow-auto:has(.diffattr-landing){align-items:flex-start}"
-               ".prose:has(.diffattr-landing){max-width:52rem}")
 _CSS = ("table.diffattr{border-collapse:collapse;font-size:0.85em;margin:0.4em 0 1.2em}"
         "table.diffattr th,table.diffattr td{border:1px solid #ccc;padding:2px 6px;text-align:right}"
         "table.diffattr th:first-child,table.diffattr td:first-child{text-align:left}"
@@ -147,12 +143,11 @@ def headline_tables(run_dir: Path) -> dict[str, pd.DataFrame]:
         wide = pooled.pivot_table(index="method", columns="threshold", values="n_general", aggfunc="first",
                                   sort=False)
         wide.columns = [f"n_general >= {c:.0%}" for c in wide.columns]
-        ratio = pooled.groupby("method", sort=False).ratio_to_tracin.first()
-        k, n = int(pooled.k.iloc[0]), int(pooled.n_queries.iloc[0])
-        table = wide.assign(n_distinct=pooled.groupby("method", sort=False).n_distinct.first(),
-                            ratio_to_tracin=ratio).reindex(pd.unique(pooled.method))
-        out[f"General influence: training images in the top-{k} of at least the given share of the {n} queries"] = \
-            table.reset_index()
+        per_method = pooled.groupby("method", sort=False)
+        table = wide.assign(n_distinct=per_method.n_distinct.first(), n_queries=per_method.n_queries.first(),
+                            ratio_to_tracin=per_method.ratio_to_tracin.first()).reindex(pd.unique(pooled.method))
+        out[f"General influence: training images in the top-{int(pooled.k.iloc[0])} of at least the given share of "
+            "the method's queries (every reported query it scores)"] = table.reset_index()
     tracing = _table(run_dir, "tracing.csv")
     if tracing is not None and len(tracing):
         out["Image tracing: share of training-image queries that rank themselves first / in the top 5"] = tracing
@@ -208,7 +203,7 @@ def landing_page(experiment: str, run_dirs: Sequence[Path], sweep_dir: Path | No
     """The report's first page (reStructuredText for Snakemake's ``report:``): for one run its overrides, sizes,
     headline tables and what to look for in each figure; for a sweep the same for each run, after the sweep's own."""
     run_dirs = [Path(r) for r in run_dirs]
-    parts = [_rst_html(f'<style>{_REPORT_CSS}{_CSS}</style><div class="diffattr-landing"></div>')]
+    parts = [_rst_html(f"<style>{_CSS}</style>")]  # the report's own layout: profiles/default/report.css
     if sweep_dir is not None:
         parts.append(_rst_title(f"Sweep {Path(sweep_dir).name} of experiment {experiment}: {len(run_dirs)} runs",
                                 "="))
