@@ -264,7 +264,7 @@ def index_page(root: Path) -> str:
     root = Path(root)
     runs = run_dirs_of(root)
     e = html.escape
-    body = [f"<h1>Experiment {e(root.name)}: {len(runs)} runs</h1>",
+    body = [f"<h1>Experiment {e(root.name)}: {len(runs)} run{'s' * (len(runs) != 1)}</h1>",
             "<p>Each run's tables and figures are in its directory; <code>snakemake --report</code> gives the report "
             "of the runs of one command.</p>"]
     if runs:
