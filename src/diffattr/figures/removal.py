@@ -32,7 +32,7 @@ def removal_figure(table: pd.DataFrame, summary: pd.DataFrame, originals: torch.
             ax.set_yticks([])
             rows = table.index[(table.query_id == q) & (table.fraction == fraction)]
             if method is None:
-                image, label = originals[rows[0]], f"query {q}"
+                image, label = originals[rows[0]], f"generated {r + 1}\n(query_id {q})"  # the id keys removal.csv
             else:
                 i = table.index[(table.query_id == q) & (table.fraction == fraction) & (table.method == method)
                                 & (table.draw == 0)][0]
