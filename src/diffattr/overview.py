@@ -51,7 +51,9 @@ _CSS = ("table.diffattr{border-collapse:collapse;font-size:0.85em;margin:0.4em 0
 
 
 def _read_yaml(path: Path) -> dict:
-    return yaml.safe_load(path.read_text()) if path.is_file() else {}
+    # libyaml's loader where PyYAML has it: manifests are long, and the pure-Python one took most of an index's time
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    return yaml.load(path.read_text(), Loader=loader) if path.is_file() else {}
 
 
 def _table(run_dir: Path, name: str) -> pd.DataFrame | None:
