@@ -9,8 +9,9 @@ successful invocation (so the index lists the run just finished).
 
 from __future__ import annotations
 
+import functools
 import html
-import json
+import math
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -19,6 +20,7 @@ import pandas as pd
 import yaml
 
 from .atomic import write_text
+from .checkpoints import read_index
 from .layout import pattern
 
 # What to look for in each figure, one sentence each; topk_<method> share one.
@@ -51,9 +53,18 @@ _CSS = ("table.diffattr{border-collapse:collapse;font-size:0.85em;margin:0.4em 0
 
 
 def _read_yaml(path: Path) -> dict:
+    """A run's config or manifest, parsed once per version of the file (the index and the landing page both read
+    them, at every parse of the workflow); callers only read it."""
+    if not path.is_file():
+        return {}
+    stat = path.stat()
+    return _parse_yaml(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=512)
+def _parse_yaml(path: str, mtime_ns: int, size: int) -> dict:
     # libyaml's loader where PyYAML has it: manifests are long, and the pure-Python one took most of an index's time
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    return yaml.load(path.read_text(), Loader=loader) if path.is_file() else {}
+    return yaml.load(Path(path).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
 
 
 def _table(run_dir: Path, name: str) -> pd.DataFrame | None:
@@ -90,13 +101,12 @@ def facts(run_dir: Path) -> list[str]:
                  f"{', '.join(unet.get('down_block_types', []))}" + (f", {params / 1e6:.2f} M parameters"
                                                                     if params else "")
                  + f"; DDPM, T = {m.get('num_train_timesteps')}, {m.get('beta_schedule')} betas")
-    index = stages["train"] / "checkpoints" / "index.json" if "train" in stages else None
-    if index is not None and index.is_file():
-        ckpts = json.loads(index.read_text())
+    if "train" in stages and (stages["train"] / "checkpoints" / "index.json").is_file():
+        ckpts = read_index(stages["train"] / "checkpoints")
         last = ckpts[-1]
-        lines.append(f"training: {last['epoch']} epochs, {last['step'] + 1} steps of batch {last['batch_size']} "
+        lines.append(f"training: {last.epoch} epochs, {last.step + 1} steps of batch {last.batch_size} "
                      f"({t.get('optimizer')}, lr {t.get('lr')}, {t.get('loss')} loss, draws {t.get('draws')}), "
-                     f"{len(ckpts)} checkpoints, final mean loss {last['mean_loss']:.4f}")
+                     f"{len(ckpts)} checkpoints, final mean loss {last.mean_loss:.4f}")
     queries = stages["queries"] / "queries.parquet" if "queries" in stages else None
     if queries is not None and queries.is_file():
         q = pd.read_parquet(queries)
@@ -117,13 +127,7 @@ def _parameter_count(train_dir: Path | None) -> int | None:
     from safetensors import safe_open
 
     with safe_open(files[-1], "pt") as f:
-        total = 0
-        for key in f.keys():
-            n = 1
-            for size in f.get_slice(key).get_shape():
-                n *= size
-            total += n
-    return total
+        return sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())
 
 
 def headline_tables(run_dir: Path) -> dict[str, pd.DataFrame]:
@@ -305,12 +309,12 @@ def refresh(experiment: str, root: Path, run_dirs: Sequence[Path], sweep_dir: Pa
     """Rewrite the experiment's ``index.html`` and the landing page of these runs (the run's, or for a sweep the
     sweep's); return the landing page's path, None where no run has been computed yet."""
     root, run_dirs = Path(root), [Path(r) for r in run_dirs]
-    if not any((r / "manifest.yaml").is_file() for r in run_dirs):
+    computed = [r for r in run_dirs if (r / "manifest.yaml").is_file()]
+    if not computed:
         return None
     landing = Path(pattern("sweep_landing", root, sweep=Path(sweep_dir).name) if sweep_dir else
                    pattern("landing", root, run=run_dirs[0].name))
     try:
-        computed = [r for r in run_dirs if (r / "manifest.yaml").is_file()]
         index, page = index_page(root), landing_page(experiment, computed, sweep_dir)
     except Exception as e:  # a view never stops the workflow: a damaged table is the DAG's to redo, not the parser's
         warnings.warn(f"the report's landing page and {root}/index.html were not refreshed: {e!r}")
