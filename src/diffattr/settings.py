@@ -89,11 +89,11 @@ class ModelSettings:
 
 @dataclass
 class TrainSettings:
-    epochs: int = knob(8, min=1)
-    batch_size: int = knob(64, min=1)
+    epochs: int = knob(8, "passes over the training set", min=1)
+    batch_size: int = knob(64, "examples per optimiser step", min=1)
     lr: float = knob(2e-4, "learning rate after warmup", gt=0)
-    optimizer: str = knob("adamw", choices=lambda: ("adam", "adamw"))
-    weight_decay: float = knob(0.0, min=0)
+    optimizer: str = knob("adamw", "the optimiser (torch.optim)", choices=lambda: ("adam", "adamw"))
+    weight_decay: float = knob(0.0, "the optimiser's weight decay", min=0)
     warmup_steps: int = knob(0, "linear warmup of the learning rate", min=0)
     grad_clip: float = knob(1.0, "0 disables clipping", min=0)
     loss: str = knob("l2", "noise-prediction loss", choices=_losses)
@@ -113,7 +113,7 @@ class SampleSettings:
     seed: int = knob(0, "image j uses seed + j", min=0)
     num_inference_steps: Optional[int] = knob(None, "None: all T steps (at most T)", min=1)
     checkpoints: str = knob("last", "which checkpoints are sampled", choices=lambda: ("last", "all"))
-    batch_size: int = knob(64, min=1)
+    batch_size: int = knob(64, "images denoised together", min=1)
     use_ema: bool = knob(True, "sample from the EMA weights when training kept them")
 
 
@@ -132,7 +132,7 @@ class NormStudySettings:
 
 @dataclass
 class QuerySettings:
-    """The attribution keys every method shares: the queries and the report (METHODS.md §2-4, §7)."""
+    """The attribution keys every method shares: the queries and the report (docs/METHODS.md §2-4, §7, §10)."""
 
     methods: List[str] = knob(help="methods to run (any registered variant)", factory=lambda: [
         "tracin", "retrac", "retrac_train_only", "retrac_test_only", "trak", "dtrak", "journey_trak",
@@ -177,7 +177,7 @@ def _grids():
 
 @dataclass
 class ValidateSettings:
-    """Counterfactual validation by the linear datamodeling score (``snakemake validate``; METHODS.md §5)."""
+    """Counterfactual validation by the linear datamodeling score (``snakemake validate``; docs/METHODS.md §5)."""
 
     n_subsets: int = knob(64, "M random subsets of the training set, one model trained on each", min=3)
     alpha: float = knob(0.5, "fraction of the training set in every subset", gt=0, lt=1)
@@ -195,12 +195,13 @@ class ValidateSettings:
     models_per_job: int = knob(8, "subset models trained (and measured) by one job: they share its imports, data "
                                "and evaluation noise; 1 spreads them over a cluster", min=1)
     batch_size: int = knob(256, "(query, timestep, noise) triples per forward pass of the measurement", min=1)
-    bootstrap: int = knob(1000, "resamples of the queries for the 95% confidence interval", min=1)
+    bootstrap: int = knob(1000, "bootstrap resamples (subsets and queries together) for the 95% intervals", min=1)
 
 
 @dataclass
 class RemovalSettings:
-    """Counterfactual removal (``snakemake removal``; METHODS.md §6): retrain without a method's top-k, regenerate."""
+    """Counterfactual removal (``snakemake removal``; docs/METHODS.md §6): retrain without a method's top-k and
+    regenerate."""
 
     fractions: List[float] = knob(help="fractions of the training set removed (k = round(fraction N))",
                                   factory=lambda: [0.1, 0.2], gt=0, lt=1)
@@ -217,13 +218,13 @@ class RemovalSettings:
 class JobSettings:
     """Per-job knobs set by the DAG; never part of a run's name or of a stage's key."""
 
-    shard: int = knob(0, min=0)
+    shard: int = knob(0, "which shard of a sharded stage a job computes", min=0)
     threads: int = knob(0, "torch threads; the DAG passes the rule's `threads` (0: torch's default)", min=0)
     family: str = knob("", "which method family an attribution job computes", choices=lambda: ("", *_families()))
     checkpoint: str = knob("", "which checkpoint a per-checkpoint job works on", pattern=r"(epoch_\d+)?")
     first_model: int = knob(0, "the first and last position in the validation's model list (or removal's case "
                             "list) that a job works on", min=0)
-    last_model: int = knob(0, min=0)
+    last_model: int = knob(0, "(see first_model)", min=0)
     device: str = knob("auto", "auto (CUDA when available) | cpu | cuda | cuda:N", pattern=r"auto|cpu|cuda(:\d+)?")
     memory_gb: float = knob(0.0, "the job's memory budget, checked by its plan before any work (diffattr.memory); "
                             "0: what the machine has (GPU memory on CUDA)", min=0)
@@ -277,3 +278,134 @@ def keyed(schema: type, values: dict) -> dict:
     """``values`` of a settings group (dataclass ``schema``) without the ``added`` fields that are at their default."""
     added = {f.name: f.default for f in dataclasses.fields(schema) if f.metadata.get("added")}
     return {k: v for k, v in values.items() if not (k in added and v == added[k])}
+
+
+def _type_name(tp: Any) -> str:
+    """``Optional[List[str]]`` -> ``list[str] or null``: the type as a user writes the value."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        return " or ".join([_type_name(a) for a in args] + ["null"])
+    if origin in (list, dict):
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in args)}]"
+    return "any" if tp is Any else tp.__name__
+
+
+def _yaml_value(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_yaml_value(v) for v in value) + "]"
+    if value == "":
+        return '""'
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_yaml_value(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+def _valid_values(meta: dict) -> str:
+    bounds = [f"{sign} {meta[k]:g}" for k, sign in (("min", "≥"), ("gt", ">"), ("max", "≤"), ("lt", "<"))
+              if meta.get(k) is not None]
+    if meta.get("choices") is not None:
+        bounds.append("one of " + ", ".join(f"`{_yaml_value(c)}`" for c in meta["choices"]()))
+    if meta.get("pattern") is not None:
+        bounds.append(f"matches `{meta['pattern']}`")
+    if meta.get("free") is not None:
+        bounds.append(f"any ({meta['free']})")
+    return "; ".join(bounds)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _table(schema: type, prefix: str) -> list[str]:
+    types = typing.get_type_hints(schema)
+    rows = ["| key | type | default | valid values | help |", "| --- | --- | --- | --- | --- |"]
+    for f in dataclasses.fields(schema):
+        if dataclasses.is_dataclass(types[f.name]):
+            continue  # a group: its own table
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        default = "(required)" if default is dataclasses.MISSING else f"`{_yaml_value(default)}`"
+        rows.append(f"| `{prefix}{f.name}` | {_cell(_type_name(types[f.name]))} | {_cell(default)} | "
+                    f"{_cell(_valid_values(f.metadata))} | {_cell(f.metadata.get('help', ''))} |")
+    return rows
+
+
+def _flat(values: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in values.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def markdown() -> str:
+    """``docs/configuration.md``: every key with its type, default, valid values and help, then the values each
+    experiment of ``conf/experiment`` sets (``python -m diffattr.settings --markdown > docs/configuration.md``)."""
+    from omegaconf import OmegaConf
+
+    from .config import CONF_DIR, compose
+    from .methods import families
+
+    root = settings_class()
+    types = typing.get_type_hints(root)
+    out = ["# Configuration", "",
+           "Generated by `python -m diffattr.settings --markdown > docs/configuration.md` from the schema in "
+           "`src/diffattr/settings.py` and the method families' settings (`src/diffattr/methods/`); a test fails "
+           "when this file is stale. How to override keys and run sweeps: [usage](usage.md#configuration-and-"
+           "overrides). Every value is checked before any job starts; values that clash with each other or with "
+           "the data and the model are refused too (`diffattr.config`).", "",
+           "The defaults below are the schema's; an experiment (`experiment=NAME`, `conf/experiment/`) and its data "
+           "and model files set many of them: their values are in [the last section](#what-each-experiment-sets).",
+           "", "## Top level", "", *_table(root, ""), ""]
+    for f in dataclasses.fields(root):
+        group = types[f.name]
+        if not dataclasses.is_dataclass(group) or f.name == "attribution":
+            if f.name == "attribution":
+                out += ["## `attribution`: queries and report (every method)", "",
+                        *_table(QuerySettings, "attribution."), ""]
+                for family in families().values():
+                    if family.settings is not None:
+                        out += [f"### `attribution`: the `{family.name}` family "
+                                f"({', '.join(f'`{v}`' for v in family.variants)})", "",
+                                *_table(family.settings, "attribution."), ""]
+            continue
+        doc = (group.__doc__ or "").strip() if not (group.__doc__ or "").startswith(group.__name__ + "(") else ""
+        out += [f"## `{f.name}`", "", *([doc, ""] if doc else []), *_table(group, f"{f.name}."), ""]
+
+    defaults = _flat(OmegaConf.to_container(OmegaConf.structured(root)))
+    # the default run first, then the test's, then the rest by name
+    experiments = sorted((p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")),
+                         key=lambda e: (e != "digits", e != "smoke", e))
+    values = {e: _flat(OmegaConf.to_container(compose(e).cfg, resolve=True)) for e in experiments}
+    keys = []
+    for k in defaults:  # a free-form group (model.unet) by the keys the experiments give it
+        keys += [*dict.fromkeys(j for e in experiments for j in values[e] if j.startswith(k + "."))] \
+            if defaults[k] == {} else [k]
+    missing = object()
+    keys = [k for k in keys if not k.startswith(("job.", "experiment"))
+            and any(values[e].get(k, missing) != defaults.get(k, missing) for e in experiments)]
+    out += ["## What each experiment sets", "",
+            "Values that differ from the schema's default in at least one experiment (its file in `conf/experiment/` "
+            "with the data and model files it picks); a blank cell is the default.", "",
+            "| key | default | " + " | ".join(f"`{e}`" for e in experiments) + " |",
+            "| --- | --- | " + " | ".join("---" for _ in experiments) + " |"]
+    for k in keys:
+        cells = [_cell(f"`{_yaml_value(values[e][k])}`") if values[e].get(k, missing) != defaults.get(k, missing)
+                 else "" for e in experiments]
+        default = _cell(f"`{_yaml_value(defaults[k])}`") if k in defaults else "diffusers'"
+        out.append(f"| `{k}` | {default} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["--markdown"]:
+        sys.exit("usage: python -m diffattr.settings --markdown > docs/configuration.md")
+    sys.stdout.write(markdown())
