@@ -1,7 +1,7 @@
 """Linear datamodeling score (LDS): how well attribution scores predict the model retrained on random subsets.
 
 Park et al. (TRAK, ICML 2023) define it; D-TRAK (Zheng et al., ICLR 2024) and Mlodozeniec et al. (ICLR 2025) apply it
-to diffusion models (``METHODS.md`` §5). For a query q, subsets S_1..S_M of the training set and models theta_m
+to diffusion models (``docs/METHODS.md`` §5). For a query q, subsets S_1..S_M of the training set and models theta_m
 trained on them:
 
     LDS(q) = Spearman over m of ( sum_{i in S_m} score(q, i) ,  -F(q; theta_m) )

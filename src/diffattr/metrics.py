@@ -1,4 +1,5 @@
-"""What the score matrices say: top-k tables, generally influential examples, image tracing and outliers.
+"""What the score matrices say: top-k tables, generally influential examples, image tracing and outliers (the tasks
+of the Diffusion-ReTrac paper, docs/METHODS.md §7).
 
 Every function takes scores [Q, N] (queries x training examples; higher = more influential/proponent). Rankings
 break ties by training-set order (a stable sort), the same in every function here.

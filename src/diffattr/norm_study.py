@@ -1,4 +1,5 @@
-"""Timestep-indexed per-sample gradient norms (Diffusion-TracIn, Xie et al. 2024, arXiv 2401.09031, §1 / Fig. 1-2).
+"""Timestep-indexed per-sample gradient norms (Diffusion-TracIn, Xie et al. 2024, arXiv 2401.09031, Fig. 1-2;
+docs/METHODS.md §1).
 
 Two tables per checkpoint:
 - *grid*: a fixed sample of training examples x an evenly spaced timestep grid, fixed noise per (example, timestep);

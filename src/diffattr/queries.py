@@ -1,7 +1,8 @@
 """The attribution queries: training images (image tracing), held-out images and the run's generated samples.
 
 Query ids share one integer space across kinds (test sample ids overlap train ones on CIFAR-10). A hashed fraction
-of the labelled queries is held out to choose TRAK's lambda; those are never reported, for any method.
+of the labelled queries is held out to choose TRAK's lambda; those are never reported, for any method
+(docs/METHODS.md §10).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Counterfactual removal (``snakemake removal``; METHODS.md §6): for a generated image, remove a method's top-k
+"""Counterfactual removal (``snakemake removal``; docs/METHODS.md §6): for a generated image, remove a method's top-k
 training images, retrain from scratch with the run's seed, regenerate from the same initial noise, and measure how
 far the image moved; compare with removing k random images.
 

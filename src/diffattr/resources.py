@@ -3,7 +3,7 @@ Snakemake, so the SLURM profile needs no per-rule numbers.
 
 ``mem_mb`` is the memory plan's estimate of the job's peak at its smallest sizes (``diffattr.memory.least``) with
 its margin: a job granted that limit plans those sizes, from the same formulas. Time rates are the measured ones of
-the README (one H100: training ~1,700 samples/s and ~1,100 per-example gradients/s on the 35.7M-parameter UNet,
+docs/results/2026-11-23-gradient-engine.md (one H100: training ~1,700 samples/s and ~1,100 per-example gradients/s on the 35.7M-parameter UNet,
 scaled by parameter count for other models), with a safety factor: a job that asks for too little is killed, one
 that asks for twice what it needs only waits a little longer in the queue.
 """

@@ -1,5 +1,5 @@
 """Models retrained on random subsets of the training set, and the output F(q; theta) measured on each of them: what
-the linear datamodeling score compares attribution scores with (``diffattr.lds``; METHODS.md §5).
+the linear datamodeling score compares attribution scores with (``diffattr.lds``; docs/METHODS.md §5).
 
 Subset m keeps ``round(alpha N)`` training examples drawn from ``(validate.seed, m)`` alone, so raising
 ``validate.n_subsets`` keeps every earlier subset (and its trained models). Seed 0 of a subset trains with the full

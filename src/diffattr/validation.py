@@ -1,10 +1,10 @@
 """The counterfactual validation's two stages: a job that trains and measures a chunk of subset models, and the
-run's LDS report (``snakemake validate``; METHODS.md §5).
+run's LDS report (``snakemake validate``; docs/METHODS.md §5).
 
 The report compares every method of ``attribution.methods`` on the same queries: those of ``validate.query_kinds``
 that are not held out. The held-out ones choose the ridge lambda of every family that can be re-scored at another
-lambda (``Family.retune``: TRAK, D-TRAK, DAS) by their mean LDS, as D-TRAK and TRAK tune it, but never on the reported
-queries (``tables/lds_lambda.csv``). Beside the methods it reports a random-score control (LDS about 0) and the
+lambda (``Family.retune``: TRAK, D-TRAK, DAS, K-FAC, EK-FAC) by their mean LDS, as D-TRAK and TRAK tune it, but never
+on the reported queries (``tables/lds_lambda.csv``). Beside the methods it reports a random-score control (LDS about 0) and the
 seed-to-seed ceiling (how well one training seed's outputs predict another's: the most any attribution can reach under
 this training noise).
 """

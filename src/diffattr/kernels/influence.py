@@ -1,10 +1,12 @@
 """Influence functions with a K-FAC / EK-FAC Gauss-Newton preconditioner for diffusion models (Mlodozeniec,
 Eschenhagen, Bae, Immer, Krueger, Turner, "Influence Functions for Scalable Data Attribution in Diffusion Models",
-ICLR 2025; METHODS.md §8).
+ICLR 2025; docs/METHODS.md §8).
 
 ``tau(q, j) = grad m(q)^T (G + lambda I)^-1 grad L(j)``:
 
-- ``L(j)``: the diffusion loss of training example j averaged over D (t, eps) draws (t uniform, fresh noise);
+- ``L(j)``: the diffusion loss of training example j averaged over D (t, eps) draws (the family's
+  ``influence_train_schedule``: the same evenly spaced timesteps for every example by default, or uniform ones; a noise
+  of its own per draw);
 - ``m(q)``: the query's measurement, its loss averaged over a grid of timesteps x noises (the family sets it to the
   validation's measured output F, so the scores predict what the LDS measures);
 - ``G``: the generalised Gauss-Newton of the *model output* eps_theta under the squared error,

@@ -2,7 +2,7 @@
 predicted noise on a query when a training example is removed, linearised with one Sherman-Morrison Newton step.
 D-TRAK is its special case r = 1 (``attribution.das_residual=none``, ``das_leverage=false``). It shares TRAK's
 projection, K timesteps, ensemble and lambda grid; the formulas, the published approximations and the sign are in
-``diffattr.kernels.das``."""
+``diffattr.kernels.das``; the specification in docs/METHODS.md §8."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """D-TRAK (Zheng et al., ICLR 2024, arXiv 2311.00500): TRAK's kernel with another output function on both sides,
-L_Square by default (their best). It shares TRAK's settings (projection, K, ensemble, lambda grid)."""
+L_Square by default (their best). It shares TRAK's settings (projection, K, ensemble, lambda grid). Specification:
+docs/METHODS.md §4."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """Gradient similarity: TracIn at the final checkpoint without learning-rate weights, on TRAK's projected loss
 gradients (the same features as ``trak`` at its last member: K evenly spaced timesteps, one noise each), compared by
 dot product or by cosine — D-TRAK's "Gradient" rows (Zheng et al., ICLR 2024, Table 1). It measures what TRAK's
-kernel inverse adds. Kernels: ``diffattr.kernels.similarity`` and ``diffattr.kernels.trak``."""
+kernel inverse adds. Kernels: ``diffattr.kernels.similarity`` and ``diffattr.kernels.trak``. Specification:
+docs/METHODS.md §9."""
 
 from __future__ import annotations
 

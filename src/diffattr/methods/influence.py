@@ -1,7 +1,8 @@
 """Influence functions with a K-FAC / EK-FAC preconditioner (Mlodozeniec et al., "Influence Functions for Scalable
-Data Attribution in Diffusion Models", ICLR 2025; METHODS.md §8): ``grad m(q)^T (G + lambda I)^-1 grad L(j)`` at the
-final checkpoint's attributed weights, G the Gauss-Newton of the model output fitted per Linear / Conv2d layer
-(GroupNorm parameters are left out). Kernels and the library choice: ``diffattr.kernels.influence``.
+Data Attribution in Diffusion Models", ICLR 2025; docs/METHODS.md §8):
+``grad m(q)^T (G + lambda I)^-1 grad L(j)`` at the final checkpoint's attributed weights, G the Gauss-Newton of the
+model output fitted per Linear / Conv2d layer (GroupNorm parameters are left out). Kernels and the library choice:
+``diffattr.kernels.influence``.
 
 - L(j): the training loss of example j averaged over ``influence_train_draws`` (t, eps) draws; the curvature is fitted
   on the same training rows and draws. The paper averages 250 uniform timesteps. At a few draws a uniform draw's

@@ -2,7 +2,7 @@
 own (replayed) sampling trajectory. Train features: the loss summed over K random timesteps; target at step t: the
 loss of the predicted x0 re-noised at t, averaged over noises, with x0_hat computed once by the generating model (as
 the authors do). Two aggregates over steps: the raw mean and the per-step-normalised mean. It shares TRAK's
-projection, ensemble and lambda grid."""
+projection, ensemble and lambda grid. Specification: docs/METHODS.md §4."""
 
 from __future__ import annotations
 

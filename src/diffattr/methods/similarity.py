@@ -1,6 +1,7 @@
 """Similarity baselines in pixel space and in the feature space of the run's own UNet (D-TRAK's "raw pixel" and
 "CLIP similarity" rows, with an embedding trained inside the pipeline instead of a downloaded CLIP). One cheap job
-computes both: no gradient is taken. Kernels: ``diffattr.kernels.similarity``."""
+computes both: no gradient is taken. Kernels: ``diffattr.kernels.similarity``. Specification: docs/METHODS.md
+§9."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """Diffusion-TracIn and Diffusion-ReTrac (Xie et al., TMLR 2024, arXiv 2401.09031) and their one-sided and
 expectation variants: one sharded job computes every requested variant in one pass over the checkpoints (the query
-gradients and the rows' own test sides once for all). Kernels: ``diffattr.kernels.tracin``."""
+gradients and the rows' own test sides once for all). Kernels: ``diffattr.kernels.tracin``. Specification:
+docs/METHODS.md §2-3."""
 
 from __future__ import annotations
 

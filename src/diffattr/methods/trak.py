@@ -1,6 +1,7 @@
 """TRAK for diffusion models (Park et al., ICML 2023, as D-TRAK's paper runs it): projected loss gradients at K evenly
 spaced timesteps, the kernel inverse with lambda chosen on held-out queries by a label-free proxy, an ensemble over
-the last checkpoints. The helpers here serve D-TRAK and Journey-TRAK too. Kernels: ``diffattr.kernels.trak``."""
+the last checkpoints. The helpers here serve D-TRAK and Journey-TRAK too. Kernels: ``diffattr.kernels.trak``.
+Specification: docs/METHODS.md §4 (the method), §10 (queries and lambda)."""
 
 from __future__ import annotations
 
