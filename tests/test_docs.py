@@ -188,6 +188,9 @@ def test_every_readme_snakemake_command_plans_its_jobs(command, tmp_path):
     if "--report" in args:
         i = args.index("--report")
         del args[i:i + 2]
+    if "--profile" in args:  # a path in the repository, as the README is read from its root
+        i = args.index("--profile") + 1
+        args[i] = str(REPO / args[i])
     proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-n", *args],
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{command}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"

@@ -14,6 +14,7 @@ from . import memory
 from .config import CONF_DIR, Run, from_hydra, register_schema
 from .exceptions import ConfigError, DiffattrError
 from .memory import Estimate
+from .resources import GPU_STAGES
 
 
 def pick_device(name: str) -> torch.device:
@@ -39,7 +40,9 @@ def entry(stage: str) -> Callable[[Callable[[Run, torch.device, Estimate], None]
                 run = from_hydra(cfg)
                 if run.cfg.job.threads > 0:
                     torch.set_num_threads(run.cfg.job.threads)
-                device = pick_device(run.cfg.job.device)
+                # light stages (configs, data, queries, merges, reports) run on the CPU wherever they run: on a
+                # cluster that is a node without a GPU, or Snakemake's own process (its local rules)
+                device = pick_device(run.cfg.job.device) if stage in GPU_STAGES else torch.device("cpu")
                 plan = memory.check(run.cfg, stage, device)
                 task(run, device, plan)
                 print(memory.peak_line(plan, device), flush=True)

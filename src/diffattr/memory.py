@@ -37,6 +37,10 @@ SAVED_PER_OUTPUT = 1.7  # bytes autograd keeps per byte of layer output (norm an
 ENGINE_CHUNK = 32  # examples per forward/backward of diffattr.grads (its DEFAULT_BATCH_SIZE)
 QUERY_ROWS = 256  # TracIn's query side: rows per call by default, and its timesteps are summed in SUM_ROWS // R
 MARGIN = 1.3  # mem_mb asks for the least estimate plus the error the tests allow it
+# What a cluster allocation holds besides the job: the Slurm executor runs each job under two Snakemake processes
+# of its own, the batch script's and the one srun starts, about 0.245 GB each (sacct MaxRSS of the batch step,
+# docs/results/2026-12-05-slurm.md)
+JOBSTEP = 0.5 * GB
 
 
 @dataclass(frozen=True)
@@ -266,19 +270,42 @@ def estimate(stage: str, cfg, family: str = "", rows_per_call: int | None = None
 
 
 def machine_bytes(device: str = "cpu") -> float:
-    """What a job on this machine may use: the GPU's memory on CUDA, else the cgroup limit or physical memory."""
+    """What a job on this machine may use: the GPU's memory on CUDA, else the least of physical memory, the cgroup
+    limit and a Slurm allocation (less the Snakemake process that runs the job inside it)."""
     if device.startswith("cuda"):
         import torch
 
         return float(torch.cuda.get_device_properties(torch.device(device)).total_memory)
-    total = float(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    limits = [float(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")), *_cgroup_limits()]
+    if os.environ.get("SLURM_MEM_PER_NODE", "").isdigit():  # --mem, in MiB
+        limits.append(int(os.environ["SLURM_MEM_PER_NODE"]) * 2.0**20 - JOBSTEP)
+    return min(limits)
+
+
+def _cgroup_limits() -> list[float]:
+    """The memory limits of this process's cgroup and its ancestors: v2 (``memory.max``) and v1
+    (``memory.limit_in_bytes`` of the memory controller, which Slurm's task/cgroup sets on a job's group)."""
     try:
-        limit = open("/sys/fs/cgroup/memory.max").read().strip()
-        if limit.isdigit():
-            total = min(total, float(limit))
+        groups = [line.split(":", 2) for line in open("/proc/self/cgroup").read().splitlines()]
     except OSError:
-        pass
-    return total
+        return []
+    found = []
+    for _, controllers, path in groups:
+        if controllers == "":
+            root, name = "/sys/fs/cgroup", "memory.max"
+        elif "memory" in controllers.split(","):
+            root, name = "/sys/fs/cgroup/memory", "memory.limit_in_bytes"
+        else:
+            continue
+        parts = [part for part in path.split("/") if part]
+        for depth in range(len(parts) + 1):
+            try:
+                value = open("/".join([root, *parts[:depth], name])).read().strip()
+            except OSError:
+                continue
+            if value.isdigit():
+                found.append(float(value))
+    return found
 
 
 def _call_sizes(stage: str, cfg, family: str) -> list[int | None]:

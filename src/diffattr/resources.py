@@ -1,11 +1,14 @@
-"""Cluster resources of each compute job (memory, minutes), scaled from the run's config: the rules pass them to
-Snakemake, so the SLURM profile needs no per-rule numbers.
+"""Cluster resources of each job (memory, minutes, GPUs), scaled from the run's config: the rules pass them to
+Snakemake, so the SLURM profile needs no per-rule numbers (docs/cluster.md has the table).
 
 ``mem_mb`` is the memory plan's estimate of the job's peak at its smallest sizes (``diffattr.memory.least``) with
-its margin: a job granted that limit plans those sizes, from the same formulas. Time rates are the measured ones of
-docs/results/2026-11-23-gradient-engine.md (one H100: training ~1,700 samples/s and ~1,100 per-example gradients/s on the 35.7M-parameter UNet,
-scaled by parameter count for other models), with a safety factor: a job that asks for too little is killed, one
-that asks for twice what it needs only waits a little longer in the queue.
+its margin, plus the Snakemake process that runs the job inside its allocation (``memory.JOBSTEP``), and never less
+than ``FLOOR_MB``: a job granted that limit plans those sizes, from the same formulas. Time rates are the measured
+ones of docs/results/2026-11-23-gradient-engine.md (one H100: training ~1,700 samples/s and ~1,100 per-example
+gradients/s on the 35.7M-parameter UNet, scaled by parameter count for other models), with a safety factor: a job
+that asks for too little is killed, one that asks for twice what it needs only waits a little longer in the queue.
+A compute job asks for one GPU when it will run on CUDA, that is when ``job.device`` names it (``cuda``,
+``cuda:N``); ``auto`` asks for none, so that a CPU partition accepts every job.
 """
 
 from __future__ import annotations
@@ -15,11 +18,13 @@ import math
 from omegaconf import DictConfig
 
 from .data import split_size
-from .memory import MARGIN, least, measured_triples, n_queries, profile
+from .memory import JOBSTEP, MARGIN, least, measured_triples, n_queries, profile
 from .methods import checkpoint_count, families, requested_families, shard_count
 
 TRAIN_PER_S, GRADS_PER_S = 1700.0, 1100.0  # at 35.7M parameters, one H100
 SAFETY, BASE_MIN = 2.0, 10
+FLOOR_MB = 1000  # no job asks for less memory than this
+GPU_STAGES = ("train", "sample", "norm_study", "attribution", "validate", "removal")
 
 
 def params(cfg: DictConfig) -> float:
@@ -32,11 +37,12 @@ def _minutes(work: float, rate: float, cfg: DictConfig) -> int:
 
 
 def job_resources(stage: str, cfg: DictConfig, family: str = "") -> dict[str, int]:
-    """``mem_mb`` and ``runtime`` (minutes) of one job of ``stage``: train, sample, norm_study, attribution (with
-    its ``family``), validate (one chunk of subset models), removal (one chunk of cases), merge, data, report; any
-    other stage gets the base request."""
-    mem_mb = math.ceil(least(stage, cfg, family).total * MARGIN / 1e6)
-    return {"mem_mb": mem_mb, "runtime": _runtime(stage, cfg, family)}
+    """``mem_mb``, ``runtime`` (minutes) and ``gpu`` (0 or 1) of one job of ``stage``: train, sample, norm_study,
+    attribution (with its ``family``), validate (one chunk of subset models), removal (one chunk of cases), merge,
+    data, report; any other stage gets the base request."""
+    mem_mb = max(FLOOR_MB, math.ceil((least(stage, cfg, family).total * MARGIN + JOBSTEP) / 1e6))
+    gpu = int(stage in GPU_STAGES and str(cfg.job.device).startswith("cuda"))
+    return {"mem_mb": mem_mb, "runtime": _runtime(stage, cfg, family), "gpu": gpu}
 
 
 def _runtime(stage: str, cfg: DictConfig, family: str) -> int:

@@ -1,4 +1,5 @@
 rule queries:
+    localrule: True
     input:
         lambda wc: query_inputs(run_of("queries", wc.queries)),
     output:
@@ -21,9 +22,7 @@ rule attribute:
         directory(P("method_shard")),
     threads: THREADS
     resources:
-        gpu=1,
-        mem_mb=needs("mem_mb", "attribution"),
-        runtime=needs("runtime", "attribution"),
+        **needs("attribution"),
     params:
         cmd=lambda wc, threads: stage_cmd(f"attribution/{wc.family}", wc.method_key, "attribute",
                                           f"job.family={wc.family}", f"job.shard={wc.shard}", f"job.threads={threads}"),
@@ -37,13 +36,13 @@ rule attribute:
 
 # The dense score files of every method of a sharded family's job, from its shards.
 rule merge_scores:
+    localrule: True
     input:
         lambda wc: method_shards(run_of(f"attribution/{wc.family}", wc.method_key), families()[wc.family]),
     output:
         directory(P("method_merged")),
     resources:
-        mem_mb=needs("mem_mb", "merge"),
-        runtime=needs("runtime", "merge"),
+        **needs("merge"),
     params:
         cmd=lambda wc: stage_cmd(f"attribution/{wc.family}", wc.method_key, "merge_scores", f"job.family={wc.family}"),
     log:

@@ -92,16 +92,20 @@ def method_shards(run, family):
     return [path_of(run, "method_shard", family=family.name, shard=i, shards=n) for i in range(n)]
 
 
-def needs(what, stage):
-    """A rule's resource ``what`` (mem_mb, runtime) for the job of ``stage`` its wildcards name, from its config."""
+def needs(stage):
+    """A submitted rule's resources (mem_mb, runtime, gpu: diffattr.resources), each a function of the job's
+    wildcards, for the job of ``stage`` they name."""
 
-    def get(wc):
-        if stage in ("attribution", "merge"):
-            return job_resources(stage, run_of(f"attribution/{wc.family}", wc.method_key).cfg, wc.family)[what]
-        key_stage = {"sample": "samples", "validate": "outputs"}.get(stage, stage)
-        return job_resources(stage, run_of(key_stage, getattr(wc, key_stage)).cfg)[what]
+    def resource(what):
+        def get(wc):
+            if stage in ("attribution", "merge"):
+                return job_resources(stage, run_of(f"attribution/{wc.family}", wc.method_key).cfg, wc.family)[what]
+            key_stage = {"sample": "samples", "validate": "outputs"}.get(stage, stage)
+            return job_resources(stage, run_of(key_stage, getattr(wc, key_stage)).cfg)[what]
 
-    return get
+        return get
+
+    return {what: resource(what) for what in ("mem_mb", "runtime", "gpu")}
 
 
 def output_chunks(run):

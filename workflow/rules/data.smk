@@ -3,8 +3,7 @@ rule prepare_data:
         train=directory(P("data", split="train")),
         test=directory(P("data", split="test")),
     resources:
-        mem_mb=needs("mem_mb", "data"),
-        runtime=needs("runtime", "data"),
+        **needs("data"),
     params:
         cmd=lambda wc: stage_cmd("data", wc.data, "prepare_data"),
     log:

@@ -7,9 +7,7 @@ rule norm_study:
         recorded=P("norm_shard", kind="recorded"),
     threads: THREADS
     resources:
-        gpu=1,
-        mem_mb=needs("mem_mb", "norm_study"),
-        runtime=needs("runtime", "norm_study"),
+        **needs("norm_study"),
     params:
         cmd=lambda wc, threads: stage_cmd("norm_study", wc.norm_study, "norm_study", f"job.shard={wc.shard}",
                                           f"job.threads={threads}"),

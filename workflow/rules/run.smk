@@ -8,6 +8,7 @@ for _i, _run in enumerate(RUNS):
     rule:
         name:
             f"resolve_config_{_i}"
+        localrule: True
         output:
             config=path_of(_run, "config"),
             manifest=path_of(_run, "manifest"),
@@ -23,6 +24,7 @@ for _i, _run in enumerate(RUNS):
     rule:
         name:
             f"norm_report_{_i}"
+        localrule: True
         input:
             config=path_of(_run, "config"),
             shards=[path_of(_run, "norm_shard", kind=k, shard=s, shards=_run.cfg.shards)
@@ -44,6 +46,7 @@ for _i, _run in enumerate(RUNS):
     rule:
         name:
             f"attribution_report_{_i}"
+        localrule: True
         input:
             config=path_of(_run, "config"),
             scores=[str(_run.layout.scores(m).parent) for m in _methods],

@@ -6,9 +6,7 @@ rule sample:
         grid=P("samples_grid"),
     threads: THREADS
     resources:
-        gpu=1,
-        mem_mb=needs("mem_mb", "sample"),
-        runtime=needs("runtime", "sample"),
+        **needs("sample"),
     params:
         cmd=lambda wc, threads: stage_cmd("samples", wc.samples, "sample", f"job.checkpoint={wc.checkpoint}",
                                           f"job.threads={threads}"),

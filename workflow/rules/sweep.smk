@@ -2,6 +2,7 @@
 if SWEEP.name:
 
     rule sweep_summary:
+        localrule: True
         input:
             runs=[path_of(r, "config") for r in RUNS],
             tables=[path_of(r, "table", name="general_influence.csv") for r in RUNS],

@@ -8,9 +8,7 @@ rule train:
         log=P("train_log"),
     threads: THREADS
     resources:
-        gpu=1,
-        mem_mb=needs("mem_mb", "train"),
-        runtime=needs("runtime", "train"),
+        **needs("train"),
     params:
         cmd=lambda wc, threads: stage_cmd("train", wc.train, "train", f"job.threads={threads}"),
     log:

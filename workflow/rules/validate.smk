@@ -9,9 +9,7 @@ rule validate_chunk:
         P("output_chunk"),
     threads: THREADS
     resources:
-        gpu=1,
-        mem_mb=needs("mem_mb", "validate"),
-        runtime=needs("runtime", "validate"),
+        **needs("validate"),
     params:
         cmd=lambda wc, threads: stage_cmd("outputs", wc.outputs, "validate_chunk", f"job.first_model={wc.first}",
                                           f"job.last_model={wc.last}", f"job.threads={threads}"),
@@ -26,6 +24,7 @@ for _i, _run in enumerate(RUNS):
     rule:
         name:
             f"lds_report_{_i}"
+        localrule: True
         input:
             config=path_of(_run, "config"),
             scores=score_dirs(_run, _run.cfg.attribution.methods),
@@ -54,6 +53,7 @@ for _i, _run in enumerate(RUNS):
 if SWEEP.name:
 
     rule sweep_lds:
+        localrule: True
         input:
             runs=[path_of(r, "config") for r in RUNS],
             tables=[path_of(r, "table", name="lds.csv") for r in RUNS],
@@ -91,9 +91,7 @@ rule removal_chunk:
         images=P("removal_images"),
     threads: THREADS
     resources:
-        gpu=1,
-        mem_mb=needs("mem_mb", "removal"),
-        runtime=needs("runtime", "removal"),
+        **needs("removal"),
     params:
         cmd=lambda wc, threads: stage_cmd("removal", wc.removal, "removal_chunk", f"job.first_model={wc.first}",
                                           f"job.last_model={wc.last}", f"job.threads={threads}"),
@@ -108,6 +106,7 @@ for _i, _run in enumerate(RUNS):
     rule:
         name:
             f"removal_report_{_i}"
+        localrule: True
         input:
             config=path_of(_run, "config"),
             chunks=[path_of(_run, artifact, first=a, last=b) for a, b in removal_chunks(_run.cfg)
