@@ -271,7 +271,7 @@ def estimate(stage: str, cfg, family: str = "", rows_per_call: int | None = None
 
 def machine_bytes(device: str = "cpu") -> float:
     """What a job on this machine may use: the GPU's memory on CUDA, else the least of physical memory, the cgroup
-    limit and a Slurm allocation (less the Snakemake process that runs the job inside it)."""
+    limit and a Slurm allocation (less the Snakemake processes that run the job inside it)."""
     if device.startswith("cuda"):
         import torch
 

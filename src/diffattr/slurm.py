@@ -19,23 +19,15 @@ from omegaconf import DictConfig
 from .methods import requested_families
 from .resources import job_resources
 
-# (rule, stage of diffattr.resources, what one job computes); attribute adds one row per method family
-SUBMITTED = (
-    ("prepare_data", "data", "loads the dataset once, both splits"),
-    ("train", "train", "DDPM training, all checkpoints"),
-    ("sample", "sample", "samples of one checkpoint"),
-    ("norm_study", "norm_study", "gradient norms of one shard"),
-    ("attribute", "attribution", "one method family (one shard of it)"),
-    ("validate_chunk", "validate", "validate.models_per_job subset models, trained and measured"),
-    ("removal_chunk", "removal", "removal.cases_per_job retrainings without a top-k, regenerated"),
-)
+# (rule, stage of diffattr.resources); attribute gives one row per method family
+SUBMITTED = (("prepare_data", "data"), ("train", "train"), ("sample", "sample"), ("norm_study", "norm_study"),
+             ("attribute", "attribution"), ("validate_chunk", "validate"), ("removal_chunk", "removal"))
 
 
 @dataclass(frozen=True)
 class Request:
     rule: str
     family: str  # the attribute rule's method family, else ""
-    what: str
     threads: int
     resources: dict[str, int]
 
@@ -43,10 +35,10 @@ class Request:
 def requests(cfg: DictConfig) -> list[Request]:
     """The submitted rules of a run with the threads and resources their jobs declare."""
     out = []
-    for rule, stage, what in SUBMITTED:
+    for rule, stage in SUBMITTED:
         threads = 1 if rule == "prepare_data" else cfg.train.threads
         names = [f.name for f in requested_families(cfg.attribution.methods)] if rule == "attribute" else [""]
-        out += [Request(rule, name, what, threads, job_resources(stage, cfg, name)) for name in names]
+        out += [Request(rule, name, threads, job_resources(stage, cfg, name)) for name in names]
     return out
 
 
@@ -81,21 +73,20 @@ def sbatch_line(request: Request, account: str = "", partition: str = "") -> str
 
 
 def main(argv: Sequence[str]) -> None:
+    import argparse
+
     from .config import compose
 
-    options = {"--account": "", "--partition": ""}
-    overrides, args = [], list(argv)
-    while args:
-        arg = args.pop(0)
-        if arg in options:
-            options[arg] = args.pop(0)
-        else:
-            overrides.append(arg)
+    parser = argparse.ArgumentParser(prog="python -m diffattr.slurm", description="the sbatch line of every submitted "
+                                     "rule of a run: experiment=NAME and any overrides, as on the command line")
+    parser.add_argument("--account", default="")
+    parser.add_argument("--partition", default="")
+    options, overrides = parser.parse_known_args(argv)
     experiment = next((o.split("=", 1)[1] for o in overrides if o.startswith("experiment=")), "digits")
     cfg = compose(experiment, [o for o in overrides if not o.startswith("experiment=")]).cfg
     for request in requests(cfg):
         rule = f"{request.rule} ({request.family})" if request.family else request.rule
-        print(f"{rule}: {sbatch_line(request, options['--account'], options['--partition'])}")
+        print(f"{rule}: {sbatch_line(request, options.account, options.partition)}")
 
 
 if __name__ == "__main__":
