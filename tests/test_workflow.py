@@ -95,6 +95,18 @@ def test_smoke_pipeline_leaves_every_artifact(smoke_run):
     assert not list(work.glob("*.log")), "scripts must not leave log files in the working directory"
 
 
+def test_the_workflow_parses_without_importing_torch(smoke_run):
+    """Every job parses the Snakefile again (twice on Slurm: its batch step and its srun step), so the parse must not
+    pay for torch (a second of three). Run in a finished run's directory, where the landing page reads checkpoints."""
+    work, _ = smoke_run
+    argv = ["snakemake", "-s", str(REPO / "Snakefile"), "-n", "--cores", "2", "--config", "experiment=smoke"]
+    code = (f"import runpy, sys\nsys.argv = {argv!r}\ntry:\n    runpy.run_module('snakemake', run_name='__main__')\n"
+            "except SystemExit as e:\n    assert not e.code, e.code\nprint('torch imported:', 'torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=work, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines()[-1] == "torch imported: False"
+
+
 def test_every_compute_job_logs_its_memory_plan_and_a_peak_within_30_percent_of_it(smoke_run):
     work, _ = smoke_run
     ratios = {}

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
-import torch
+
 
 from .atomic import atomic_path, write_text
 from .exceptions import CheckpointError
@@ -44,6 +44,8 @@ def checkpoint_epochs(epochs: int, every: int) -> list[int]:
 
 
 def save_checkpoint(directory: Path, state: CheckpointState, unet, optimizer, ema, replay: pd.DataFrame) -> None:
+    import torch  # here, not at the top: the workflow imports this module when it parses
+
     with atomic_path(directory, suffix="") as tmp:
         tmp.mkdir()
         unet.save_pretrained(tmp / "unet", safe_serialization=True)
@@ -70,6 +72,7 @@ def load_checkpoint_unet(directory: Path, ema: bool = False):
     try:
         unet = load_unet(directory / "unet")
         if ema and (directory / "ema.pt").exists():
+            import torch
             from diffusers.training_utils import EMAModel
 
             shadow = EMAModel(unet.parameters())

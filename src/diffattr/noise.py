@@ -4,8 +4,14 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where it is used: the workflow imports this module when it parses (no torch there)
 
 # Streams: the first key of derive_seeds(seed, STREAM, ...), so that no two purposes ever draw the same randomness.
 # One table, so a new stream cannot collide with an old one. (The norm study's fixed noise predates the table and
@@ -21,19 +27,21 @@ REMOVAL_RANDOM = 303  # diffattr.removal: the random images a control case remov
 GGN_VECTORS = 401  # influence family: the Monte-Carlo output-gradient vectors of its Gauss-Newton fit
 
 
-def noise_from_seeds(seeds: Sequence[int] | torch.Tensor, shape: Sequence[int], dtype=torch.float32) -> torch.Tensor:
+def noise_from_seeds(seeds: Sequence[int] | torch.Tensor, shape: Sequence[int], dtype=None) -> torch.Tensor:
     """Stack of standard normal tensors of ``shape``, the i-th drawn from a CPU generator seeded with ``seeds[i]``.
 
     The noise depends on the seed alone (not on batch composition or device), so the replay log can rebuild the
-    exact noise an example saw during training.
+    exact noise an example saw during training. ``dtype`` defaults to float32.
     """
+    import torch
+
     seeds = [int(s) for s in (seeds.tolist() if isinstance(seeds, torch.Tensor) else seeds)]
     gen = torch.Generator(device="cpu")
     out = torch.empty((len(seeds), *shape), dtype=torch.float32)
     for i, seed in enumerate(seeds):
         gen.manual_seed(seed)
         out[i] = torch.randn(tuple(shape), generator=gen)
-    return out.to(dtype)
+    return out if dtype is None else out.to(dtype)
 
 
 def derive_seeds(base_seed: int, *keys: torch.Tensor | np.ndarray | int) -> torch.Tensor:
@@ -42,6 +50,8 @@ def derive_seeds(base_seed: int, *keys: torch.Tensor | np.ndarray | int) -> torc
     Used for the fixed noise of a (sample, timestep) pair, so that it never depends on the order of evaluation.
     Mixing is splitmix64's finaliser applied after each key.
     """
+    import torch
+
     with np.errstate(over="ignore"):
         h = np.uint64(base_seed & 0xFFFFFFFFFFFFFFFF)
         for key in keys:

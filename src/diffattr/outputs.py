@@ -11,12 +11,13 @@ Each function maps one example's ``(eps_pred, noise, x_t, t, scheduler)`` — im
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Union
+from typing import TYPE_CHECKING, Callable, Dict, Union
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:
+    from torch import Tensor
 
-Output = Callable[[Tensor, Tensor, Tensor, Tensor, object], Tensor]
+# torch is imported where it is used: the workflow imports this module when it parses (no torch there)
+Output = Callable[["Tensor", "Tensor", "Tensor", "Tensor", object], "Tensor"]
 OUTPUTS: Dict[str, Output] = {}
 LOSS_OUTPUTS = {"l2": "loss", "l1": "loss_l1"}  # train.loss -> the output that is that training loss
 _PIXELS = (-3, -2, -1)
@@ -77,6 +78,8 @@ def l1norm(eps_pred: Tensor, noise: Tensor, x_t: Tensor, t: Tensor, scheduler) -
 @register_output("l2norm")
 def l2norm(eps_pred: Tensor, noise: Tensor, x_t: Tensor, t: Tensor, scheduler) -> Tensor:
     """D-TRAK's L_2-norm: ||eps_theta||_2."""
+    import torch
+
     return torch.linalg.vector_norm(eps_pred, ord=2, dim=_PIXELS)
 
 
@@ -99,6 +102,8 @@ def elbo_weight(scheduler, t: Tensor, like: Tensor) -> Tensor:
     other, the posterior variance, is 0 at t = 0 and would make the weight infinite there), so the weight is
     beta_t / (2 alpha_t (1 - abar_t)). It is computed in float64 from the scheduler's tables and cast to ``like``.
     """
+    import torch
+
     betas = scheduler.betas.to(torch.float64)
     alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
     table = betas / (2.0 * (1.0 - betas) * (1.0 - alphas_cumprod))

@@ -126,7 +126,7 @@ def _parameter_count(train_dir: Path | None) -> int | None:
         return None
     from safetensors import safe_open
 
-    with safe_open(files[-1], "pt") as f:
+    with safe_open(files[-1], "numpy") as f:  # only shapes are read: no torch (Snakemake calls this as it parses)
         return sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())
 
 

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .methods.trak import PROJECTORS
+
 
 class Projector:
     """Linear map of a flat gradient (trainable parameters in ``named_parameters()`` order) to k features."""
@@ -188,7 +190,7 @@ class IdentityProjector(Projector):
         return torch.eye(self.num_params, dtype=dtype, device=device)
 
 
-KINDS = ("countsketch", "rademacher", "gaussian", "identity")
+KINDS = PROJECTORS  # the trak family's knob names them (no torch where the config is checked)
 
 
 def make_projector(kind: str, model: torch.nn.Module | int, k: int | None = None, seed: int = 0,

@@ -17,10 +17,10 @@ Zheng et al. ICLR 2024, with two more distances):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-import torch
 from omegaconf import DictConfig
 
 from .artifacts import read_scores, read_table, read_tensors
@@ -31,9 +31,11 @@ from .exceptions import StageError
 from .layout import Layout, digest
 from .models import build_scheduler
 from .noise import REMOVAL_RANDOM, derive_seeds
-from .queries import load_queries
-from .sampling import generate
 from .subsets import model_outputs, output_timesteps, position_ranges, train_last_only
+
+# torch is imported where it is used: the workflow imports this module when it parses (no torch there)
+if TYPE_CHECKING:
+    import torch
 
 RANDOM = "random"
 COLUMNS = ["method", "fraction", "k", "query_id", "draw", "removed", "l2", "feature_distance", "loss_increase"]
@@ -106,18 +108,20 @@ def retrain_without(cfg: DictConfig, layout: Layout, train_set: ImageSet, remove
     return last_checkpoint(directory / "checkpoints")
 
 
-@torch.no_grad()
 def unet_features(unet, images: torch.Tensor) -> torch.Tensor:
     """The UNet's mid-block activation at t = 0, mean-pooled over space: [B, C] (an encoder trained in the pipeline)."""
-    captured = []
-    handle = unet.mid_block.register_forward_hook(lambda module, args, out: captured.append(out))
-    try:
-        unet.eval()
-        device = next(unet.parameters()).device
-        unet(images.to(device), torch.zeros(len(images), dtype=torch.long, device=device))
-    finally:
-        handle.remove()
-    return captured[0].mean(dim=(-2, -1)).double().cpu()
+    import torch
+
+    with torch.no_grad():  # not a decorator: torch is imported inside
+        captured = []
+        handle = unet.mid_block.register_forward_hook(lambda module, args, out: captured.append(out))
+        try:
+            unet.eval()
+            device = next(unet.parameters()).device
+            unet(images.to(device), torch.zeros(len(images), dtype=torch.long, device=device))
+        finally:
+            handle.remove()
+        return captured[0].mean(dim=(-2, -1)).double().cpu()
 
 
 def pixel_l2(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
@@ -126,11 +130,18 @@ def pixel_l2(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
 
 
 def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+    import torch
+
     return (1 - torch.nn.functional.cosine_similarity(a, b, dim=1)).numpy()
 
 
 def run_chunk(cfg: DictConfig, layout: Layout, first: int, last: int, device: torch.device) -> None:
     """Retrain, regenerate and measure the cases at positions ``first..last``; write their ``removal_chunk``."""
+    import torch
+
+    from .queries import load_queries
+    from .sampling import generate
+
     queries, query_images = load_queries(layout)
     todo = cases(cfg, queries)[first:last + 1]
     if not todo:
@@ -200,8 +211,11 @@ def summary(table: pd.DataFrame, n_resamples: int, seed: int) -> pd.DataFrame:
 
 def write_removal_report(cfg: DictConfig, layout: Layout) -> None:
     """``tables/removal.csv`` (every case), ``tables/removal_summary.csv`` and ``figures/removal.png``."""
+    import torch
+
     from .figures.removal import removal_figure
     from .figures.style import save
+    from .queries import load_queries
 
     parts = chunks(cfg)
     table = pd.concat([read_table(layout.path("removal_chunk", first=a, last=b), "removal_chunk", COLUMNS)

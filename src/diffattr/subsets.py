@@ -15,17 +15,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .data import ImageSet
 from .exceptions import ConfigError
 from .noise import VALIDATE_OUTPUT_NOISE, VALIDATE_SUBSETS, derive_seeds, noise_from_seeds
 from .timesteps import evenly_spaced_timesteps
-from .train import diffusion_loss, train
+
+# torch is imported where it is used: the workflow imports this module when it parses (no torch there)
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,8 @@ def train_subset_model(cfg: DictConfig, directory: Path, train_set: ImageSet, mo
 def train_last_only(cfg: DictConfig, directory: Path, train_set: ImageSet, device: torch.device, seed_offset: int = 0):
     """The run's training (draws, epochs, learning rate) on ``train_set`` with seed ``train.seed + seed_offset``,
     keeping only the last checkpoint: the retrained models of the validation and of the removal."""
+    from .train import train
+
     sub = OmegaConf.merge(cfg, {"train": {"seed": cfg.train.seed + seed_offset, "checkpoint_every": cfg.train.epochs}})
     return train(sub, directory, train_set, device)
 
@@ -112,22 +117,27 @@ def output_timesteps(cfg: DictConfig) -> torch.Tensor:
     return evenly_spaced_timesteps(cfg.validate.output_timesteps, cfg.model.num_train_timesteps)
 
 
-@torch.no_grad()
 def model_outputs(unet, scheduler, images: torch.Tensor, query_ids: np.ndarray, timesteps: torch.Tensor,
                   n_noises: int, seed: int, loss: str, batch_size: int) -> np.ndarray:
     """F(q; theta) of every query: its loss ``loss`` averaged over ``timesteps`` x ``n_noises`` fixed noises (float64
     [Q]). The noise of (q, t, r) is a function of (``seed``, query id, t, r) only, so every model sees the same."""
-    device = next(unet.parameters()).device
-    unet.eval()
-    q_idx, t_idx, r_idx = (a.reshape(-1) for a in np.meshgrid(np.arange(len(query_ids)), np.arange(len(timesteps)),
-                                                               np.arange(n_noises), indexing="ij"))
-    totals = np.zeros(len(query_ids), dtype=np.float64)
-    for start in range(0, len(q_idx), batch_size):
-        q, r = q_idx[start:start + batch_size], r_idx[start:start + batch_size]
-        t = timesteps[t_idx[start:start + batch_size]]
-        noise = noise_from_seeds(derive_seeds(seed, VALIDATE_OUTPUT_NOISE, query_ids[q], t, r), images.shape[1:])
-        x_t = scheduler.add_noise(images[q], noise, t)
-        pred = unet(x_t.to(device), t.to(device)).sample
-        per = diffusion_loss(pred, noise.to(device), loss).double().cpu().numpy()
-        np.add.at(totals, q, per)
-    return totals / (len(timesteps) * n_noises)
+    import torch
+
+    from .train import diffusion_loss
+
+    with torch.no_grad():  # not a decorator: torch is imported inside
+        device = next(unet.parameters()).device
+        unet.eval()
+        grid = np.meshgrid(np.arange(len(query_ids)), np.arange(len(timesteps)), np.arange(n_noises), indexing="ij")
+        q_idx, t_idx, r_idx = (a.reshape(-1) for a in grid)
+        totals = np.zeros(len(query_ids), dtype=np.float64)
+        for start in range(0, len(q_idx), batch_size):
+            q, r = q_idx[start:start + batch_size], r_idx[start:start + batch_size]
+            t = timesteps[t_idx[start:start + batch_size]]
+            seeds = derive_seeds(seed, VALIDATE_OUTPUT_NOISE, query_ids[q], t, r)
+            noise = noise_from_seeds(seeds, images.shape[1:])
+            x_t = scheduler.add_noise(images[q], noise, t)
+            pred = unet(x_t.to(device), t.to(device)).sample
+            per = diffusion_loss(pred, noise.to(device), loss).double().cpu().numpy()
+            np.add.at(totals, q, per)
+        return totals / (len(timesteps) * n_noises)

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where it is used: the workflow imports this module when it parses (no torch there)
 
 # attribution.timestep_grid -> what it is
 GRIDS = {
@@ -33,4 +39,6 @@ def timestep_grid(n: int, num_train_timesteps: int = 1000, grid: str = "ends") -
         points = np.arange(0, T, T // n)[:n]
     else:
         raise ValueError(f"unknown timestep grid {grid!r} ({' | '.join(GRIDS)})")
+    import torch
+
     return torch.from_numpy(np.unique(points.astype(np.int64)))

@@ -18,13 +18,17 @@ import pickle
 import tarfile
 import urllib.request
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from diffattr.atomic import atomic_path
 from diffattr.data.imageset import DataError, ImageSet, class_labels, keep_per_class, resize, to_signed
 from diffattr.settings import DataSettings
+
+# torch is imported where it is used: the workflow imports this module when it parses (no torch there)
+if TYPE_CHECKING:
+    import torch
 
 PER_CLASS = {"train": 5000, "test": 1000}  # the official split
 CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -37,6 +41,8 @@ _md5_cache: dict[tuple[str, int, int], str] = {}
 
 
 def load(cfg: DataSettings, split: str) -> ImageSet:
+    import torch
+
     if cfg.channels != 3:
         raise DataError(f"CIFAR-10 images are RGB: set data.channels=3 (got {cfg.channels})")
     keep = class_labels(cfg.classes, CLASS_NAMES, "CIFAR-10")

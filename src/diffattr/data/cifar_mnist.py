@@ -11,13 +11,17 @@ training points whose influence is measured, never queries.
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from diffattr.data import cifar10, digits
 from diffattr.data.imageset import DataError, ImageSet
 from diffattr.settings import DataSettings
+
+# torch is imported where it is used: the workflow imports this module when it parses (no torch there)
+if TYPE_CHECKING:
+    import torch
 
 OUTLIER_ID_OFFSET = 100000
 DEFAULT_CLASSES = ["airplane"]
@@ -30,6 +34,8 @@ def size(cfg: DataSettings, split: str) -> int:
 
 
 def load(cfg: DataSettings, split: str) -> ImageSet:
+    import torch
+
     if cfg.n_outliers < 0:
         raise DataError(f"data.n_outliers must be >= 0, got {cfg.n_outliers}")
     base = cifar10.load(dataclasses.replace(cfg, classes=DEFAULT_CLASSES if cfg.classes is None else cfg.classes), split)

@@ -8,12 +8,16 @@ each class c go to test. Sample ids are positions in scikit-learn's order, label
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from diffattr.data.imageset import DataError, ImageSet, class_labels, keep_per_class, resize, to_signed
 from diffattr.settings import DataSettings
+
+# torch is imported where it is used: the workflow imports this module when it parses (no torch there)
+if TYPE_CHECKING:
+    import torch
 
 CLASS_NAMES = [str(d) for d in range(10)]
 # images per class in scikit-learn's digits (a test checks them against the data): sizes are planned from these
@@ -34,6 +38,8 @@ def raw_digits() -> tuple[torch.Tensor, np.ndarray]:
 
 def digit_images(digit: int, n: int, resolution: int, channels: int) -> tuple[torch.Tensor, np.ndarray]:
     """The first ``n`` images of ``digit`` in scikit-learn's order, resized, and their scikit-learn indices."""
+    import torch
+
     if not 0 <= digit <= 9:
         raise DataError(f"data.outlier_digit must be 0..9, got {digit}")
     images, labels = raw_digits()
@@ -57,6 +63,8 @@ def stratified_test_mask(labels: np.ndarray, test_fraction: float, seed: int) ->
 
 
 def load(cfg: DataSettings, split: str) -> ImageSet:
+    import torch
+
     if cfg.channels not in (1, 3):
         raise DataError(f"digits are grey: data.channels must be 1 (or 3, repeated), got {cfg.channels}")
     images, labels = raw_digits()

@@ -6,14 +6,17 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from diffattr.atomic import atomic_path
 from diffattr.exceptions import DataError
+
+# torch is imported where it is used: the workflow imports this module when it parses (no torch there)
+if TYPE_CHECKING:
+    import torch
+    import torch.nn.functional as F
 
 IMAGES_FILE = "images.safetensors"
 INDEX_FILE = "index.parquet"
@@ -35,6 +38,8 @@ class ImageSet:
     class_names: list[str]
 
     def __post_init__(self) -> None:
+        import torch
+
         n = self.images.shape[0] if self.images.ndim == 4 else -1
         problems = []
         if self.images.ndim != 4 or self.images.dtype != torch.float32:
@@ -64,6 +69,8 @@ class ImageSet:
         return np.array([lookup.get(int(i), missing) for i in ids], dtype=np.int64)
 
     def subset(self, index: torch.Tensor | np.ndarray | Sequence[int]) -> "ImageSet":
+        import torch
+
         index = torch.as_tensor(np.asarray(index, dtype=np.int64))
         return ImageSet(self.images[index].contiguous(), self.labels[index], self.ids[index], self.is_outlier[index],
                         list(self.class_names))
@@ -88,6 +95,7 @@ class ImageSet:
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "ImageSet":
         import pandas as pd
+        import torch
         from safetensors import safe_open
 
         directory = Path(directory)
@@ -115,11 +123,15 @@ class ImageSet:
 
 def to_signed(pixels: np.ndarray, max_value: float) -> torch.Tensor:
     """Pixel values in [0, max_value] as float32 in [-1, 1] (0 and max_value map exactly to -1 and 1)."""
+    import torch
+
     return torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)) / (max_value / 2.0) - 1.0
 
 
 def resize(images: torch.Tensor, resolution: int) -> torch.Tensor:
     """Square images to ``resolution``: area averaging down (no aliasing), bilinear up (no blocky 8x8 digits)."""
+    import torch.nn.functional as F
+
     size = images.shape[-1]
     if resolution == size:
         return images

@@ -40,14 +40,10 @@ import numpy as np
 import torch
 
 from ..grads import DEFAULT_BATCH_SIZE, dropout_off
+from ..methods.das import RESIDUALS
 from ..outputs import get_output
 from .trak import FeatureSpec, _ridge, _ridge_solve, pair_features, self_scores, trak_scores
 
-RESIDUALS = {
-    "paper": "each (timestep, noise) pair's gradient weighted by its residual f(eps) - f(eps_theta) (the paper)",
-    "released": "each example weighted by the timestep mean of its normalised RMS residuals (the authors' code)",
-    "none": "no residual (r = 1): D-TRAK",
-}
 # Smallest 1 - h_i accepted: below it the linearised model interpolates example i, and removing it is undefined
 LEVERAGE_TOL = 1e-6
 

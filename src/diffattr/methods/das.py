@@ -19,10 +19,12 @@ def _outputs():
     return OUTPUTS
 
 
-def _residuals():
-    from ..kernels.das import RESIDUALS
-
-    return RESIDUALS
+# attribution.das_residual -> what it is (diffattr.kernels.das computes each)
+RESIDUALS = {
+    "paper": "each (timestep, noise) pair's gradient weighted by its residual f(eps) - f(eps_theta) (the paper)",
+    "released": "each example weighted by the timestep mean of its normalised RMS residuals (the authors' code)",
+    "none": "no residual (r = 1): D-TRAK",
+}
 
 
 @dataclass
@@ -30,7 +32,7 @@ class DasSettings:
     das_output: str = knob("avg", "DAS's compressed output f (diffattr.outputs); the authors' code: avg, the pixel mean "
                                   "of eps_theta", choices=_outputs)
     das_residual: str = knob("released", "residual weighting of the training features: paper (per timestep) | released "
-                                      "(the authors' per-example weight) | none (= D-TRAK)", choices=_residuals)
+                                      "(the authors' per-example weight) | none (= D-TRAK)", choices=lambda: RESIDUALS)
     das_leverage: bool = knob(True, "divide by 1 - h_i, the Sherman-Morrison leverage correction (the paper's; the "
                                     "authors' code never runs it)")
 

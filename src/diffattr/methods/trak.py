@@ -12,15 +12,13 @@ from ..settings import knob
 from . import Family, Job, register
 
 
-def _projectors():
-    from ..projectors import KINDS
-
-    return KINDS
+# attribution.projector: the kinds diffattr.projectors.make_projector builds
+PROJECTORS = ("countsketch", "rademacher", "gaussian", "identity")
 
 
 @dataclass
 class TrakSettings:
-    projector: str = knob("countsketch", "random projection of the gradients", choices=_projectors)
+    projector: str = knob("countsketch", "random projection of the gradients", choices=lambda: PROJECTORS)
     proj_dim: int = knob(4096, "k", min=1)
     trak_timesteps: int = knob(100, "K evenly spaced timesteps, one noise each (TRAK and D-TRAK features)", min=1)
     trak_checkpoints: int = knob(1, "ensemble over the last M checkpoints (D-TRAK: the final one)", min=1)
