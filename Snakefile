@@ -52,6 +52,10 @@ if LANDING:
     report: os.path.abspath(LANDING)
 
 
+onstart:
+    check_cluster()
+
+
 onsuccess:
     refresh_overview()
 

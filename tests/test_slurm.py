@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -116,3 +117,22 @@ def test_smoke_dag_through_the_shipped_profile_on_a_real_slurm_equals_the_local_
     assert {j["rule"] for j in jobs} >= {"prepare_data", "train", "sample", "norm_study", "attribute"}
     # memory is enforced at the asked mem_mb: every job finished under it, with room to spare
     assert all(j["state"] == "COMPLETED" and j["command_mb"] > 0 and j["peak_mb"] < j["asked_mb"] for j in jobs), jobs
+
+
+@on_slurm
+def test_a_request_no_node_can_run_stops_the_run_before_any_job_with_one_line_per_rule(tmp_path):
+    """More memory than the node has is refused by sbatch itself; more CPUs than it has would pend forever (no
+    EnforcePartLimits here). Slurm's test-only answer catches both before anything is submitted."""
+    since = time.strftime("%Y-%m-%dT%H:%M:%S")
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--profile",
+                           str(REPO / "profiles" / "slurm"), "--config", "experiment=smoke", "--set-resources",
+                           "train:mem_mb=99999999", "--set-threads", "sample=64"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    refused = sorted(line for line in (proc.stdout + proc.stderr).splitlines() if "Slurm refuses" in line)
+    assert len(refused) == 2, proc.stderr[-3000:]
+    assert refused[0].startswith("rule sample: Slurm refuses threads=64 ") and "--cpus-per-task 64" in refused[0]
+    assert refused[1].startswith("rule train: Slurm refuses mem_mb=99999999 ") and "--mem 99999999" in refused[1]
+    assert all(line.rstrip().endswith("Requested node configuration is not available") for line in refused)
+    assert not slurm_smoke.accounted_jobs(since), "a job was submitted"
+    assert not list(tmp_path.rglob("stages/*")), "a stage was started"

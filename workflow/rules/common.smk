@@ -11,7 +11,9 @@ from diffattr.methods import families, shard_count
 from diffattr.overview import refresh
 from diffattr.resources import job_resources
 from diffattr.removal import chunks as removal_chunks, removal_methods
+from diffattr.slurm import refusals
 from diffattr.subsets import chunks
+from snakemake.exceptions import WorkflowError
 
 EXPERIMENT = str(config.get("experiment", "digits"))
 SWEEP = sweep_from_config(config)  # .name (None unless several runs), .points (override lists), .keys (swept)
@@ -36,6 +38,17 @@ def refresh_overview():
     landing page's path (None before any run was computed)."""
     sweep_dir = os.path.dirname(P("sweep_summary", sweep=SWEEP.name)) if SWEEP.name else None
     return refresh(EXPERIMENT, ROOT, [r.dir for r in RUNS], sweep_dir)
+
+
+def check_cluster():
+    """On Slurm, ask Slurm whether some node could run each job before submitting any (diffattr.slurm.refusals):
+    a request none can run stops the run here, one line per rule, instead of pending forever or failing midway."""
+    plugin = workflow.executor_plugin
+    if plugin is None or plugin.name != "slurm":
+        return
+    lines = refusals(job for job in workflow.dag.needrun_jobs() if not job.is_local)
+    if lines:
+        raise WorkflowError("\n".join(lines))
 
 
 def run_of(stage, key):
