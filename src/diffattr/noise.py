@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Sequence
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+# torch is imported where it is used: the workflow imports this module when it parses (no torch there)
 if TYPE_CHECKING:
     import torch
-
-# torch is imported where it is used: the workflow imports this module when it parses (no torch there)
 
 # Streams: the first key of derive_seeds(seed, STREAM, ...), so that no two purposes ever draw the same randomness.
 # One table, so a new stream cannot collide with an old one. (The norm study's fixed noise predates the table and

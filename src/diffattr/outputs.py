@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable, Dict, Union
 
+# torch is imported where it is used: the workflow imports this module when it parses (no torch there)
 if TYPE_CHECKING:
     from torch import Tensor
 
-# torch is imported where it is used: the workflow imports this module when it parses (no torch there)
 Output = Callable[["Tensor", "Tensor", "Tensor", "Tensor", object], "Tensor"]
 OUTPUTS: Dict[str, Output] = {}
 LOSS_OUTPUTS = {"l2": "loss", "l1": "loss_l1"}  # train.loss -> the output that is that training loss

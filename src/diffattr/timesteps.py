@@ -6,10 +6,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+# torch is imported where it is used: the workflow imports this module when it parses (no torch there)
 if TYPE_CHECKING:
     import torch
-
-# torch is imported where it is used: the workflow imports this module when it parses (no torch there)
 
 # attribution.timestep_grid -> what it is
 GRIDS = {
