@@ -5,6 +5,7 @@ channels, self-attention and GroupNorm (4,677 parameters in its Linear / Conv2d 
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from diffusers.models.attention_processor import Attention
@@ -267,7 +268,7 @@ def test_mc_vectors_are_unbiased_for_the_factors():
     assert err < 0.3  # 100 samples: about sqrt(2 / 100) relative error
 
 
-def job_for(tmp_path, lambda_grid, damping):
+def job_for(tmp_path, lambda_grid, damping, absolute=0.0):
     model, scheduler = micro_unet()
     gen = torch.Generator().manual_seed(3)
     train = SimpleNamespace(images=torch.rand(5, *SHAPE, generator=gen) * 2 - 1, ids=torch.arange(100, 105))
@@ -276,7 +277,7 @@ def job_for(tmp_path, lambda_grid, damping):
     cfg = OmegaConf.create({
         "train": {"loss": "l2"}, "model": {"num_train_timesteps": 1000},
         "attribution": {"seed": 0, "block_size": 3, "timestep_grid": "ends", "lambda_grid": lambda_grid,
-                        "kfac_damping": damping, "influence_train_draws": 2, "influence_train_schedule": "even",
+                        "kfac_damping": damping, "kfac_absolute_damping": absolute, "influence_train_draws": 2, "influence_train_schedule": "even",
                         "influence_query_timesteps": 3,
                         "influence_query_noises": 2, "kfac_ggn": "mc", "kfac_ggn_samples": 2}})
     return SimpleNamespace(cfg=cfg, out=tmp_path, checkpoints=lambda: ["last"], load_unet=lambda state: model,
@@ -316,6 +317,17 @@ def test_the_family_registers_validates_its_keys_and_retune_reads_the_saved_grid
             family.retune(tmp_path, variant, 0.0)
         with pytest.raises(StageError, match="not 0.5"):
             family.retune(tmp_path, variant, 0.5)
+    # the paper's absolute damping: per variant, relative to its mean eigenvalue, saved beside the grid
+    (tmp_path / "absolute").mkdir()
+    family.run(job_for(tmp_path / "absolute", [1e-3, 1.0], 1e-3, absolute=1e-6))
+    table = pd.read_csv(tmp_path / "absolute" / "lambda.csv")
+    assert family.saved_lambdas(tmp_path / "absolute") == sorted(set(table.lam), key=list(table.lam).index)
+    for variant in ("kfac", "ekfac"):
+        rows = table[table.variant == variant]
+        np.testing.assert_allclose(rows.damping, rows.lam * rows.mean_eigenvalue, rtol=1e-12)
+        own = rows[np.isclose(rows.damping, 1e-6, rtol=1e-9, atol=0)]
+        assert len(own) == 1 and own.lam.item() not in (1e-3, 1.0) and not own.chosen.item()
+        assert torch.isfinite(family.retune(tmp_path / "absolute", variant, own.lam.item())).all()
     (tmp_path / "zero").mkdir()
     with pytest.raises(StageError, match="kfac_damping=0"):  # a reported damping the curvature cannot take
         family.run(job_for(tmp_path / "zero", [1.0], 0.0))

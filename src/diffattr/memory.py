@@ -243,7 +243,8 @@ def estimate(stage: str, cfg, family: str = "", rows_per_call: int | None = None
             4.0 * pixels * B * max(a.influence_train_draws, a.influence_query_timesteps * a.influence_query_noises)
         # a chunk's forward kept for its backward passes, and the float64 rotation of its EK-FAC gradients
         terms["activations"] = _grad_chunk(prof, ENGINE_CHUNK) + ENGINE_CHUNK * 3 * 8.0 * prof.largest_layer
-        terms["scores"] = 8.0 * q * n * 2 * 2 * len(lambdas(a))  # [L, Q, N] per variant, float64, as parts and whole
+        # [L, Q, N] per variant, float64, as parts and whole; the absolute damping adds a lam per variant at most
+        terms["scores"] = 8.0 * q * n * 2 * 2 * len(lambdas(a, mean_eigenvalues=(1.0, 2.0)))
     elif stage == "attribution":  # the TRAK families: projected features, no [rows, P] matrix
         k = a.proj_dim
         members = 1 if family == "grad_similarity" else a.trak_checkpoints  # the final checkpoint only

@@ -153,9 +153,10 @@ def write_lds_report(cfg: DictConfig, layout: Layout) -> None:
 
         scores = at(dense["scores"].numpy())
         if family.retune is not None:
+            grid = family.saved_lambdas(path.parent) if family.saved_lambdas is not None \
+                else cfg.attribution.lambda_grid
             scores, lambdas = lambda_by_lds(lambda lam: at(family.retune(path.parent, variant, lam).numpy()),
-                                            list(cfg.attribution.lambda_grid), ~reported & has, m, lds_outputs,
-                                            scores)
+                                            [float(lam) for lam in grid], ~reported & has, m, lds_outputs, scores)
             tuned.append(lambdas.assign(method=family.name, variant=variant))
         arrays[f"scores_{variant}"] = scores
         per_query_of[variant] = of_scores(scores)

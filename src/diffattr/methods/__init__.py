@@ -138,6 +138,9 @@ class Family:
     # retune(job_dir, variant, lam): the variant's scores [Q, N] (the rows of its score file) recomputed from what its
     # job saved at another ridge lambda, so that `validate` can choose lambda by held-out LDS
     retune: Callable[[Path, str, float], Any] | None = None
+    # saved_lambdas(job_dir): the lambdas a family whose job saves its scores on a grid can retune to, which validate
+    # tries (default: attribution.lambda_grid, for a family that recomputes any lambda from saved features)
+    saved_lambdas: Callable[[Path], Sequence[float]] | None = None
     # cost(cfg, variants): the job's gradient evaluations (per-example backward passes) per training example and per
     # query, {"train": ..., "query": ...}, what the runtime request and the LDS-cost table count
     cost: Callable[["DictConfig", Sequence[str]], Mapping[str, float]] | None = None

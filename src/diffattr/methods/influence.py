@@ -14,8 +14,9 @@ model output fitted per Linear / Conv2d layer (GroupNorm parameters are left out
   ``influence_query_noises`` noises: by default 100 x 2 on the ``ends`` grid, the grid on which ``validate``
   measures F (``validate.output_timesteps`` x ``validate.output_noises``; their noises are the validation's own).
 - One job computes both variants (they share gradients and eigenbasis) at every lam of ``attribution.lambda_grid``
-  (and ``kfac_damping``), relative to each variant's mean eigenvalue; it reports ``kfac_damping`` and saves the
-  grid's scores so that ``retune`` (the LDS report's choice of lambda on held-out queries) only reads them.
+  (and ``kfac_damping``), relative to each variant's mean eigenvalue, and at the paper's absolute damping
+  (``kfac_absolute_damping``, as a lam relative to each variant's mean eigenvalue); it reports ``kfac_damping`` and
+  saves the grid's scores so that ``retune`` (the LDS report's choice of lambda on held-out queries) only reads them.
 
 No self-influence; not sharded (the curvature is fitted on the whole training set before any score).
 """
@@ -56,11 +57,24 @@ class InfluenceSettings:
     # sees, yet above the grid's lam = 0, which a rank-deficient fit refuses; validation re-chooses lambda anyway.
     kfac_damping: float = knob(1e-3, "lam of the reported K-FAC/EK-FAC scores, relative to the mean eigenvalue of "
                                      "the curvature (validate re-chooses it on held-out LDS)", min=0)
+    # Mlodozeniec et al. damp with an absolute 1e-8 (ablated over 1e-11 to 1e-2), untuned: the saved grid reaches it
+    kfac_absolute_damping: float = knob(1e-8, "an absolute damping (the paper's: 1e-8) saved beside the relative "
+                                              "grid: per variant, its value relative to that variant's mean "
+                                              "eigenvalue joins the grid (0: none)", min=0)
 
 
-def lambdas(a) -> list[float]:
-    """The saved grid: ``attribution.lambda_grid`` with ``kfac_damping`` (in that order, no repeats)."""
-    return list(dict.fromkeys(float(x) for x in [*a.lambda_grid, a.kfac_damping]))
+def lambdas(a, mean_eigenvalues=()) -> list[float]:
+    """The saved grid: ``attribution.lambda_grid`` with ``kfac_damping``, then ``kfac_absolute_damping`` relative to
+    each of ``mean_eigenvalues`` (one per variant; in that order, no repeats)."""
+    absolute = [a.kfac_absolute_damping / e for e in mean_eigenvalues if a.kfac_absolute_damping > 0 and e > 0]
+    return list(dict.fromkeys(float(x) for x in [*a.lambda_grid, a.kfac_damping, *absolute]))
+
+
+def saved_lambdas(job_dir) -> list[float]:
+    """The lambdas the job saved scores at: what ``retune`` can give."""
+    from ..artifacts import read_tensors
+
+    return read_tensors(Path(job_dir) / SCORES, "attribute", ("lambdas",))["lambdas"].tolist()
 
 
 def cost(cfg, variants) -> dict:
@@ -121,11 +135,12 @@ def run(job: Job) -> None:
             noise = noise_from_seeds(noise_seeds[block].reshape(-1), shape)
             yield kernels.mean_gradients(model, scheduler, x0, steps[block], noise, output)
 
-    grid_lams = lambdas(a)
+    grid_lams = lambdas(a, [curv.mean_eigenvalue(v) for v in kernels.VARIANTS])
     result = kernels.influence_scores(curv, query_grads, train_grads(), grid_lams)
     chosen = grid_lams.index(float(a.kfac_damping))
     write_csv(pd.DataFrame([{"variant": v, "lam": lam, "mean_eigenvalue": curv.mean_eigenvalue(v),
-                             "refused": result.refused[v][i], "chosen": i == chosen}
+                             "damping": lam * curv.mean_eigenvalue(v), "refused": result.refused[v][i],
+                             "chosen": i == chosen}
                             for v in kernels.VARIANTS for i, lam in enumerate(grid_lams)]), job.out / "lambda.csv")
     ids = {"query_ids": query_ids, "train_ids": train_set.ids}
     save_tensors({"lambdas": torch.tensor(grid_lams, dtype=torch.float64), **ids,
@@ -161,5 +176,5 @@ def retune(job_dir, variant: str, lam: float):
 
 register(Family(
     name="influence", variants=VARIANTS, run=run, settings=InfluenceSettings, uses=("lambda_grid",),
-    batch=lambda requested: list(VARIANTS), retune=retune, cost=cost,
+    batch=lambda requested: list(VARIANTS), retune=retune, saved_lambdas=saved_lambdas, cost=cost,
 ))
