@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL_CHECKS = ["validate.n_subsets=3", "validate.ceiling_subsets=0", "validate.models_per_job=3",
-                "removal.n_queries=1", "removal.fractions=[0.1]"]
+SMALL_CHECKS = ["validate.n_subsets=3", "validate.tune_subsets=0", "validate.ceiling_subsets=0",
+                "validate.models_per_job=3", "removal.n_queries=1", "removal.fractions=[0.1]"]
 PRESETS = {
     "tiny": ("digits", SMALL_CHECKS),
     "ddpm_cifar10": ("cifar2", SMALL_CHECKS + [

@@ -29,7 +29,8 @@ def make_run(root, name, overrides=(), lds=True, figures=("general_influence", "
                   "top5": [0.0625, 0.65625]}).to_csv(run / "tables" / "tracing.csv", index=False)
     if lds:
         rows = [(m, v, kind, mean) for (m, v, mean) in (("tracin", "tracin", -0.118), ("trak", "trak", 0.04),
-                                                        ("control", "random", -0.027), ("ceiling", "seed_to_seed", 0.5))
+                                                        ("control", "random", -0.027), ("seeds", "reliability", 0.25),
+                                                        ("seeds", "attainable", 0.5))
                 for kind in ("test", "generated")]
         pd.DataFrame([{"method": m, "variant": v, "query_kind": k, "n_queries": 36, "n_subsets": 64, "n_seeds": 1,
                        "lds_mean": mean + (k == "generated") * 0.01, "ci_low": mean - 0.1, "ci_high": mean + 0.1}
@@ -60,7 +61,8 @@ def test_headline_tables_carry_the_runs_numbers_lds_first(tmp_path):
     lds = tables[captions[0]].set_index("method")
     assert lds.loc["trak", "test"] == "0.040 [-0.060, 0.140]"
     assert lds.loc["trak", "generated"] == "0.050 [-0.060, 0.140]"
-    assert lds.loc["seed_to_seed (ceiling)", "test"] == "0.500 [0.400, 0.600]"
+    assert lds.loc["attainable (seeds)", "test"] == "0.500 [0.400, 0.600]"
+    assert lds.loc["reliability (seeds)", "test"] == "0.250 [0.150, 0.350]"
     general = tables[captions[1]].set_index("method")  # the pooled query kind only
     assert general.loc["trak", "n_general >= 10%"] == 23 and general.loc["trak", "n_general >= 25%"] == 14
     assert general.loc["trak", "ratio_to_tracin"] == pytest.approx(23 / 22)
@@ -98,8 +100,8 @@ def test_the_index_lists_every_run_and_sweep_with_overrides_and_headline_numbers
         sweep / "summary.csv", index=False)
     rows = overview.index_rows(overview.run_dirs_of(root)).set_index("run")
     assert list(rows.index) == ["attribution.proj_dim=512", "default"]
-    assert rows.loc["default", "best LDS (test)"] == "trak 0.040"  # the control and ceiling are not candidates
-    assert rows.loc["default", "LDS ceiling"] == "test 0.500, generated 0.510"
+    assert rows.loc["default", "best LDS (test)"] == "trak 0.040"  # the references are not candidates
+    assert rows.loc["default", "attainable LDS"] == "test 0.500, generated 0.510"
     assert pd.isna(rows.loc["attribution.proj_dim=512", "best LDS (test)"])
     assert rows.loc["default", "best tracing top-1"] == "trak 0.56"
     assert rows.loc["attribution.proj_dim=512", "overrides"] == "attribution.proj_dim=512"

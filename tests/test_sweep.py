@@ -43,7 +43,7 @@ def _lds_run(root, name, values, lds):
     (run / "tables").mkdir(parents=True)
     OmegaConf.save(OmegaConf.create({"attribution": values}), run / "config.yaml")
     rows = [("tracin", "tracin", lds["tracin"]), ("trak", "trak", lds["trak"]), ("control", "random", 0.01),
-            ("ceiling", "seed_to_seed", 0.4)]
+            ("seeds", "reliability", 0.16), ("seeds", "attainable", 0.4)]
     pd.DataFrame([{"method": m, "variant": v, "query_kind": kind, "n_queries": 8, "n_subsets": 16, "n_seeds": 1,
                    "lds_mean": x, "ci_low": x - 0.1, "ci_high": x + 0.1} for m, v, x in rows
                   for kind in ("test", "generated")]).to_csv(run / "tables" / "lds.csv", index=False)
@@ -58,7 +58,7 @@ def test_the_lds_summary_slices_each_key_through_the_base_run(tmp_path):
             _lds_run(tmp_path, "s40", {**base, "test_timesteps": 40}, {"tracin": 0.3, "trak": 0.2}),
             _lds_run(tmp_path, "k512", {**base, "proj_dim": 512}, {"tracin": 0.1, "trak": 0.0})]
     table = lds_summary_table(runs, keys)
-    assert len(table) == 4 * 8 and list(table.columns[:3]) == ["run", *keys]
+    assert len(table) == 4 * 10 and list(table.columns[:3]) == ["run", *keys]
     assert table.loc[table.run == "s40", "attribution.test_timesteps"].eq(40).all()
     tracin = table[(table.variant == "tracin") & (table.query_kind == "test")]
     s_slice = _slice(tracin, "attribution.test_timesteps", keys)

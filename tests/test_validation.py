@@ -55,15 +55,66 @@ def test_spearman_matches_scipy_with_ties():
     assert np.isnan(lds.spearman_columns(np.ones((5, 1)), rng.standard_normal((5, 1))))[0]
 
 
-def test_seed_ceiling_is_one_for_identical_seeds_and_zero_for_unrelated_ones():
+def test_seed_reliability_is_one_for_identical_seeds_zero_for_unrelated_ones_and_averages_seed_pairs():
     rng = np.random.default_rng(0)
     signal = rng.standard_normal((50, 1, 20))
-    assert lds.seed_ceiling(np.concatenate([signal, signal], axis=1)).mean() == pytest.approx(1.0)
-    assert abs(lds.seed_ceiling(rng.standard_normal((50, 2, 200))).mean()) < 0.05
-    noisy = signal + 0.5 * rng.standard_normal((50, 3, 20))
-    assert 0.5 < lds.seed_ceiling(noisy).mean() < 1.0
+    assert lds.seed_reliability(np.concatenate([signal, signal], axis=1)).mean() == pytest.approx(1.0)
+    assert abs(lds.seed_reliability(rng.standard_normal((50, 2, 200))).mean()) < 0.05
+    three = signal + 0.5 * rng.standard_normal((50, 3, 20))
+    pairs = [lds.spearman_columns(three[:, a], three[:, b]) for a, b in ((0, 1), (0, 2), (1, 2))]
+    np.testing.assert_allclose(lds.seed_reliability(three), np.mean(pairs, axis=0))
     with pytest.raises(ValueError):
-        lds.seed_ceiling(signal)
+        lds.seed_reliability(signal)
+
+
+@pytest.mark.parametrize("n_seeds", [1, 3])
+def test_a_perfect_predictor_of_the_expected_output_reaches_the_attainable_lds_not_one(n_seeds):
+    # F = E[F | subset] + seed noise; one seed's reliability is var E / (var E + var noise) = 0.25 here
+    rng = np.random.default_rng(1)
+    expected = rng.standard_normal((4000, 1))
+    seeds = expected[:, None, :] + np.sqrt(3.0) * rng.standard_normal((4000, 3, 1))
+    r = lds.seed_reliability(seeds[:, :2])[0]
+    assert r == pytest.approx(0.25, abs=0.03)
+    target = seeds[:, :n_seeds].mean(axis=1)
+    reached = lds.spearman_columns(-expected, -target)[0]  # what the best possible scores' prediction reaches
+    assert reached == pytest.approx(lds.attainable(r, n_seeds), abs=0.03)
+    assert lds.attainable(0.25, 1) == pytest.approx(0.5) and lds.attainable(0.25, 3) == pytest.approx(0.5 ** 0.5)
+    assert lds.attainable(-0.1, 3) == 0.0 and lds.attainable(1.0, 3) == 1.0
+
+
+def test_tuning_lambda_on_the_reported_subsets_inflates_their_lds_and_the_split_removes_it():
+    """Every query's measured output shares a per-subset effect (training noise). Among candidate lambdas whose
+    scores are equally good but each carry a different per-example component common to all queries, the one chosen
+    on the reported subsets is the one whose component happens to track that effect there: its reported LDS
+    exceeds its LDS on fresh subsets. Chosen on subsets set aside, it does not."""
+    from diffattr.subsets import report_subsets
+    from diffattr.validation import lambda_by_lds
+
+    rng = np.random.default_rng(2)
+    n_train, n_queries, n_subsets, grid = 100, 30, 64, [float(x) for x in range(12)]
+    heldout = np.arange(n_queries) < 10
+    report = report_subsets(settings(n_subsets=n_subsets, tune_subsets=0.5))
+    assert report.sum() == 32 and report[:32].all()
+    same, split = [], []
+    for _ in range(24):
+        theta = rng.standard_normal((n_queries, n_train))
+        m = rng.random((2 * n_subsets, n_train)) < 0.5  # the validation's subsets, then fresh ones: the truth
+        outputs = -(m @ theta.T) + 10 * rng.standard_normal((2 * n_subsets, 1))
+        common = {lam: theta + 2 * rng.standard_normal(n_train) for lam in grid}
+        junk = rng.standard_normal(theta.shape)  # past the grid's ends: scores that know nothing
+        scores_at = lambda lam: common.get(lam, junk)  # noqa: E731
+        ours, fresh = slice(0, n_subsets), slice(n_subsets, None)
+
+        def inflation(scores, rows):
+            reported = lds.lds(scores[~heldout], m[ours][rows], outputs[ours][rows][:, ~heldout]).mean()
+            return reported - lds.lds(scores[~heldout], m[fresh], outputs[fresh][:, ~heldout]).mean()
+
+        chosen, _ = lambda_by_lds(scores_at, grid, heldout, m[ours], outputs[ours], None)
+        same.append(inflation(chosen, np.ones(n_subsets, bool)))
+        chosen, table = lambda_by_lds(scores_at, grid, heldout, m[ours][~report], outputs[ours][~report], None)
+        assert (table.n_subsets == 32).all()
+        split.append(inflation(chosen, report))
+    assert np.mean(same) > 0.05 and np.mean(same) > 4 * abs(np.mean(split))
 
 
 def test_bootstrap_resamples_subsets_too_because_queries_share_the_models():
@@ -100,7 +151,7 @@ def test_lambda_is_chosen_on_the_heldout_queries_only():
     at = {0.1: np.where(heldout[:, None], noise, theta), 1.0: np.where(heldout[:, None], theta, noise)}
 
     def scores_at(lam):
-        if lam == 10.0:
+        if lam >= 10.0:
             raise np.linalg.LinAlgError("singular")
         return at[lam]
 
@@ -108,8 +159,43 @@ def test_lambda_is_chosen_on_the_heldout_queries_only():
     assert table.chosen.tolist() == [False, True, False] and scores is at[1.0]
     assert table.refused.tolist()[2] == "singular" and np.isnan(table.heldout_lds[2])
     assert table.heldout_lds[1] > 0.95 and abs(table.heldout_lds[0]) < 0.3
+    assert table.in_grid.all() and not table.bracketed.any()  # nothing above 1 could be scored
     kept, table = lambda_by_lds(scores_at, [0.1, 1.0], np.zeros(20, bool), m, outputs, fallback="proxy")
     assert kept == "proxy" and not table.chosen.any()
+    kept, table = lambda_by_lds(scores_at, [0.1, 1.0], heldout, m[:2], outputs[:2], fallback="proxy")
+    assert kept == "proxy" and not table.chosen.any()  # fewer than three tuning subsets rank nothing
+
+
+def test_a_choice_at_an_end_of_the_grid_extends_the_grid_a_decade_at_a_time():
+    from diffattr.exceptions import StageError
+    from diffattr.validation import EXTEND, lambda_by_lds
+
+    theta, m, outputs = linear_datamodel(n_queries=20)
+    heldout = np.arange(20) < 8
+    noise = np.random.default_rng(6).standard_normal(theta.shape)
+
+    def mixed(target):  # held-out LDS peaks at lambda = target, falling a decade either side
+        return lambda lam: theta + (abs(np.log10(lam) - np.log10(target)) + 0.3) * 2 * noise
+
+    # up to the best decade and one past it, which scores lower
+    for target, tried in ((100.0, [0.1, 1.0, 10.0, 100.0, 1000.0]), (0.001, [1e-4, 1e-3, 0.01, 0.1, 1.0])):
+        _, table = lambda_by_lds(mixed(target), [0.1, 1.0], heldout, m, outputs, None)
+        assert table.lam.tolist() == pytest.approx(tried) and table[table.in_grid].lam.tolist() == [0.1, 1.0]
+        assert table[table.chosen].lam.item() == pytest.approx(target) and table.bracketed.all()
+    # still rising past EXTEND decades: the last one tried is chosen and flagged
+    _, table = lambda_by_lds(mixed(1e9), [0.1, 1.0], heldout, m, outputs, None)
+    assert len(table) == 2 + EXTEND and table.chosen.iloc[-1] and not table.bracketed.any()
+
+    def saved_only(lam):  # a family that keeps its grid's scores only (the influence family)
+        if lam not in (0.1, 1.0):
+            raise StageError(f"lambda {lam:g} not saved")
+        return mixed(100.0)(lam)
+
+    _, table = lambda_by_lds(saved_only, [0.1, 1.0], heldout, m, outputs, None)
+    assert table.refused.tolist() == ["", "", "lambda 10 not saved"] and not table.bracketed.any()
+    # lambda = 0 is the end of the range: chosen there, it is bracketed by the grid's next value, nothing is added
+    _, table = lambda_by_lds(lambda lam: theta + (lam + 0.3) * 2 * noise, [0.0, 1.0], heldout, m, outputs, None)
+    assert table.chosen.tolist() == [True, False] and table.bracketed.all() and table.in_grid.all()
 
 
 # --- subsets and seeds ----------------------------------------------------------------------------------------------
@@ -132,6 +218,18 @@ def test_a_subset_does_not_depend_on_how_many_subsets_are_drawn():
 def test_a_subset_fraction_that_keeps_all_or_nothing_is_refused(alpha):
     with pytest.raises(ConfigError, match="validate.alpha"):
         subset_mask(100, alpha, 0, 0)
+
+
+def test_the_last_subsets_are_set_aside_to_tune_and_too_few_reported_ones_are_refused():
+    from diffattr.subsets import report_subsets
+
+    np.testing.assert_array_equal(report_subsets(settings(n_subsets=8, tune_subsets=0.25)), [True] * 5 + [False] * 3)
+    assert report_subsets(settings(n_subsets=64, tune_subsets=0.25)).sum() == 48
+    assert report_subsets(settings(n_subsets=4, tune_subsets=0.0)).all()
+    with pytest.raises(ConfigError, match="validate.tune_subsets"):
+        compose("smoke", ["validate.n_subsets=5", "validate.ceiling_subsets=0"])
+    with pytest.raises(ConfigError, match="validate.ceiling_subsets"):
+        compose("smoke", ["validate.n_subsets=8", "validate.ceiling_subsets=6"])
 
 
 def test_model_list_has_the_full_model_every_seed_and_the_ceiling_seeds_once():

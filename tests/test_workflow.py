@@ -454,23 +454,30 @@ def validated(smoke_run):
     return work, path
 
 
-def test_validate_reports_every_method_the_control_and_the_ceiling(validated):
+def test_validate_reports_every_method_the_control_and_the_seed_references(validated):
     import numpy as np
 
     from diffattr import lds
+    from diffattr.subsets import report_subsets
 
     work, path = validated
     cfg = path.run.cfg
     table = pd.read_csv(path("table", name="lds.csv"))
     assert list(table.columns) == ["method", "variant", "query_kind", "n_queries", "n_subsets", "n_seeds", "lds_mean",
                                    "ci_low", "ci_high"]
-    assert set(table.variant) == {*cfg.attribution.methods, "random", "seed_to_seed"}
+    assert set(table.variant) == {*cfg.attribution.methods, "random", "reliability", "attainable"}
     assert set(table.query_kind) == set(cfg.validate.query_kinds)
     assert ((table.ci_low <= table.lds_mean) & (table.lds_mean <= table.ci_high)).all()
-    ceiling = table[table.variant == "seed_to_seed"]
-    assert (ceiling.n_subsets == cfg.validate.ceiling_subsets).all() and (ceiling.n_seeds == 2).all()
-    # the exported arrays recompute the table, held-out queries left out
+    # every row on the reported subsets only: those that did not choose lambda
+    report = report_subsets(cfg.validate)
+    assert 0 < report.sum() < cfg.validate.n_subsets
+    seeds = table[table.method == "seeds"].set_index(["variant", "query_kind"])
+    assert (seeds.n_subsets == cfg.validate.ceiling_subsets).all()
+    assert (seeds.loc["reliability"].n_seeds == 2).all() and (seeds.loc["attainable"].n_seeds == 1).all()
+    assert (table[table.method != "seeds"].n_subsets == report.sum()).all()
+    # the exported arrays recompute the table on the subsets they name, held-out queries left out
     arrays = np.load(path("lds_arrays"))
+    np.testing.assert_array_equal(arrays["report_subsets"], report)
     queries = pd.read_parquet(path("query_table")).set_index("query_id")
     reported = ~queries.loc[arrays["query_ids"], "heldout"].to_numpy()
     np.testing.assert_array_equal(arrays["query_heldout"], ~reported)
@@ -478,14 +485,21 @@ def test_validate_reports_every_method_the_control_and_the_ceiling(validated):
     assert arrays["outputs"].shape == (cfg.validate.n_subsets, 2, len(arrays["query_ids"]))
     assert np.isnan(arrays["outputs"][cfg.validate.ceiling_subsets:, 1]).all()
     assert np.isfinite(arrays["outputs"][:, 0]).all() and np.isfinite(arrays["full_outputs"]).all()
+    two = arrays["outputs"][:cfg.validate.ceiling_subsets]
+    for kind in cfg.validate.query_kinds:
+        r = lds.seed_reliability(two[:, :, reported & (arrays["query_kinds"] == kind)]).mean()
+        assert seeds.loc[("reliability", kind)].lds_mean == pytest.approx(r)
+        assert seeds.loc[("attainable", kind)].lds_mean == pytest.approx(lds.attainable(r, 1))
     journey = table[table.method == "journey_trak"]
     assert set(journey.query_kind) == {"generated"}  # Journey-TRAK attributes sampling journeys only
     assert np.isnan(arrays["scores_journey_trak"][arrays["query_kinds"] == "test"]).all()
-    for row in table[~table.variant.isin(["random", "seed_to_seed"])].itertuples():
-        per_query = lds.lds(arrays[f"scores_{row.variant}"], arrays["masks"], arrays["outputs"][:, 0])
+    for row in table[~table.method.isin(["seeds"])].itertuples():
+        scores = arrays[f"scores_{row.variant}"] if row.method != "control" else \
+            lds.random_scores(*arrays[f"scores_{cfg.attribution.methods[0]}"].shape, seed=cfg.validate.seed)
+        per_query = lds.lds(scores, arrays["masks"][report], arrays["outputs"][report, 0])
         sel = reported & (arrays["query_kinds"] == row.query_kind)
         assert row.n_queries == sel.sum() > 0
-        assert row.lds_mean == pytest.approx(np.nanmean(per_query[sel]))
+        assert row.lds_mean == pytest.approx(np.nanmean(per_query[sel]), rel=1e-12)
     # the papers' comparisons: paired differences over the same subsets and queries, every pair present
     pairs = pd.read_csv(path("table", name="lds_pairs.csv"))
     assert {(r.variant, r.versus) for r in pairs.itertuples()} == {
@@ -503,7 +517,7 @@ def test_validate_reports_every_method_the_control_and_the_ceiling(validated):
     assert path("figure", name="lds").stat().st_size > 5_000
     # beside the LDS, what each method's job cost: its family's gradient counts and Snakemake's wall time of the job
     cost = pd.read_csv(path("table", name="lds_cost.csv"))
-    assert cost[list(table.columns)].equals(table[~table.method.isin(["control", "ceiling"])].reset_index(drop=True))
+    assert cost[list(table.columns)].equals(table[~table.method.isin(["control", "seeds"])].reset_index(drop=True))
     assert (cost.job_wall_s > 0).all() and (cost[cost.method != "similarity"].train_grads > 0).all()
     assert path("figure", name="lds_cost").stat().st_size > 5_000
     assert set(pd.read_csv(path("table", name="lds_outputs.csv")).query_kind) == set(cfg.validate.query_kinds)
@@ -512,12 +526,18 @@ def test_validate_reports_every_method_the_control_and_the_ceiling(validated):
     lds_table = overview.headline_tables(path.dir)
     assert next(iter(lds_table)).startswith("LDS") and landing.index("LDS") < landing.index("General influence")
     assert overview._html_table(next(iter(lds_table.values()))).splitlines()[1].strip() in landing
-    # TRAK's and D-TRAK's lambda: chosen by the held-out queries' LDS, one per variant, from the whole grid
+    # TRAK's, D-TRAK's and DAS's lambda: chosen by the held-out queries' LDS on the subsets set aside, one per
+    # variant, from the whole grid and any decade added past the end the choice sat at
     tuned = pd.read_csv(path("table", name="lds_lambda.csv"))
     assert set(tuned.variant) == {"trak", "dtrak", "das"}
     assert (tuned.groupby("variant").chosen.sum() == 1).all()
-    assert (tuned.groupby("variant").lam.apply(list) == [list(cfg.attribution.lambda_grid)] * 3).all()
+    in_grid = tuned[tuned.in_grid].groupby("variant").lam.apply(list)
+    assert (in_grid == [list(cfg.attribution.lambda_grid)] * 3).all()
     assert (tuned.n_heldout == (~reported & (arrays["query_kinds"] == "test")).sum()).all()
+    assert (tuned.n_subsets == (~report).sum()).all()
+    for variant, rows in tuned.groupby("variant"):
+        chosen, scored = rows[rows.chosen].lam.item(), rows[rows.heldout_lds.notna()].lam
+        assert rows.bracketed.all() == ((scored > chosen).any() and (chosen == 0 or (scored < chosen).any()))
 
 
 def test_an_interrupted_validation_resumes_without_retraining(validated):

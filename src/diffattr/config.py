@@ -100,6 +100,7 @@ def _check_relations(cfg: DictConfig) -> None:
     one line naming the key, its value and what is allowed."""
     from .checkpoints import checkpoint_epochs
     from .data import DataError, split_size
+    from .subsets import MIN_SUBSETS, tuning_count
 
     def need(ok: bool, key: str, rule: str, shown=None) -> None:
         if not ok:
@@ -120,7 +121,12 @@ def _check_relations(cfg: DictConfig) -> None:
         n = len(checkpoint_epochs(cfg.train.epochs, cfg.train.checkpoint_every))
         need(a.trak_checkpoints <= n, "attribution.trak_checkpoints",
              f"must be <= the {n} checkpoints that train.epochs and train.checkpoint_every give")
-    need(v.ceiling_subsets <= v.n_subsets, "validate.ceiling_subsets", f"must be <= validate.n_subsets ({v.n_subsets})")
+    n_report = v.n_subsets - tuning_count(v)
+    need(n_report >= MIN_SUBSETS, "validate.tune_subsets", f"sets aside {tuning_count(v)} of the {v.n_subsets} "
+         f"subsets (validate.n_subsets) to choose lambda, leaving {n_report} to report; at least {MIN_SUBSETS} are "
+         "needed: raise validate.n_subsets or lower validate.tune_subsets (0: none set aside)")
+    need(v.ceiling_subsets <= n_report, "validate.ceiling_subsets", f"must be <= the {n_report} reported subsets "
+         "(validate.n_subsets less those validate.tune_subsets sets aside): the seed reliability is reported")
     for kind in v.query_kinds:
         need(a[f"n_{kind}_queries"] > 0, "validate.query_kinds", f"measures {kind} queries but "
              f"attribution.n_{kind}_queries is 0")

@@ -45,32 +45,49 @@ def lds(scores: np.ndarray, masks: np.ndarray, outputs: np.ndarray) -> np.ndarra
     return spearman_columns(predicted_outputs(scores, masks), measured_effect(outputs))
 
 
-def seed_ceiling(outputs: np.ndarray) -> np.ndarray:
-    """The seed-to-seed ceiling of every query ([Q]) from ``outputs`` [M, S, Q] of M subsets trained with S >= 2
-    seeds each: Spearman over subsets of one seed's outputs against the mean of the others, averaged over seeds
-    (Mlodozeniec et al.'s ceiling). No attribution method can predict the training noise that it measures."""
+def seed_reliability(outputs: np.ndarray) -> np.ndarray:
+    """The test-retest reliability r of one training seed, per query ([Q]), from ``outputs`` [M, S, Q] of M subsets
+    trained with S >= 2 seeds each: Spearman over subsets between two seeds' outputs, averaged over the pairs of
+    seeds. It is not a ceiling on the LDS: see :func:`attainable`."""
     outputs = np.asarray(outputs, dtype=np.float64)
     n_seeds = outputs.shape[1]
     if n_seeds < 2:
-        raise ValueError("the seed-to-seed ceiling needs at least two seeds per subset")
-    rest = (outputs.sum(axis=1, keepdims=True) - outputs) / (n_seeds - 1)
-    return np.mean([spearman_columns(outputs[:, s], rest[:, s]) for s in range(n_seeds)], axis=0)
+        raise ValueError("the seed reliability needs at least two seeds per subset")
+    return np.mean([spearman_columns(outputs[:, s], outputs[:, t])
+                    for s in range(n_seeds) for t in range(s + 1, n_seeds)], axis=0)
+
+
+def attainable(reliability, n_seeds: int):
+    """The LDS a perfect predictor of the expected output reaches against a target averaged over ``n_seeds`` seeds
+    of one seed's ``reliability`` r: the square root of the averaged target's reliability, ``s r / (1 + (s-1) r)``
+    (Spearman-Brown). About: the identity holds for Pearson correlations under additive noise. 0 where r <= 0."""
+    r = np.clip(np.asarray(reliability, dtype=np.float64), 0.0, 1.0)
+    return np.sqrt(n_seeds * r / (1 + (n_seeds - 1) * r))
 
 
 def bootstrap_ci(per_query: Callable[[np.ndarray, np.ndarray], np.ndarray], n_subsets: int, n_queries: int,
-                 n_resamples: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+                 n_resamples: int = 1000, level: float = 0.95, seed: int = 0,
+                 of_mean: Callable[[float], float] = float) -> tuple[float, float, float]:
     """Mean over queries of ``per_query(rows, cols)`` (the per-query LDS computed on those subsets and queries; NaNs
     dropped) and its percentile-bootstrap interval, resampling subsets *and* queries. Every query is measured on the
     same subset models, so the per-query values share those models' training noise and are correlated: resampling
-    queries alone would treat them as independent and understate the uncertainty."""
+    queries alone would treat them as independent and understate the uncertainty. ``of_mean``: a statistic of the
+    mean (e.g. :func:`attainable` of the mean reliability), reported with its interval instead of the mean."""
     everything = per_query(np.arange(n_subsets), np.arange(n_queries))
     if not np.isfinite(everything).any():
         return float("nan"), float("nan"), float("nan")
     rng = np.random.default_rng(seed)
-    means = [np.nanmean(per_query(rng.integers(0, n_subsets, n_subsets), rng.integers(0, n_queries, n_queries)))
-             for _ in range(n_resamples)]
+    means = [of_mean(np.nanmean(per_query(rng.integers(0, n_subsets, n_subsets),
+                                          rng.integers(0, n_queries, n_queries)))) for _ in range(n_resamples)]
     tail = (1 - level) / 2
-    return float(np.nanmean(everything)), float(np.nanquantile(means, tail)), float(np.nanquantile(means, 1 - tail))
+    return (float(of_mean(np.nanmean(everything))), float(np.nanquantile(means, tail)),
+            float(np.nanquantile(means, 1 - tail)))
+
+
+# lds.csv's rows that are not methods: the random-score control, and what one training seed's noise allows (the
+# seed reliability r and the attainable LDS of the target actually used); method -> its variants
+CONTROL, RELIABILITY, ATTAINABLE = "random", "reliability", "attainable"
+REFERENCES = {"control": (CONTROL,), "seeds": (RELIABILITY, ATTAINABLE)}
 
 
 def random_scores(n_queries: int, n_train: int, seed: int) -> np.ndarray:

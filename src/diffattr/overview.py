@@ -22,6 +22,7 @@ import yaml
 from .atomic import write_text
 from .checkpoints import read_index
 from .layout import pattern
+from .lds import ATTAINABLE, REFERENCES as REFERENCE_METHODS
 
 # What to look for in each figure, one sentence each; topk_<method> share one.
 FIGURE_GUIDE = {
@@ -36,8 +37,9 @@ FIGURE_GUIDE = {
                           "timestep bias); a flat cloud is free of it.",
     "topk": "Whether the top-6 training images resemble their query (class, shape, colour); a training image "
             "queried should find itself first.",
-    "lds": "Methods whose bar clears the grey band (random scores) towards the hatched one (seed-to-seed ceiling) "
-           "predict what retraining on a subset does; overlapping intervals do not separate methods.",
+    "lds": "Methods whose bar clears the grey band (random scores) towards the hatched one (the LDS attainable "
+           "under the training noise) predict what retraining on a subset does; overlapping intervals do not "
+           "separate methods.",
     "lds_cost": "Up and to the left is better: counterfactual accuracy per second of attribution.",
     "removal": "If a method's top-k really made an image, retraining without them moves the regenerated image "
                "further than removing as many random training images.",
@@ -112,8 +114,15 @@ def facts(run_dir: Path) -> list[str]:
         q = pd.read_parquet(queries)
         counts = q[~q.heldout].query_kind.value_counts()
         lines.append("queries: " + ", ".join(f"{counts.get(k, 0)} {k}" for k in ("train", "test", "generated"))
-                     + f" reported; {int(q.heldout.sum())} held out to choose TRAK's lambda")
+                     + f" reported; {int(q.heldout.sum())} held out to choose lambda")
     lines.append(f"methods ({len(a.get('methods', []))}): {', '.join(a.get('methods', []))}")
+    tuned = _table(run_dir, "lds_lambda.csv")
+    if tuned is not None and "bracketed" in tuned and tuned.chosen.any():  # (tables written before 2026-12-06: no)
+        chosen = tuned[tuned.chosen]
+        lines.append(f"lambda by the held-out queries' LDS on {chosen.n_subsets.iloc[0]} subsets set aside "
+                     "(validate.tune_subsets): " + ", ".join(
+                         f"{r.variant} {r.lam:g}" + ("" if r.bracketed else " (not bracketed: at the end of the "
+                                                     "values tried)") for r in chosen.itertuples()))
     return lines
 
 
@@ -139,7 +148,7 @@ def headline_tables(run_dir: Path) -> dict[str, pd.DataFrame]:
         lds = lds.assign(value=[_interval(*r) for r in lds[["lds_mean", "ci_low", "ci_high"]].to_numpy()])
         wide = lds.pivot_table(index="variant", columns="query_kind", values="value", aggfunc="first", sort=False)
         wide = wide.reindex(pd.unique(lds.variant))[list(pd.unique(lds.query_kind))]
-        references = lds[lds.method.isin(["control", "ceiling"])].drop_duplicates("variant")
+        references = lds[lds.method.isin(list(REFERENCE_METHODS))].drop_duplicates("variant")
         wide = wide.rename(index={r.variant: f"{r.variant} ({r.method})" for r in references.itertuples()})
         out["LDS: Spearman correlation with retraining on random subsets, mean [95% interval]"] = \
             wide.rename_axis(None, axis=1).reset_index().rename(columns={"variant": "method"})
@@ -239,13 +248,13 @@ def index_rows(run_dirs: Sequence[Path]) -> pd.DataFrame:
         row = {"run": run_dir.name, "overrides": "\n".join(overrides(run_dir)) or "(the experiment's defaults)"}
         lds = _table(run_dir, "lds.csv")
         if lds is not None:
-            real = lds[~lds.method.isin(["control", "ceiling"])]
+            real = lds[~lds.method.isin(list(REFERENCE_METHODS))]
             for kind, part in real.groupby("query_kind", sort=False):
                 best = part.loc[part.lds_mean.idxmax()]
                 row[f"best LDS ({kind})"] = f"{best.variant} {best.lds_mean:.3f}"
-            ceiling = lds[lds.method == "ceiling"]
-            if len(ceiling):
-                row["LDS ceiling"] = ", ".join(f"{r.query_kind} {r.lds_mean:.3f}" for r in ceiling.itertuples())
+            attainable = lds[lds.variant == ATTAINABLE]
+            if len(attainable):
+                row["attainable LDS"] = ", ".join(f"{r.query_kind} {r.lds_mean:.3f}" for r in attainable.itertuples())
         general = _table(run_dir, "general_influence.csv")
         if general is not None:
             pooled = general[(general.query_kind == "all") & (general.threshold == general.threshold.min())]

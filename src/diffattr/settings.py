@@ -183,8 +183,11 @@ class ValidateSettings:
     alpha: float = knob(0.5, "fraction of the training set in every subset", gt=0, lt=1)
     seeds: int = knob(1, "training seeds per subset; their measured outputs are averaged", min=1)
     ceiling_subsets: int = knob(16, "with seeds = 1: the first this many subsets get one more seed, for the "
-                                "seed-to-seed ceiling (0 skips it)", min=0)
+                                "seed reliability (0 skips it)", min=0)
     seed: int = knob(0, "which examples each subset keeps", min=0)
+    tune_subsets: float = knob(0.25, "fraction of the subsets (the last ones, at least 3) on which the held-out "
+                               "queries choose lambda; every reported number uses the others (0: none set aside, "
+                               "lambda stays each attribution job's choice)", min=0, lt=1)
     output_timesteps: int = knob(100, "the measured output F(q) is the query's diffusion loss averaged over "
                                  "this many evenly spaced timesteps (D-TRAK: all T)", min=1)
     output_noises: int = knob(2, "and this many noises per (query, timestep), fixed across models (D-TRAK: 3)",

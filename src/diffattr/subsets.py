@@ -60,6 +60,25 @@ def subset_models(v: DictConfig) -> list[SubsetModel]:
     return models
 
 
+# the fewest subsets a Spearman correlation over subsets is computed on (tuning lambda, or reporting)
+MIN_SUBSETS = 3
+
+
+def tuning_count(v: DictConfig) -> int:
+    """How many subsets ``validate.tune_subsets`` sets aside to choose lambda on: that fraction of them, at least
+    :data:`MIN_SUBSETS` (0: none)."""
+    return 0 if v.tune_subsets == 0 else max(MIN_SUBSETS, round(v.tune_subsets * v.n_subsets))
+
+
+def report_subsets(v: DictConfig) -> np.ndarray:
+    """[M] bool: the subsets every reported number uses. The last :func:`tuning_count` subsets (subsets are drawn
+    independently, so the last are as random as any) only choose lambda; the first ones, which carry the extra
+    seeds of ``validate.ceiling_subsets``, are reported."""
+    keep = np.ones(v.n_subsets, dtype=bool)
+    keep[v.n_subsets - tuning_count(v):] = False
+    return keep
+
+
 def chunks(v: DictConfig) -> list[tuple[int, int]]:
     """(first, last) positions in :func:`subset_models` of the models each job trains and measures."""
     return position_ranges(len(subset_models(v)), v.models_per_job)

@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 
 from .atomic import write_csv
 from .figures.lds import REFERENCES
+from .lds import CONTROL, REFERENCES as REFERENCE_METHODS
 from .figures.style import REFERENCE_COLOURS, method_colour, panel_grid, save
 
 OUTLIER_METRICS = ("outlier_fraction_top10", "self_influence_auroc")
@@ -81,7 +82,7 @@ def lds_summary_figure(table: pd.DataFrame, keys: Sequence[str]) -> Figure:
     keys than kinds, and the rows keep it page-wide), a column per query kind, a line per method the key moves, with
     its 95% interval. A method the key leaves alone has the same scores
     in every run of the column (its stage is shared), so its flat line is left out; the random control and the
-    seed-to-seed ceiling are grey, horizontal where the key leaves them alone (any attribution key does)."""
+    attainable LDS are grey, horizontal where the key leaves them alone (any attribution key does)."""
     kinds, columns = list(pd.unique(table.query_kind)), list(keys) or [None]
     fig = Figure(figsize=(3.8 * len(kinds) + 1.8, 2.6 * len(columns) + 0.4), layout="constrained")
     axes = np.asarray(fig.subplots(len(columns), len(kinds), sharey=True, squeeze=False))
@@ -93,16 +94,18 @@ def lds_summary_figure(table: pd.DataFrame, keys: Sequence[str]) -> Figure:
                 ax.set_xscale("log")
                 ax.minorticks_off()
             for variant, line in part.groupby("variant", sort=False):
-                mean, reference = line.lds_mean.to_numpy(), line.method.iloc[0] in ("control", "ceiling")
-                style = dict(color=REFERENCE_COLOURS[line.method.iloc[0]],
-                             ls=":" if line.method.iloc[0] == "control" else "--") if reference \
-                    else dict(color=method_colour(variant))
+                mean = line.lds_mean.to_numpy()
+                reference = line.method.iloc[0] in REFERENCE_METHODS
+                if reference and variant not in REFERENCES:
+                    continue  # the seed reliability is not an LDS
+                style = dict(color=REFERENCE_COLOURS[variant], ls=":" if variant == CONTROL else "--") \
+                    if reference else dict(color=method_colour(variant))
                 if np.ptp(mean) == 0 and (reference or len(mean) > 1):
                     if reference:
-                        ax.axhline(mean[0], lw=0.8, label=REFERENCES[line.method.iloc[0]], **style)
+                        ax.axhline(mean[0], lw=0.8, label=REFERENCES[variant], **style)
                 else:
                     ax.errorbar(x[line.index], mean, yerr=[mean - line.ci_low, line.ci_high - mean], marker="o",
-                                capsize=2, label=REFERENCES.get(line.method.iloc[0], variant), **style)
+                                capsize=2, label=REFERENCES[variant] if reference else variant, **style)
             ax.axhline(0, color="k", lw=0.5)
             ax.set_xticks(*ticks, fontsize=8)
             ax.set_xlabel(key or "run", fontsize=8)

@@ -1,12 +1,15 @@
 """The counterfactual validation's two stages: a job that trains and measures a chunk of subset models, and the
 run's LDS report (``snakemake validate``; docs/METHODS.md §5).
 
-The report compares every method of ``attribution.methods`` on the same queries: those of ``validate.query_kinds``
-that are not held out. The held-out ones choose the ridge lambda of every family that can be re-scored at another
-lambda (``Family.retune``: TRAK, D-TRAK, DAS, K-FAC, EK-FAC) by their mean LDS, as D-TRAK and TRAK tune it, but never
-on the reported queries (``tables/lds_lambda.csv``). Beside the methods it reports a random-score control (LDS about 0) and the
-seed-to-seed ceiling (how well one training seed's outputs predict another's: the most any attribution can reach under
-this training noise).
+The report compares every method of ``attribution.methods`` on the same queries, those of ``validate.query_kinds``
+that are not held out, and on the same subsets, those :func:`diffattr.subsets.report_subsets` keeps. The held-out
+queries, on the other subsets (``validate.tune_subsets``), choose the ridge lambda of every family that can be
+re-scored at another lambda (``Family.retune``: TRAK, D-TRAK, DAS, K-FAC, EK-FAC) by their mean LDS, as D-TRAK and
+TRAK tune it (``tables/lds_lambda.csv``): the subset models' training noise is shared by every query, so a lambda
+chosen on the reported subsets would partly fit the very noise the reported LDS is measured against, an edge the
+untuned methods never get. Beside the methods the report gives a random-score control (LDS about 0), the seed
+reliability r (how well one training seed's outputs predict another's) and the LDS attainable against the target
+actually used (``validate.seeds`` averaged: docs/METHODS.md §5).
 """
 
 from __future__ import annotations
@@ -26,11 +29,8 @@ from .exceptions import StageError
 from .layout import Layout
 from .models import build_scheduler
 from .queries import load_queries
-from .subsets import (chunks, masks, masks_table, model_outputs, output_timesteps, subset_models,
-                      train_subset_model)
-
-CONTROL, CEILING = "random", "seed_to_seed"
-
+from .subsets import (MIN_SUBSETS, chunks, masks, masks_table, model_outputs, output_timesteps, report_subsets,
+                      subset_models, train_subset_model)
 
 def measured_queries(cfg: DictConfig, layout: Layout) -> tuple[pd.DataFrame, torch.Tensor]:
     """The queries whose outputs are measured: those of ``validate.query_kinds`` (held-out ones included: they
@@ -110,32 +110,34 @@ def write_lds_report(cfg: DictConfig, layout: Layout) -> None:
     table = pd.concat([read_table(f, "validate_chunk", CHUNK_COLUMNS) for f in chunk_files(cfg, layout)],
                       ignore_index=True)
     outputs, full_outputs = output_arrays(table, v.n_subsets, query_ids)
-    lds_outputs = np.nanmean(outputs[:, :v.seeds], axis=1)  # the seeds every subset has
+    target = np.nanmean(outputs[:, :v.seeds], axis=1)  # the seeds every subset has: what the LDS predicts
     m = masks(len(train_ids), v)
+    report = report_subsets(v)  # every reported number; the others only choose lambda
+    n_report = int(report.sum())
     reported = ~queries.heldout.to_numpy()
 
     arrays = {"masks": m, "train_ids": train_ids, "query_ids": query_ids, "query_kinds": kinds.astype(str),
-              "query_heldout": ~reported, "outputs": outputs, "full_outputs": full_outputs}
+              "query_heldout": ~reported, "report_subsets": report, "outputs": outputs, "full_outputs": full_outputs}
     rows, pair_rows, per_query_of = [], [], {}
 
-    def per_kind(per_query, n_subsets):
+    def per_kind(per_query, n_subsets, of_mean=float):
         """``per_query(rows, cols)``: the LDS of the queries ``cols`` on the subsets ``rows``. Yields each reported
         kind a method scores, its queries and the mean with its interval."""
         for kind in pd.unique(kinds[reported]):
             sel = np.flatnonzero(reported & (kinds == kind))
             mean, low, high = lds.bootstrap_ci(lambda r, c: per_query(r, sel[c]), n_subsets, len(sel), v.bootstrap,
-                                               seed=v.seed)
+                                               seed=v.seed, of_mean=of_mean)
             if np.isfinite(mean):  # else the method does not score this kind of query
                 yield kind, sel, mean, low, high
 
-    def add(method, variant, per_query, n_subsets, n_seeds):
-        for kind, sel, mean, low, high in per_kind(per_query, n_subsets):
+    def add(method, variant, per_query, n_subsets, n_seeds, of_mean=float):
+        for kind, sel, mean, low, high in per_kind(per_query, n_subsets, of_mean):
             rows.append({"method": method, "variant": variant, "query_kind": kind,
                          "n_queries": int(np.isfinite(per_query(np.arange(n_subsets), sel)).sum()),
                          "n_subsets": n_subsets, "n_seeds": n_seeds, "lds_mean": mean, "ci_low": low, "ci_high": high})
 
     def of_scores(scores):
-        predicted, effect = lds.predicted_outputs(scores, m), lds.measured_effect(lds_outputs)
+        predicted, effect = lds.predicted_outputs(scores, m[report]), lds.measured_effect(target[report])
         return lambda r, c: lds.spearman_columns(predicted[r][:, c], effect[r][:, c])
 
     tuned = []
@@ -156,28 +158,35 @@ def write_lds_report(cfg: DictConfig, layout: Layout) -> None:
             grid = family.saved_lambdas(path.parent) if family.saved_lambdas is not None \
                 else cfg.attribution.lambda_grid
             scores, lambdas = lambda_by_lds(lambda lam: at(family.retune(path.parent, variant, lam).numpy()),
-                                            [float(lam) for lam in grid], ~reported & has, m, lds_outputs, scores)
+                                            [float(lam) for lam in grid], ~reported & has, m[~report],
+                                            target[~report], scores)
             tuned.append(lambdas.assign(method=family.name, variant=variant))
         arrays[f"scores_{variant}"] = scores
         per_query_of[variant] = of_scores(scores)
-        add(family.name, variant, per_query_of[variant], v.n_subsets, v.seeds)
+        add(family.name, variant, per_query_of[variant], n_report, v.seeds)
     for a, b in PAIRS:
         if a in per_query_of and b in per_query_of:
             fa, fb = per_query_of[a], per_query_of[b]
-            for kind, _, mean, low, high in per_kind(lambda r, c: fa(r, c) - fb(r, c), v.n_subsets):
-                pair_rows.append({"variant": a, "versus": b, "query_kind": kind, "n_subsets": v.n_subsets,
+            for kind, _, mean, low, high in per_kind(lambda r, c: fa(r, c) - fb(r, c), n_report):
+                pair_rows.append({"variant": a, "versus": b, "query_kind": kind, "n_subsets": n_report,
                                   "difference": mean, "ci_low": low, "ci_high": high})
-    add("control", CONTROL, of_scores(lds.random_scores(len(query_ids), len(train_ids), v.seed)), v.n_subsets, v.seeds)
-    both = outputs[np.isfinite(outputs).all(axis=(1, 2))]
-    if outputs.shape[1] >= 2 and len(both) >= 3:
-        add("ceiling", CEILING, lambda r, c: lds.seed_ceiling(both[r][:, :, c]), len(both), outputs.shape[1])
+    add("control", lds.CONTROL, of_scores(lds.random_scores(len(query_ids), len(train_ids), v.seed)), n_report,
+        v.seeds)
+    # the seed reliability r on the reported subsets that have two seeds or more, and what it allows the target
+    seeded = outputs[report][np.isfinite(outputs[report]).all(axis=(1, 2))]
+    if outputs.shape[1] >= 2 and len(seeded) >= MIN_SUBSETS:
+        r_of = lambda r, c: lds.seed_reliability(seeded[r][:, :, c])
+        add("seeds", lds.RELIABILITY, r_of, len(seeded), outputs.shape[1])
+        add("seeds", lds.ATTAINABLE, r_of, len(seeded), v.seeds, of_mean=lambda r: lds.attainable(r, v.seeds))
     result = pd.DataFrame(rows)
     write_csv(result, layout.path("table", name="lds.csv"))
     write_csv(pd.DataFrame(pair_rows, columns=PAIR_COLUMNS), layout.path("table", name="lds_pairs.csv"))
-    write_csv(_outputs_summary(outputs, full_outputs, kinds, reported), layout.path("table", name="lds_outputs.csv"))
-    write_csv(pd.concat(tuned, ignore_index=True) if tuned else pd.DataFrame(columns=LAMBDA_COLUMNS),
+    write_csv(_outputs_summary(outputs[report], full_outputs, kinds, reported),
+              layout.path("table", name="lds_outputs.csv"))
+    write_csv(pd.concat(tuned, ignore_index=True)[LAMBDA_COLUMNS] if tuned else pd.DataFrame(columns=LAMBDA_COLUMNS),
               layout.path("table", name="lds_lambda.csv"))
-    cost = cost_table(cfg, layout, result, n_train=len(train_ids), n_queries=len(read_table(layout.path("query_table"), "queries")))
+    cost = cost_table(cfg, layout, result, n_train=len(train_ids),
+                      n_queries=len(read_table(layout.path("query_table"), "queries")))
     write_csv(cost, layout.path("table", name="lds_cost.csv"))
     save(lds_cost_figure(cost), layout.path("figure", name="lds_cost"))
     write_parquet(masks_table(train_ids, v), layout.path("lds_masks"))
@@ -199,7 +208,9 @@ PAIRS = [("retrac", "tracin"), ("retrac_train_only", "tracin"), ("retrac_test_on
 CHUNK_COLUMNS = ["model", "subset", "seed", "query_id", "output"]
 PAIR_COLUMNS = ["variant", "versus", "query_kind", "n_subsets", "difference", "ci_low", "ci_high"]
 
-LAMBDA_COLUMNS = ["method", "variant", "lam", "heldout_lds", "n_heldout", "refused", "chosen"]
+LAMBDA_COLUMNS = ["method", "variant", "lam", "heldout_lds", "n_heldout", "n_subsets", "refused", "in_grid", "chosen",
+                  "bracketed"]
+EXTEND = 4  # decades tried past the end of attribution.lambda_grid that the choice sits at
 
 
 COST_COLUMNS = ["job_variants", "train_grads", "query_grads", "job_wall_s", "wall_per_train_s", "wall_per_query_s"]
@@ -234,39 +245,67 @@ def cost_table(cfg: DictConfig, layout: Layout, lds_table: pd.DataFrame, n_train
 
 
 def lambda_by_lds(scores_at, grid, heldout, masks, outputs, fallback):
-    """The ridge lambda of ``grid`` whose scores (``scores_at(lam)``, [Q, N]) have the highest mean LDS over the
-    ``heldout`` queries (ties: the largest lambda), those scores, and the table of every candidate. Without a
-    measured held-out query the job's own choice (``fallback``, its label-free proxy) is kept, and the table says so.
-    """
-    rows, candidates = [], {}
-    for lam in grid:
+    """The ridge lambda whose scores (``scores_at(lam)``, [Q, N]) have the highest mean LDS over the ``heldout``
+    queries on the subsets of ``masks`` [M, N] and ``outputs`` [M, Q] (the tuning subsets; ties: the largest lambda),
+    those scores, and the table of every candidate. The candidates are ``grid``, extended a decade at a time (at most
+    :data:`EXTEND` decades) past whichever end the choice sits at, so that a better value beyond the grid is found;
+    ``bracketed`` says whether the choice has a scored neighbour on both sides (or is lambda = 0). A lambda the family
+    cannot give (a ``LinAlgError``, or a ``StageError``: not saved by its job) is a refused row. Without a measured
+    held-out query or tuning subset the job's own choice (``fallback``, its label-free proxy) is kept, and the table
+    says so."""
+    rows, candidates = {}, {}
+    usable = bool(heldout.any()) and len(masks) >= MIN_SUBSETS
+
+    def trial(lam: float, in_grid: bool) -> None:
         refused, value = "", float("nan")
-        try:
-            candidates[lam] = scores_at(lam)
-            if heldout.any():
+        if not usable:
+            refused = "no held-out query or tuning subset (validate.tune_subsets): lambda stays the attribution " \
+                      "job's choice"
+        else:
+            try:
+                candidates[lam] = scores_at(lam)
                 value = float(np.nanmean(lds.lds(candidates[lam][heldout], masks, outputs[:, heldout])))
-            else:
-                refused = "no measured held-out query: lambda stays the attribution job's choice"
-        except np.linalg.LinAlgError as err:
-            refused = str(err)
-        rows.append({"lam": float(lam), "heldout_lds": value, "n_heldout": int(heldout.sum()), "refused": refused})
-    table = pd.DataFrame(rows)
-    valid = table[np.isfinite(table.heldout_lds)]
-    best = valid[valid.heldout_lds == valid.heldout_lds.max()].lam.max() if len(valid) else None
-    table["chosen"] = table.lam == best
-    return (candidates[best] if best is not None else fallback), table[LAMBDA_COLUMNS[2:]]
+            except (np.linalg.LinAlgError, StageError) as err:
+                refused = str(err).splitlines()[0]
+        rows[lam] = {"lam": lam, "heldout_lds": value, "n_heldout": int(heldout.sum()), "n_subsets": len(masks),
+                     "refused": refused, "in_grid": in_grid}
+
+    def best():
+        scored = [(row["heldout_lds"], lam) for lam, row in rows.items() if np.isfinite(row["heldout_lds"])]
+        return max(scored)[1] if scored else None  # ties: the largest lambda
+
+    for lam in grid:
+        trial(float(lam), True)
+    for _ in range(EXTEND):
+        chosen, scored = best(), sorted(lam for lam, row in rows.items() if np.isfinite(row["heldout_lds"]))
+        if chosen is None:
+            break
+        if chosen == scored[-1] and chosen > 0 and chosen * 10 not in rows:
+            trial(chosen * 10, False)
+        elif chosen == scored[0] and chosen > 0 and chosen / 10 not in rows:
+            trial(chosen / 10, False)
+        else:
+            break
+    table = pd.DataFrame(sorted(rows.values(), key=lambda row: row["lam"]))
+    chosen = best()
+    scored = table.lam[np.isfinite(table.heldout_lds)]
+    table["chosen"] = table.lam == chosen
+    table["bracketed"] = chosen is not None and (scored > chosen).any() and (chosen == 0 or (scored < chosen).any())
+    return (candidates[chosen] if chosen is not None else fallback), table[LAMBDA_COLUMNS[2:]]
 
 
 def _outputs_summary(outputs, full_outputs, kinds, reported) -> pd.DataFrame:
-    """How much the measured output moves: the full model's F, the mean and spread of F over subsets, and the
-    spread between seeds of one subset (the training noise an LDS has to see through)."""
+    """How much the measured output moves, on the reported subsets: the full model's F, the mean and standard
+    deviation of F over subsets (seed 0), and the standard deviation between seeds of one subset (pooled over the
+    subsets that have two seeds or more: the training noise an LDS has to see through); per-query deviations are
+    averaged over the kind's queries."""
     rows = []
+    seeded = np.isfinite(outputs).all(axis=(1, 2)) if outputs.shape[1] >= 2 else np.zeros(len(outputs), bool)
     for kind in pd.unique(kinds[reported]):
         sel = reported & (kinds == kind)
         seed0 = outputs[:, 0, sel]
-        pairs = np.isfinite(outputs[:, :2, sel]).all(axis=(1, 2)) if outputs.shape[1] >= 2 else np.zeros(0, bool)
-        seed_sd = float(np.nanmean(np.abs(outputs[pairs, 0][:, sel] - outputs[pairs, 1][:, sel]) / np.sqrt(2))) \
-            if pairs.any() else float("nan")
+        seed_sd = float(np.sqrt(outputs[seeded][:, :, sel].var(axis=1, ddof=1).mean(axis=0)).mean()) \
+            if seeded.any() else float("nan")
         rows.append({"query_kind": kind, "n_queries": int(sel.sum()), "full_model_F": float(full_outputs[sel].mean()),
                      "subset_F_mean": float(seed0.mean()), "subset_F_sd": float(seed0.std(axis=0).mean()),
                      "seed_F_sd": seed_sd})

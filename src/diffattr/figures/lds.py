@@ -1,5 +1,5 @@
 """The LDS figures: one panel per query kind, a bar per method with its 95% bootstrap interval, the random-score
-control and the seed-to-seed ceiling drawn as reference bands; and each method's LDS against its wall time."""
+control and the LDS attainable under the training noise drawn as reference bands; and each method's LDS against its wall time."""
 
 from __future__ import annotations
 
@@ -8,16 +8,18 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from .. import lds
 from .style import REFERENCE_COLOURS, log_axis, method_colour
 
-REFERENCES = {"control": "random scores", "ceiling": "seed-to-seed ceiling"}
+# the reference rows drawn, by variant (the seed reliability is not an LDS, so it is not drawn beside them)
+REFERENCES = {lds.CONTROL: "random scores", lds.ATTAINABLE: "attainable LDS"}
 DODGE = 1.05  # the variants of one job share its wall time: each is drawn 5% of it beside the next
 
 
 def lds_figure(table: pd.DataFrame) -> Figure:
     """``table`` is ``tables/lds.csv``. Bars run sideways, so a dozen method names read without rotation."""
     kinds = list(pd.unique(table.query_kind))
-    methods = table[~table.method.isin(list(REFERENCES))]
+    methods = table[~table.method.isin(list(lds.REFERENCES))]
     variants = list(pd.unique(methods.variant))
     fig = Figure(figsize=(1.6 + 3.4 * len(kinds), 1.4 + 0.28 * len(variants)), layout="constrained")
     axes = fig.subplots(1, len(kinds), sharey=True, squeeze=False)[0]
@@ -28,12 +30,13 @@ def lds_figure(table: pd.DataFrame) -> Figure:
         ax.barh(range(len(variants)), rows.lds_mean, xerr=err, color=[method_colour(v) for v in variants],
                 capsize=2, error_kw={"lw": 0.8}, zorder=2)
         for y in np.flatnonzero(rows.lds_mean.isna().to_numpy()):
-            ax.text(0, y, " not scored", va="center", fontsize=7, color=REFERENCE_COLOURS["control"])
+            ax.text(0, y, " not scored", va="center", fontsize=7, color=REFERENCE_COLOURS[lds.CONTROL])
         title = f"{kind} queries (n = {int(rows.n_queries.max()) if len(rows) else 0})"
-        for method, label in REFERENCES.items():
-            ref = table[(table.method == method) & (table.query_kind == kind)]
+        for variant, label in REFERENCES.items():
+            ref = table[(table.variant == variant) & table.method.isin(list(lds.REFERENCES)) &
+                        (table.query_kind == kind)]
             if len(ref):
-                legend[label] = _reference(ax, method, ref.iloc[0])
+                legend[label] = _reference(ax, variant, ref.iloc[0])
                 title += f"\n{label}: {ref.iloc[0].lds_mean:.2f}"
         ax.axvline(0, color="k", lw=0.5)
         ax.set_yticks(range(len(variants)), variants, fontsize=8)
@@ -44,14 +47,14 @@ def lds_figure(table: pd.DataFrame) -> Figure:
     return fig
 
 
-def _reference(ax, method: str, row) -> tuple:
-    """The control's 95% interval as a grey band, the ceiling's as a hatched one (both grey: neither is a method),
-    each with a line at its mean; returns the pair, one legend entry."""
-    colour = REFERENCE_COLOURS[method]
-    band = dict(color=colour, alpha=0.25, lw=0) if method == "control" else \
+def _reference(ax, variant: str, row) -> tuple:
+    """The control's 95% interval as a grey band, the attainable LDS's as a hatched one (both grey: neither is a
+    method), each with a line at its mean; returns the pair, one legend entry."""
+    colour, control = REFERENCE_COLOURS[variant], variant == lds.CONTROL
+    band = dict(color=colour, alpha=0.25, lw=0) if control else \
         dict(facecolor="none", edgecolor=colour, hatch="//", alpha=0.25, lw=0)
     return (ax.axvspan(row.ci_low, row.ci_high, zorder=0, **band),
-            ax.axvline(row.lds_mean, color=colour, lw=1, ls=":" if method == "control" else "--", zorder=1))
+            ax.axvline(row.lds_mean, color=colour, lw=1, ls=":" if control else "--", zorder=1))
 
 
 def lds_cost_figure(cost: pd.DataFrame) -> Figure:

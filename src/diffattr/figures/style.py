@@ -32,7 +32,7 @@ METHOD_COLOURS = {
     "kfac": "#393b79", "ekfac": "#6b6ecf",
 }
 # Greys and black belong to what is not a method, so no method is mistaken for a reference line or an outlier.
-REFERENCE_COLOURS = {"control": "0.55", "ceiling": "0.15"}
+REFERENCE_COLOURS = {"random": "0.55", "attainable": "0.15"}  # lds.csv's reference rows, by variant
 OUTLIER_COLOUR = "black"
 QUERY_KIND_COLOURS = {"train": "#1b7837", "test": "#2166ac", "generated": "#b2182b"}
 _FALLBACK = colormaps["Dark2"]
