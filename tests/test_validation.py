@@ -324,14 +324,28 @@ def test_removal_takes_the_top_k_of_a_method_or_k_random_images():
         removed_ids(Case("m", 7, 0.01), ids, scores, 0)
 
 
-def test_removal_summary_compares_each_method_with_random_per_query():
+def test_removal_summary_places_each_method_among_the_random_removals_of_each_query():
     from diffattr.removal import summary
 
-    rows = [("random", 0.1, 10, q, 0, "h", l2, 0.1, 0.0) for q, l2 in [(1, 1.0), (2, 1.0), (3, 1.0)]]
-    rows += [("m", 0.1, 10, q, 0, "h", l2, 0.2, 0.01) for q, l2 in [(1, 2.0), (2, 0.5), (3, 3.0)]]
+    draws = {1: [1.0, 2.0, 3.0, 4.0], 2: [1.0, 1.0, 1.0, 1.0], 3: [0.5, 1.5, 2.5, 3.5]}
+    rows = [("random", 0.1, 10, q, d, "h", l2, 0.1, 0.0) for q, values in draws.items() for d, l2 in enumerate(values)]
+    rows += [("m", 0.1, 10, q, 0, "h", l2, 0.2, 0.01) for q, l2 in [(1, 3.5), (2, 1.0), (3, 4.0)]]
     table = pd.DataFrame(rows, columns=["method", "fraction", "k", "query_id", "draw", "removed", "l2",
                                         "feature_distance", "loss_increase"])
-    result = summary(table, 200, 0).set_index("method")
-    assert result.loc["m", "median_l2"] == 2.0 and result.loc["m", "beats_random"] == pytest.approx(2 / 3)
-    assert result.loc["random", "median_l2"] == 1.0 and np.isnan(result.loc["random", "beats_random"])
-    assert result.loc["m", "l2_ci_low"] <= 2.0 <= result.loc["m", "l2_ci_high"]
+    result = summary(table, 2000, 0).set_index("method")
+    m = result.loc["m"]
+    # query 1: above 3 of 4 draws; query 2: tied with all 4 (half each); query 3: above all 4
+    assert m.random_quantile == pytest.approx((0.75 + 0.5 + 1.0) / 3) and m.n_random == 4
+    assert m.quantile_ci_low <= m.random_quantile <= m.quantile_ci_high
+    assert m.l2_over_random == pytest.approx(np.median([3.5 / 2.5, 1.0, 4.0 / 2.0]))
+    assert m.median_l2 == 3.5 and m.l2_ci_low <= 3.5 <= m.l2_ci_high
+    # the paired gaps are 1, 0, 2: only the all-positive flips (1/4 of them) reach the observed mean
+    assert m.p_value == pytest.approx(0.25, abs=0.03)
+    assert result.loc["random", "median_l2"] == pytest.approx(2.0) and np.isnan(result.loc["random", "random_quantile"])
+
+
+def test_removal_measures_l2_in_the_models_pixel_units():
+    from diffattr.removal import pixel_l2
+
+    black, white = -torch.ones(1, 3, 4, 4), torch.ones(1, 3, 4, 4)
+    assert pixel_l2(black, white)[0] == pytest.approx(2 * np.sqrt(48))  # D-TRAK's [-1, 1], not [0, 1]

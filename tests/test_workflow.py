@@ -590,7 +590,7 @@ def test_removal_retrains_without_each_methods_top_k_and_regenerates(smoke_run):
     table = pd.read_csv(path("table", name="removal.csv"))
     n_train = len(pd.read_parquet(path("data", split="train") / "index.parquet"))
     methods = list(cfg.attribution.methods)  # removal.methods: null
-    assert len(table) == cfg.removal.n_queries * len(cfg.removal.fractions) * (len(methods) + 1)
+    assert len(table) == cfg.removal.n_queries * len(cfg.removal.fractions) * (len(methods) + cfg.removal.random_draws)
     assert (table.k == round(cfg.removal.fractions[0] * n_train)).all()
     assert set(table.method) == {*methods, "random"}
     assert (table.l2 >= 0).all() and (table.feature_distance >= -1e-12).all() and np.isfinite(table.loss_increase).all()
@@ -607,7 +607,8 @@ def test_removal_retrains_without_each_methods_top_k_and_regenerates(smoke_run):
     again, _ = generate(full, build_scheduler(cfg.model), [seed], cfg.sample.num_inference_steps)
     torch.testing.assert_close(again[0], images["images"][images["seeds"].tolist().index(seed)], rtol=0, atol=1e-5)
     summary = pd.read_csv(path("table", name="removal_summary.csv"))
-    assert set(summary.method) == set(table.method) and summary.beats_random.notna().sum() == len(methods)
+    assert set(summary.method) == set(table.method) and summary.random_quantile.notna().sum() == len(methods)
+    assert (summary.n_random.dropna() == cfg.removal.random_draws).all()
     assert path("figure", name="removal").stat().st_size > 3_000
 
 

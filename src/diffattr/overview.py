@@ -174,8 +174,14 @@ def headline_tables(run_dir: Path) -> dict[str, pd.DataFrame]:
     if removal is not None:
         removal = removal.assign(median_l2=[_interval(*r) for r in
                                             removal[["median_l2", "l2_ci_low", "l2_ci_high"]].to_numpy()])
-        out["Removal: median pixel L2 of the regenerated image after retraining without the top-k [95% interval]"] \
-            = removal[["method", "fraction", "k", "n_queries", "median_l2", "beats_random"]]
+        columns = ["method", "fraction", "k", "n_queries", "median_l2"]
+        if "random_quantile" in removal:  # (tables written before 2026-12-06: beats_random)
+            removal = removal.assign(random_quantile=[
+                _interval(*r) if pd.notna(r[0]) else "" for r in
+                removal[["random_quantile", "quantile_ci_low", "quantile_ci_high"]].to_numpy()])
+            columns += ["random_quantile", "p_value"]
+        out["Removal: median pixel L2 (pixels in [-1, 1]) of the regenerated image after retraining without the "
+            "top-k [95% interval], and its quantile among random removals of as many images"] = removal[columns]
     return out
 
 

@@ -208,10 +208,11 @@ class RemovalSettings:
 
     fractions: List[float] = knob(help="fractions of the training set removed (k = round(fraction N))",
                                   factory=lambda: [0.1, 0.2], gt=0, lt=1)
-    n_queries: int = knob(4, "generated queries tested: the first ones", min=1)
+    n_queries: int = knob(16, "generated queries tested: the first ones", min=1)
     methods: Optional[List[str]] = knob(None, "methods whose top-k are removed (None: attribution.methods)",
                                         choices=lambda: _methods())
-    random_draws: int = knob(1, "random removals of k images per query and fraction (the control)", min=1)
+    random_draws: int = knob(5, "random removals of k images per query and fraction: the distribution a method's "
+                                "removal is placed in", min=1)
     seed: int = knob(0, "which images a random removal takes", min=0)
     cases_per_job: int = knob(4, "retrainings per job: they share imports and data; 1 spreads them over a cluster",
                               min=1)
