@@ -140,6 +140,26 @@ def test_bootstrap_resamples_subsets_too_because_queries_share_the_models():
     assert np.isnan(nothing).all()
 
 
+def test_the_standard_errors_split_the_uncertainty_and_say_how_many_subsets_resolve_an_effect():
+    # a shared per-subset effect makes the subsets' part dominate: more queries cannot resolve what more subsets can
+    rng = np.random.default_rng(7)
+    n_subsets, n_queries, n_train = 40, 30, 60
+    m = rng.random((n_subsets, n_train)) < 0.5
+    outputs = 3 * rng.standard_normal((n_subsets, 1)) + rng.standard_normal((n_subsets, n_queries))
+    scores = rng.standard_normal(n_train) + 0.3 * rng.standard_normal((n_queries, n_train))
+    predicted, effect = lds.predicted_outputs(scores, m), lds.measured_effect(outputs)
+    per_query = lambda r, c: lds.spearman_columns(predicted[r][:, c], effect[r][:, c])  # noqa: E731
+    se_m, se_q = lds.standard_errors(per_query, n_subsets, n_queries, 400, seed=1)
+    assert se_m > 3 * se_q > 0
+    # the joint bootstrap's spread is about both parts together
+    _, low, high = lds.bootstrap_ci(per_query, n_subsets, n_queries, 400, seed=1)
+    assert (high - low) / 3.92 == pytest.approx(np.hypot(se_m, se_q), rel=0.3)
+    n = lds.needed(se_m, se_q, n_subsets, effect=0.05)
+    assert n > n_subsets and np.hypot(se_m * np.sqrt(n_subsets / n), se_q) <= 0.05 / lds.POWER_Z + 1e-12
+    assert lds.needed(se_q, se_m, n_queries, effect=0.05) == np.inf  # the subsets' part alone is too wide
+    assert lds.needed(0.001, 0.001, 10, effect=0.05) <= 10
+
+
 def test_lambda_is_chosen_on_the_heldout_queries_only():
     from diffattr.validation import lambda_by_lds
 

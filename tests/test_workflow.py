@@ -511,6 +511,12 @@ def test_validate_reports_every_method_the_control_and_the_seed_references(valid
         assert row.ci_low <= row.difference <= row.ci_high
         assert row.difference == pytest.approx(means[row.variant, row.query_kind] - means[row.versus, row.query_kind])
     assert set(pairs[pairs.variant == "journey_trak_normalized"].query_kind) == {"generated"}
+    # what it would take to resolve a difference of 0.05 in each comparison, from its measured standard errors
+    power = pd.read_csv(path("table", name="lds_power.csv"))
+    assert power[["variant", "versus", "query_kind", "difference"]].equals(
+        pairs[["variant", "versus", "query_kind", "difference"]])
+    assert (power.se_subsets > 0).all() and (power.se_queries > 0).all() and (power.effect == 0.05).all()
+    assert (power.subsets_needed.dropna() > 0).all()
     masks = pd.read_parquet(path("lds_masks"))
     kept = masks.pivot(index="subset", columns="sample_id", values="kept")[arrays["train_ids"]].to_numpy()
     np.testing.assert_array_equal(kept, arrays["masks"])

@@ -83,7 +83,8 @@ ARTIFACTS: tuple[tuple[str, str, str], ...] = (
     ("scores_long", "{run}/scores/{method}.parquet", "long: query_id, query_kind, train_id, score (reported queries)"),
     ("table", "{run}/tables/{name}",
      "topk.parquet, general_influence.csv, tracing.csv, outliers.csv (cifar_mnist); lds.csv, lds_outputs.csv, "
-     "lds_lambda.csv, lds_pairs.csv (snakemake validate); removal.csv, removal_summary.csv (snakemake removal)"),
+     "lds_lambda.csv, lds_pairs.csv, lds_power.csv (snakemake validate); removal.csv, removal_summary.csv "
+     "(snakemake removal)"),
     ("figure", "{run}/figures/{name}.png",
      "norm_vs_timestep, norm_at_recorded_timestep, general_influence, score_vs_grad_norm, topk_<method>; lds, "
      "lds_cost; removal (150 dpi; a PDF of each beside it, {name}.pdf)"),

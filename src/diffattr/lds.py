@@ -84,6 +84,32 @@ def bootstrap_ci(per_query: Callable[[np.ndarray, np.ndarray], np.ndarray], n_su
             float(np.nanquantile(means, 1 - tail)))
 
 
+def standard_errors(per_query: Callable[[np.ndarray, np.ndarray], np.ndarray], n_subsets: int, n_queries: int,
+                    n_resamples: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """The two parts of the uncertainty of the mean over queries of ``per_query(rows, cols)``: its bootstrap standard
+    error from resampling the subsets alone (the queries fixed) and from resampling the queries alone (the subsets
+    fixed). The first shrinks as 1/sqrt(M), the second as 1/sqrt(Q) (:func:`needed`)."""
+    rng = np.random.default_rng(seed)
+    every_subset, every_query = np.arange(n_subsets), np.arange(n_queries)
+    by_subsets = [np.nanmean(per_query(rng.integers(0, n_subsets, n_subsets), every_query))
+                  for _ in range(n_resamples)]
+    by_queries = [np.nanmean(per_query(every_subset, rng.integers(0, n_queries, n_queries)))
+                  for _ in range(n_resamples)]
+    return float(np.nanstd(by_subsets, ddof=1)), float(np.nanstd(by_queries, ddof=1))
+
+
+# a difference is resolved when its standard error is at most this fraction of it: 80% power at a two-sided 5% level
+POWER_Z = 1.96 + 0.84
+
+
+def needed(se_own: float, se_other: float, n_own: int, effect: float) -> float:
+    """How many subsets (or queries) resolve ``effect`` with the other count as it is, from the standard errors of
+    :func:`standard_errors` (``se_own`` shrinks as 1/n_own; ``se_other`` stays): the n at which
+    ``sqrt(se_own^2 n_own / n + se_other^2) = effect / POWER_Z``; inf where the other part alone is too wide."""
+    room = (effect / POWER_Z) ** 2 - se_other ** 2
+    return float(np.ceil(n_own * se_own ** 2 / room)) if room > 0 else float("inf")
+
+
 # lds.csv's rows that are not methods: the random-score control, and what one training seed's noise allows (the
 # seed reliability r and the attainable LDS of the target actually used); method -> its variants
 CONTROL, RELIABILITY, ATTAINABLE = "random", "reliability", "attainable"

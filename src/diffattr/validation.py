@@ -164,12 +164,22 @@ def write_lds_report(cfg: DictConfig, layout: Layout) -> None:
         arrays[f"scores_{variant}"] = scores
         per_query_of[variant] = of_scores(scores)
         add(family.name, variant, per_query_of[variant], n_report, v.seeds)
+    power_rows = []
     for a, b in PAIRS:
         if a in per_query_of and b in per_query_of:
             fa, fb = per_query_of[a], per_query_of[b]
-            for kind, _, mean, low, high in per_kind(lambda r, c: fa(r, c) - fb(r, c), n_report):
+            paired = lambda r, c: fa(r, c) - fb(r, c)  # noqa: E731
+            for kind, sel, mean, low, high in per_kind(paired, n_report):
                 pair_rows.append({"variant": a, "versus": b, "query_kind": kind, "n_subsets": n_report,
                                   "difference": mean, "ci_low": low, "ci_high": high})
+                n_queries = int(np.isfinite(paired(np.arange(n_report), sel)).sum())
+                se_m, se_q = lds.standard_errors(lambda r, c: paired(r, sel[c]), n_report, len(sel), v.bootstrap,
+                                                 seed=v.seed)
+                power_rows.append({"variant": a, "versus": b, "query_kind": kind, "n_subsets": n_report,
+                                   "n_queries": n_queries, "difference": mean, "se_subsets": se_m, "se_queries": se_q,
+                                   "effect": POWER_EFFECT,
+                                   "subsets_needed": lds.needed(se_m, se_q, n_report, POWER_EFFECT),
+                                   "queries_needed": lds.needed(se_q, se_m, n_queries, POWER_EFFECT)})
     add("control", lds.CONTROL, of_scores(lds.random_scores(len(query_ids), len(train_ids), v.seed)), n_report,
         v.seeds)
     # the seed reliability r on the reported subsets that have two seeds or more, and what it allows the target
@@ -181,6 +191,7 @@ def write_lds_report(cfg: DictConfig, layout: Layout) -> None:
     result = pd.DataFrame(rows)
     write_csv(result, layout.path("table", name="lds.csv"))
     write_csv(pd.DataFrame(pair_rows, columns=PAIR_COLUMNS), layout.path("table", name="lds_pairs.csv"))
+    write_csv(pd.DataFrame(power_rows, columns=POWER_COLUMNS), layout.path("table", name="lds_power.csv"))
     write_csv(_outputs_summary(outputs[report], full_outputs, kinds, reported),
               layout.path("table", name="lds_outputs.csv"))
     write_csv(pd.concat(tuned, ignore_index=True)[LAMBDA_COLUMNS] if tuned else pd.DataFrame(columns=LAMBDA_COLUMNS),
@@ -207,6 +218,10 @@ PAIRS = [("retrac", "tracin"), ("retrac_train_only", "tracin"), ("retrac_test_on
          ("das", "dtrak"), ("kfac", "dtrak"), ("ekfac", "kfac"), ("trak", "grad_dot"), ("grad_cosine", "grad_dot")]
 CHUNK_COLUMNS = ["model", "subset", "seed", "query_id", "output"]
 PAIR_COLUMNS = ["variant", "versus", "query_kind", "n_subsets", "difference", "ci_low", "ci_high"]
+# the paired difference the papers' comparisons should resolve (issue 24): lds_power.csv says what it would take
+POWER_EFFECT = 0.05
+POWER_COLUMNS = ["variant", "versus", "query_kind", "n_subsets", "n_queries", "difference", "se_subsets",
+                 "se_queries", "effect", "subsets_needed", "queries_needed"]
 
 LAMBDA_COLUMNS = ["method", "variant", "lam", "heldout_lds", "n_heldout", "n_subsets", "refused", "in_grid", "chosen",
                   "bracketed"]

@@ -34,6 +34,7 @@ for _i, _run in enumerate(RUNS):
             outputs=path_of(_run, "table", name="lds_outputs.csv"),
             lam=path_of(_run, "table", name="lds_lambda.csv"),
             pairs=path_of(_run, "table", name="lds_pairs.csv"),
+            power=path_of(_run, "table", name="lds_power.csv"),
             figure=report(path_of(_run, "figure", name="lds"), caption="../report/lds.rst", category="Validation"),
             cost=path_of(_run, "table", name="lds_cost.csv"),
             cost_figure=report(path_of(_run, "figure", name="lds_cost"), caption="../report/lds_cost.rst",
