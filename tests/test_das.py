@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
+from diffattr.artifacts import read_tensors
 from diffattr.config import compose
 from diffattr.exceptions import ConfigError
 from diffattr.kernels import das, trak
@@ -71,13 +72,17 @@ def test_a_vanishing_leverage_denominator_is_refused():
 
 # ---- features on a small UNet against a plain autograd loop ------------------------------------------------------
 
-@pytest.mark.parametrize("residual", ["paper", "released"])
-def test_features_and_residuals_are_the_autograd_loop_of_the_formula(make_small_unet, make_inputs, residual):
+@pytest.mark.parametrize("residual, normalize", [("paper", False), ("released", False), ("paper", True),
+                                                 ("released", True)])
+def test_features_and_residuals_are_the_autograd_loop_of_the_formula(make_small_unet, make_inputs, residual,
+                                                                     normalize):
+    """normalize: each timestep's full gradient divided by its norm before the mean and the projection, as the
+    authors' CIFAR2/03_grad.py does."""
     model, scheduler = make_small_unet(torch.float64)  # dropout 0.1, left in training mode: DAS must switch it off
     model.train()
     x0, _, _ = make_inputs(3, torch.float64)
     ids = torch.tensor([4, 11, 7])
-    spec = trak.d_trak_spec(3, output="avg", seed=5)
+    spec = trak.d_trak_spec(3, output="avg", seed=5, normalize=normalize)
     projector = make_projector("countsketch", model, 32, seed=1)
     got = das.das_train_features(model, scheduler, x0, ids, projector, spec, residual, block_size=2, batch_size=4)
 
@@ -93,7 +98,8 @@ def test_features_and_residuals_are_the_autograd_loop_of_the_formula(make_small_
             tt = torch.tensor([t])
             x_t = scheduler.add_noise(x0[i:i + 1], eps, tt)
             pred = model(x_t, tt).sample
-            grads.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(pred.mean(), params)]) @ matrix)
+            full = torch.cat([g.reshape(-1) for g in torch.autograd.grad(pred.mean(), params)])
+            grads.append((full / (full.norm() + 1e-8) if normalize else full) @ matrix)
             signed.append((eps.mean() - pred.mean()).item())  # f = avg: f(eps) - f(eps_theta)
             rms.append((eps - pred).square().mean().sqrt().item())
         grads, signed, rms = (torch.stack(grads), torch.tensor(signed, dtype=torch.float64),
@@ -144,7 +150,7 @@ def fake_job(tmp_path, unets, variant, **settings):
     attribution = SimpleNamespace(projector="countsketch", proj_dim=32, seed=3, trak_timesteps=2, trak_checkpoints=2,
                                   lambda_grid=[0.0, 1e-3, 1e-1, 10.0], heldout_fraction=0.5, block_size=4,
                                   timestep_grid="ends", self_influence=False, dtrak_output="square",
-                                  das_output="avg", das_residual="paper", das_leverage=True)
+                                  das_output="avg", das_residual="paper", das_normalize=False, das_leverage=True)
     for key, value in settings.items():
         setattr(attribution, key, value)
     out = tmp_path / variant
@@ -157,8 +163,6 @@ def fake_job(tmp_path, unets, variant, **settings):
 
 
 def scores_of(job):
-    from diffattr.artifacts import read_tensors
-
     return read_tensors(job.out / f"{job.variants[0]}.safetensors", "attribute")["scores"]
 
 
@@ -173,6 +177,9 @@ def test_without_residual_and_leverage_das_is_dtrak(tmp_path, unets):
     paper_job.variants = ["das"]
     families()["das"].run(paper_job)
     assert not torch.allclose(scores_of(paper_job), scores_of(dtrak_job))
+    # the job's own r = 1 variant is D-TRAK at DAS's output, whatever the residual
+    r1 = read_tensors(paper_job.out / "das_r1.safetensors", "attribute")["scores"]
+    assert torch.equal(r1, scores_of(dtrak_job))
 
 
 @pytest.mark.parametrize("residual", ["paper", "released"])
@@ -187,6 +194,8 @@ def test_retune_at_the_chosen_lambda_reproduces_the_jobs_scores(tmp_path, unets,
     scores = scores_of(job)
     assert scores.shape == (N_QUERIES, N_TRAIN) and torch.isfinite(scores).all()
     assert torch.equal(family.retune(job.out, "das", lam), scores)
+    r1 = read_tensors(job.out / "das_r1.safetensors", "attribute")["scores"]
+    assert torch.equal(family.retune(job.out, "das_r1", lam), r1) and not torch.allclose(r1, scores)
     other = next(g for g in table.lam if g not in (0.0, lam))
     assert not torch.allclose(family.retune(job.out, "das", other), scores)
 
@@ -194,10 +203,12 @@ def test_retune_at_the_chosen_lambda_reproduces_the_jobs_scores(tmp_path, unets,
 def test_the_family_registers_and_its_keys_validate():
     family = family_of("das")
     assert family.name == "das" and family.retune is not None and not family.sharded
-    assert {"das_output", "das_residual", "das_leverage", "proj_dim", "trak_timesteps", "lambda_grid"} <= \
+    assert {"das_output", "das_residual", "das_normalize", "das_leverage", "proj_dim", "trak_timesteps",
+            "lambda_grid"} <= \
         set(family.keys())
     run = compose("smoke", ["attribution.methods=[dtrak,das]"])
-    other = compose("smoke", ["attribution.methods=[dtrak,das]", "attribution.das_leverage=false"])
+    other = compose("smoke", ["attribution.methods=[dtrak,das]", "attribution.das_leverage=true"])
+    assert family.job_variants(["das"]) == ["das", "das_r1"]
     assert run.layout.keys["attribution/das"] != other.layout.keys["attribution/das"]
     assert run.layout.keys["attribution/dtrak"] == other.layout.keys["attribution/dtrak"]
     with pytest.raises(ConfigError, match="das_residual"):

@@ -154,6 +154,11 @@ def test_projected_grads_equal_grads_times_the_projection_matrix(make_small_unet
     got = grads.projected_grads(model, scheduler, x0, t, noise, projector, batch_size=2)
     expected = full if kind == "identity" else full @ projector.matrix(torch.float64)  # eye(P) is too big to form
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    # each row unit-normalised before the projection (DAS's release)
+    unit = full / (full.norm(dim=1, keepdim=True) + 1e-8)
+    got = grads.projected_grads(model, scheduler, x0, t, noise, projector, batch_size=2, normalize=True)
+    torch.testing.assert_close(got, unit if kind == "identity" else unit @ projector.matrix(torch.float64),
+                               rtol=1e-10, atol=1e-12)
 
 
 def test_projected_grads_refuse_a_projector_for_another_model(make_small_unet, make_inputs):

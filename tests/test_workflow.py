@@ -505,7 +505,7 @@ def test_validate_reports_every_method_the_control_and_the_seed_references(valid
     assert {(r.variant, r.versus) for r in pairs.itertuples()} == {
         ("retrac", "tracin"), ("retrac_train_only", "tracin"), ("retrac_test_only", "tracin"), ("dtrak", "trak"),
         ("journey_trak_normalized", "journey_trak"), ("trak", "tracin"), ("dtrak", "tracin"), ("dtrak", "retrac"),
-        ("das", "dtrak"), ("trak", "grad_dot"), ("grad_cosine", "grad_dot")}
+        ("das", "das_r1"), ("das_r1", "dtrak"), ("trak", "grad_dot"), ("grad_cosine", "grad_dot")}
     means = table.set_index(["variant", "query_kind"]).lds_mean
     for row in pairs.itertuples():
         assert row.ci_low <= row.difference <= row.ci_high
@@ -535,10 +535,10 @@ def test_validate_reports_every_method_the_control_and_the_seed_references(valid
     # TRAK's, D-TRAK's and DAS's lambda: chosen by the held-out queries' LDS on the subsets set aside, one per
     # variant, from the whole grid and any decade added past the end the choice sat at
     tuned = pd.read_csv(path("table", name="lds_lambda.csv"))
-    assert set(tuned.variant) == {"trak", "dtrak", "das"}
+    assert set(tuned.variant) == {"trak", "dtrak", "das", "das_r1"}
     assert (tuned.groupby("variant").chosen.sum() == 1).all()
     in_grid = tuned[tuned.in_grid].groupby("variant").lam.apply(list)
-    assert (in_grid == [list(cfg.attribution.lambda_grid)] * 3).all()
+    assert (in_grid == [list(cfg.attribution.lambda_grid)] * 4).all()
     assert (tuned.n_heldout == (~reported & (arrays["query_kinds"] == "test")).sum()).all()
     assert (tuned.n_subsets == (~report).sum()).all()
     for variant, rows in tuned.groupby("variant"):

@@ -78,16 +78,21 @@ def per_sample_grad_norms(model, scheduler, x0: Tensor, timesteps: Tensor, noise
 
 def projected_grads(model, scheduler, x0: Tensor, timesteps: Tensor, noise: Tensor, projector,
                     output: Union[str, Output] = "loss", *, batch_size: Optional[int] = None,
-                    engine: str = "auto") -> Tensor:
-    """``per_sample_grads(...) @ projector.matrix()`` [N, k], projected parameter tensor by parameter tensor."""
+                    engine: str = "auto", normalize: bool = False) -> Tensor:
+    """``per_sample_grads(...) @ projector.matrix()`` [N, k], projected parameter tensor by parameter tensor.
+    ``normalize``: each row's gradient is divided by its L2 norm (plus 1e-8, as the DAS release does) before the
+    projection, which by linearity divides the projected row."""
     run = _Run(model, scheduler, output, batch_size, engine)
     _check_projector(projector, run.num_params)
     out = torch.empty(len(x0), projector.k, dtype=run.dtype, device=run.device)
     for rows, blocks in run.chunks(x0, timesteps, noise):
         acc = projector.new_accumulator(rows.stop - rows.start, run.dtype, run.device)
+        sq = torch.zeros(rows.stop - rows.start, dtype=run.dtype, device=run.device) if normalize else None
         for offset, block in blocks:
             projector.accumulate(acc, block, offset)
-        out[rows] = projector.result(acc)
+            if normalize:
+                sq += _row_sq_norms(block)
+        out[rows] = projector.result(acc) if not normalize else projector.result(acc) / (sq.sqrt() + 1e-8)[:, None]
     return out
 
 

@@ -136,7 +136,7 @@ class QuerySettings:
 
     methods: List[str] = knob(help="methods to run (any registered variant)", factory=lambda: [
         "tracin", "retrac", "retrac_train_only", "retrac_test_only", "trak", "dtrak", "journey_trak",
-        "journey_trak_normalized", "das", "pixel_cosine", "feature_cosine", "grad_dot", "grad_cosine"],
+        "journey_trak_normalized", "das", "das_r1", "pixel_cosine", "feature_cosine", "grad_dot", "grad_cosine"],
         choices=lambda: _methods())
     n_train_queries: int = knob(64, "training images as queries (image tracing)", min=0)
     n_test_queries: int = knob(64, "held-out images of the same classes", min=0)

@@ -210,12 +210,14 @@ def write_lds_report(cfg: DictConfig, layout: Layout) -> None:
 # The comparisons the papers claim, as paired LDS differences on the same subsets and queries (so the training noise
 # the two share cancels): Diffusion-ReTrac's renormalisation against TracIn (Xie et al. 2024), D-TRAK's loss
 # against TRAK's output (Zheng et al. 2024), Journey-TRAK's normalisation, the TRAK family against TracIn, DAS
-# against D-TRAK, its r = 1 case (Lin et al. 2025), K-FAC influence against D-TRAK and EK-FAC against K-FAC
-# (Mlodozeniec et al. 2025), what TRAK's kernel inverse adds to the plain gradient dot product, and what the cosine's
-# normalisation does to it.
+# against its r = 1 case on the same features and output (what the residual weighting adds) and that r = 1 case
+# against D-TRAK (what DAS's output and normalisation do to D-TRAK's score; Lin et al. 2025), K-FAC influence
+# against D-TRAK and EK-FAC against K-FAC (Mlodozeniec et al. 2025), what TRAK's kernel inverse adds to the plain
+# gradient dot product, and what the cosine's normalisation does to it.
 PAIRS = [("retrac", "tracin"), ("retrac_train_only", "tracin"), ("retrac_test_only", "tracin"), ("dtrak", "trak"),
          ("journey_trak_normalized", "journey_trak"), ("trak", "tracin"), ("dtrak", "tracin"), ("dtrak", "retrac"),
-         ("das", "dtrak"), ("kfac", "dtrak"), ("ekfac", "kfac"), ("trak", "grad_dot"), ("grad_cosine", "grad_dot")]
+         ("das", "das_r1"), ("das_r1", "dtrak"), ("kfac", "dtrak"), ("ekfac", "kfac"), ("trak", "grad_dot"),
+         ("grad_cosine", "grad_dot")]
 CHUNK_COLUMNS = ["model", "subset", "seed", "query_id", "output"]
 PAIR_COLUMNS = ["variant", "versus", "query_kind", "n_subsets", "difference", "ci_low", "ci_high"]
 # the paired difference the papers' comparisons should resolve (issue 24): lds_power.csv says what it would take

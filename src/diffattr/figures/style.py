@@ -26,7 +26,7 @@ METHOD_COLOURS = {
     "retrac_train_only": "#d62728", "retrac_train_only_expectation": "#ff9896",
     "retrac_test_only": "#8c564b", "retrac_test_only_expectation": "#c49c94",
     "trak": "#2ca02c", "dtrak": "#74c476", "journey_trak": "#7f7f00", "journey_trak_normalized": "#bcbd22",
-    "das": "#17becf",
+    "das": "#17becf", "das_r1": "#9edae5",
     "pixel_cosine": "#9467bd", "feature_cosine": "#c5b0d5",
     "grad_dot": "#e377c2", "grad_cosine": "#f7b6d2",
     "kfac": "#393b79", "ekfac": "#6b6ecf",

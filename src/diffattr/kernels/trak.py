@@ -41,6 +41,7 @@ class FeatureSpec:
     reduce: str = "sum"  # sum | mean over the K (timestep, noise) pairs
     seed: int = 0
     grid: str = "ends"  # the even schedule's grid (diffattr.timesteps.GRIDS)
+    normalize: bool = False  # each pair's gradient unit-normalised before the reduction (the DAS release)
 
 
 def trak_spec(n_timesteps: int = 100, output: str = "loss", seed: int = 0, grid: str = "ends") -> FeatureSpec:
@@ -54,9 +55,12 @@ def journey_train_spec(n_timesteps: int = 20, output: str = "loss", seed: int = 
     return FeatureSpec(output=output, n_timesteps=n_timesteps, schedule="random", reduce="sum", seed=seed)
 
 
-def d_trak_spec(n_timesteps: int = 100, output: str = "square", seed: int = 0, grid: str = "ends") -> FeatureSpec:
-    """D-TRAK: ``output`` (best: L_Square) at K evenly spaced timesteps, one noise each, on both sides."""
-    return FeatureSpec(output=output, n_timesteps=n_timesteps, schedule="even", reduce="mean", seed=seed, grid=grid)
+def d_trak_spec(n_timesteps: int = 100, output: str = "square", seed: int = 0, grid: str = "ends",
+                normalize: bool = False) -> FeatureSpec:
+    """D-TRAK: ``output`` (best: L_Square) at K evenly spaced timesteps, one noise each, on both sides; DAS's release
+    computes the same features with each timestep's gradient unit-normalised (``normalize``)."""
+    return FeatureSpec(output=output, n_timesteps=n_timesteps, schedule="even", reduce="mean", seed=seed, grid=grid,
+                       normalize=normalize)
 
 
 # role -> (timestep stream, noise stream): a query's draws never coincide with a training row's, whatever the ids
@@ -123,7 +127,7 @@ def pair_features(model, scheduler, x0: torch.Tensor, ids: torch.Tensor, project
         noise = noise_from_seeds(noise_seeds[rows].reshape(-1), x0.shape[1:])
         images, steps = x.repeat_interleave(K, 0), timesteps[rows].reshape(-1)
         phi = projected_grads(model, scheduler, images, steps, noise, projector, output=spec.output,
-                              **kwargs).view(len(x), K, -1)
+                              normalize=spec.normalize, **kwargs).view(len(x), K, -1)
         yield (images, steps, noise), phi
 
 
