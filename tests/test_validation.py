@@ -12,6 +12,7 @@ from diffattr import lds
 from diffattr.config import compose
 from diffattr.data import load_dataset
 from diffattr.exceptions import ConfigError
+from diffattr.layout import Layout
 from diffattr.noise import VALIDATE_OUTPUT_NOISE, derive_seeds, noise_from_seeds
 from diffattr.subsets import (FULL, SubsetModel, chunks, masks, model_outputs, subset_mask, subset_models,
                               train_subset_model)
@@ -252,16 +253,27 @@ def test_the_last_subsets_are_set_aside_to_tune_and_too_few_reported_ones_are_re
         compose("smoke", ["validate.n_subsets=8", "validate.ceiling_subsets=6"])
 
 
-def test_model_list_has_the_full_model_every_seed_and_the_ceiling_seeds_once():
-    v = settings(n_subsets=5, seeds=1, ceiling_subsets=2, models_per_job=3)
-    models = subset_models(v)
+def run_config(draws="per_step", **validate):
+    return OmegaConf.merge(compose("smoke").cfg, {"train": {"draws": draws}, "validate": validate})
+
+
+def test_model_list_has_the_full_model_every_seed_and_the_second_models_once():
+    cfg = run_config(n_subsets=5, seeds=1, ceiling_subsets=2, models_per_job=3)
+    models = subset_models(cfg)
     assert models[0] == FULL and FULL.name == "full"
     assert models[1:] == [SubsetModel(m, 0) for m in range(5)] + [SubsetModel(0, 1), SubsetModel(1, 1)]
     assert len({m.name for m in models}) == len(models)
-    covered = [i for first, last in chunks(v) for i in range(first, last + 1)]
+    covered = [i for first, last in chunks(cfg) for i in range(first, last + 1)]
     assert covered == list(range(len(models)))
-    two = subset_models(settings(n_subsets=3, seeds=2, ceiling_subsets=2))
-    assert two[1:] == [SubsetModel(m, s) for m in range(3) for s in range(2)]  # the seeds themselves give the ceiling
+    two = subset_models(run_config(n_subsets=3, seeds=2, ceiling_subsets=2))
+    assert two[1:] == [SubsetModel(m, s) for m in range(3) for s in range(2)]  # the seeds themselves give the noise
+    # coupled: the second model keeps seed 0's draws in other batches, and takes the second slot
+    coupled = subset_models(run_config("per_example", n_subsets=5, seeds=1, ceiling_subsets=2))
+    assert coupled[6:] == [SubsetModel(0, 0, regrouped=True), SubsetModel(1, 0, regrouped=True)]
+    assert coupled[6].name == "subset_0000_seed_0_regrouped" and coupled[6].slot == 1 and coupled[1].slot == 0
+    key = lambda cfg: Layout.of(cfg, "x").keys["outputs"]  # noqa: E731
+    assert key(run_config(n_subsets=5, ceiling_subsets=2)) == key(run_config(n_subsets=5, ceiling_subsets=2)) != \
+        key(run_config("per_example", n_subsets=5, ceiling_subsets=2))
 
 
 # --- coupled retraining ---------------------------------------------------------------------------------------------
@@ -292,6 +304,21 @@ def test_coupled_draws_give_a_surviving_example_the_draws_it_had_in_the_full_run
                 part[part.epoch == epoch].sort_values("step", kind="stable").sample_id.tolist()
     else:
         assert not same.all()
+
+
+def test_a_regrouped_model_keeps_every_draw_and_changes_the_batches(tmp_path, smoke_train_set):
+    run = compose("smoke", [f"results_dir={tmp_path}", "train.draws=per_example", "train.epochs=2"])
+    for name, model in (("seed0", SubsetModel(0, 0)), ("regrouped", SubsetModel(0, 0, regrouped=True))):
+        train_subset_model(run.cfg, tmp_path / name, smoke_train_set, model, torch.device("cpu"))
+    a, b = (pd.read_parquet(tmp_path / name / "train_log.parquet") for name in ("seed0", "regrouped"))
+    both = a.merge(b, on=["epoch", "sample_id"], suffixes=("_a", "_b"))
+    assert len(both) == len(a) == len(b)
+    assert (both.timestep_a == both.timestep_b).all() and (both.noise_seed_a == both.noise_seed_b).all()
+    batches = lambda log: {frozenset(g.sample_id) for _, g in log.groupby("step")}  # noqa: E731
+    assert batches(a) != batches(b)
+    with pytest.raises(ValueError, match="per_step"):
+        train_subset_model(compose("smoke", [f"results_dir={tmp_path}"]).cfg, tmp_path / "bad", smoke_train_set,
+                           SubsetModel(0, 0, regrouped=True), torch.device("cpu"))
 
 
 # --- the measured output --------------------------------------------------------------------------------------------

@@ -91,9 +91,10 @@ ARTIFACTS: tuple[tuple[str, str, str], ...] = (
     ("lds_masks", "{run}/lds/masks.parquet", "subset, sample_id, kept: the validation's random subsets"),
     ("lds_arrays", "{run}/lds/arrays.npz",
      "plain arrays for any LDS implementation: masks [M, N] bool, train_ids [N], query_ids [Q], query_kinds [Q], "
-     "query_heldout [Q] bool (held out to choose lambda, never reported), outputs [M, S, Q] float64 (NaN where "
-     "subset m has no seed s), full_outputs [Q], scores_<method> [Q, N] (NaN rows: query kinds the method does not "
-     "score)"),
+     "query_heldout [Q] bool (held out to choose lambda, never reported), report_subsets [M] bool (the subsets every "
+     "reported number uses; the others chose lambda), outputs [M, S, Q] float64 (NaN where subset m has no model in "
+     "slot s), slots [S] (what each slot holds: seed s, or seed 0 regrouped under coupled draws), full_outputs [Q], "
+     "scores_<method> [Q, N] at the reported lambda (NaN rows: query kinds the method does not score)"),
     ("run_log", "{run}/logs/{job}.log", "one log per report job of the run"),
     ("landing", "{run}/report.rst",
      "the first page of `snakemake --report`: overrides, sizes, headline tables, what each figure shows "
@@ -167,7 +168,10 @@ def stage_dependencies(cfg: DictConfig) -> dict[str, dict]:
     add("queries", {"samples": keys["samples"], **{k: cfg.attribution[k] for k in QUERY_KEYS}})
     v = OmegaConf.to_container(cfg.validate, resolve=True)
     add("subsets", {"train": keys["train"], **{k: v[k] for k in SUBSET_KEYS}})
-    add("outputs", {"subsets": keys["subsets"], "queries": keys["queries"], **{k: v[k] for k in OUTPUT_KEYS}})
+    # under coupled draws the second model of a subset is seed 0 regrouped, not a second seed (diffattr.subsets)
+    regrouped = cfg.train.draws == "per_example" and v["seeds"] == 1 and v["ceiling_subsets"] > 0
+    add("outputs", {"subsets": keys["subsets"], "queries": keys["queries"], **{k: v[k] for k in OUTPUT_KEYS},
+                    **({"second_model": "regrouped"} if regrouped else {})})
     for family, variants in requested_families(cfg.attribution.methods).items():
         add(f"attribution/{family.name}", {"queries": keys["queries"], "family": family.name,
                                             **family.depends_on(cfg, variants)})

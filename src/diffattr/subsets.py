@@ -34,29 +34,42 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class SubsetModel:
     """One model of the validation: trained on subset ``subset`` with the ``seed``-th training seed; subset -1 is
-    the full run's own model (trained by the train stage, measured beside the others)."""
+    the full run's own model (trained by the train stage, measured beside the others). ``regrouped``: under coupled
+    draws, seed 0's per-example draws in other batches (each epoch's order rotated by half a batch), the noise
+    removal adds to a coupled model besides the removed data; it takes the second slot of its subset's outputs."""
 
     subset: int
     seed: int
+    regrouped: bool = False
 
     @property
     def name(self) -> str:
-        return "full" if self.is_full else f"subset_{self.subset:04d}_seed_{self.seed}"
+        return "full" if self.is_full else \
+            f"subset_{self.subset:04d}_seed_{self.seed}" + ("_regrouped" if self.regrouped else "")
 
     @property
     def is_full(self) -> bool:
         return self.subset < 0
 
+    @property
+    def slot(self) -> int:
+        """Its place among its subset's measured outputs (``outputs[m, slot]``)."""
+        return 1 if self.regrouped else self.seed
+
 
 FULL = SubsetModel(-1, 0)
 
 
-def subset_models(v: DictConfig) -> list[SubsetModel]:
+def subset_models(cfg: DictConfig) -> list[SubsetModel]:
     """Every model a validation measures, in a fixed order: the full model, then ``validate.seeds`` per subset, then
-    (with one seed) a second seed for the first ``validate.ceiling_subsets`` subsets."""
+    (with one seed) a second model for the first ``validate.ceiling_subsets`` subsets, the one the protocol's noise
+    is measured with: a second seed, or under coupled draws (``train.draws=per_example``) seed 0 regrouped."""
+    v = cfg.validate
     models = [FULL] + [SubsetModel(m, s) for m in range(v.n_subsets) for s in range(v.seeds)]
     if v.seeds == 1:
-        models += [SubsetModel(m, 1) for m in range(min(v.ceiling_subsets, v.n_subsets))]
+        coupled = cfg.train.draws == "per_example"
+        models += [SubsetModel(m, 0, regrouped=True) if coupled else SubsetModel(m, 1)
+                   for m in range(min(v.ceiling_subsets, v.n_subsets))]
     return models
 
 
@@ -79,9 +92,9 @@ def report_subsets(v: DictConfig) -> np.ndarray:
     return keep
 
 
-def chunks(v: DictConfig) -> list[tuple[int, int]]:
+def chunks(cfg: DictConfig) -> list[tuple[int, int]]:
     """(first, last) positions in :func:`subset_models` of the models each job trains and measures."""
-    return position_ranges(len(subset_models(v)), v.models_per_job)
+    return position_ranges(len(subset_models(cfg)), cfg.validate.models_per_job)
 
 
 def position_ranges(n: int, size: int) -> list[tuple[int, int]]:
@@ -118,18 +131,22 @@ def masks_table(ids: np.ndarray, v: DictConfig) -> pd.DataFrame:
 def train_subset_model(cfg: DictConfig, directory: Path, train_set: ImageSet, model: SubsetModel,
                        device: torch.device):
     """Train (or resume, or find done) ``model`` in ``directory``: the run's training on the subset's examples with
-    seed ``train.seed + model.seed``, for the same epochs, keeping only the last checkpoint."""
+    seed ``train.seed + model.seed``, for the same epochs, keeping only the last checkpoint; a regrouped model's
+    epochs are rotated by half a batch."""
     keep = subset_mask(len(train_set), cfg.validate.alpha, cfg.validate.seed, model.subset)
-    return train_last_only(cfg, directory, train_set.subset(np.flatnonzero(keep)), device, seed_offset=model.seed)
+    return train_last_only(cfg, directory, train_set.subset(np.flatnonzero(keep)), device, seed_offset=model.seed,
+                           order_shift=cfg.train.batch_size // 2 if model.regrouped else 0)
 
 
-def train_last_only(cfg: DictConfig, directory: Path, train_set: ImageSet, device: torch.device, seed_offset: int = 0):
+def train_last_only(cfg: DictConfig, directory: Path, train_set: ImageSet, device: torch.device, seed_offset: int = 0,
+                    order_shift: int = 0):
     """The run's training (draws, epochs, learning rate) on ``train_set`` with seed ``train.seed + seed_offset``,
-    keeping only the last checkpoint: the retrained models of the validation and of the removal."""
+    keeping only the last checkpoint: the retrained models of the validation and of the removal. ``order_shift``: see
+    ``diffattr.train.train``."""
     from .train import train
 
     sub = OmegaConf.merge(cfg, {"train": {"seed": cfg.train.seed + seed_offset, "checkpoint_every": cfg.train.epochs}})
-    return train(sub, directory, train_set, device)
+    return train(sub, directory, train_set, device, order_shift=order_shift)
 
 
 def output_timesteps(cfg: DictConfig) -> torch.Tensor:

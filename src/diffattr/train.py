@@ -43,8 +43,11 @@ def config_hash(cfg: DictConfig) -> str:
 class StepDraws:
     """``train.draws=per_step``: the batch order of an epoch, and the timesteps and noise seeds of a step."""
 
-    def __init__(self, seed: int, num_train_timesteps: int):
-        self.seed, self.T = seed, num_train_timesteps
+    def __init__(self, seed: int, num_train_timesteps: int, order_shift: int = 0):
+        if order_shift:
+            raise ValueError("an order shift regroups per-example draws; under train.draws=per_step every draw "
+                             "follows the step")
+        self.seed, self.T, self.shift = seed, num_train_timesteps, order_shift
 
     def order(self, epoch: int, ids: torch.Tensor) -> torch.Tensor:
         gen = torch.Generator().manual_seed(int(derive_seeds(self.seed, TRAIN_ORDER, epoch)))
@@ -63,8 +66,12 @@ class ExampleDraws(StepDraws):
     and the epoch's order sorts the examples by a hash of their ids, so the examples a subset keeps are visited in
     the same relative order as in the full run."""
 
+    def __init__(self, seed: int, num_train_timesteps: int, order_shift: int = 0):
+        self.seed, self.T, self.shift = seed, num_train_timesteps, order_shift
+
     def order(self, epoch: int, ids: torch.Tensor) -> torch.Tensor:
-        return torch.argsort(derive_seeds(self.seed, TRAIN_ORDER, epoch, ids), stable=True)
+        # a shift keeps every example's draws and their cyclic order, and moves the batch boundaries
+        return torch.argsort(derive_seeds(self.seed, TRAIN_ORDER, epoch, ids), stable=True).roll(-self.shift)
 
     def timesteps(self, step: int, epoch: int, sample_ids: torch.Tensor) -> torch.Tensor:
         return derive_seeds(self.seed, TRAIN_TIMESTEP, epoch, sample_ids) % self.T
@@ -88,8 +95,11 @@ def diffusion_loss(pred: torch.Tensor, noise: torch.Tensor, kind: str) -> torch.
     return OUTPUTS[LOSS_OUTPUTS[kind]](pred, noise, None, None, None)
 
 
-def train(cfg: DictConfig, run_dir: Path, train_set: ImageSet, device: torch.device) -> list[CheckpointState]:
-    """Train (or resume) the run's model; write checkpoints, ``train_log.parquet`` and ``checkpoints/index.json``."""
+def train(cfg: DictConfig, run_dir: Path, train_set: ImageSet, device: torch.device,
+          order_shift: int = 0) -> list[CheckpointState]:
+    """Train (or resume) the run's model; write checkpoints, ``train_log.parquet`` and ``checkpoints/index.json``.
+    ``order_shift`` (``train.draws=per_example`` only): each epoch's order rotated by that many positions, so every
+    example keeps its draws but shares its batches with others (the validation's regrouped models)."""
     t = cfg.train
     ckpt_dir = Path(run_dir) / "checkpoints"
     n = len(train_set)
@@ -111,7 +121,7 @@ def train(cfg: DictConfig, run_dir: Path, train_set: ImageSet, device: torch.dev
     states, start_epoch = _resume(ckpt_dir, schedule, chash, unet, optimizer, ema, device)
     images = train_set.images.to(device)
     ids = train_set.ids
-    draws = DRAWS[t.draws](t.seed, scheduler.config.num_train_timesteps)
+    draws = DRAWS[t.draws](t.seed, scheduler.config.num_train_timesteps, order_shift)
 
     replay_rows: list[pd.DataFrame] = []
     losses: list[float] = []

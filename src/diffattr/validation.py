@@ -7,8 +7,9 @@ queries, on the other subsets (``validate.tune_subsets``), choose the ridge lamb
 re-scored at another lambda (``Family.retune``: TRAK, D-TRAK, DAS, K-FAC, EK-FAC) by their mean LDS, as D-TRAK and
 TRAK tune it (``tables/lds_lambda.csv``): the subset models' training noise is shared by every query, so a lambda
 chosen on the reported subsets would partly fit the very noise the reported LDS is measured against, an edge the
-untuned methods never get. Beside the methods the report gives a random-score control (LDS about 0), the seed
-reliability r (how well one training seed's outputs predict another's) and the LDS attainable against the target
+untuned methods never get. Beside the methods the report gives a random-score control (LDS about 0), the
+reliability r of the measured outputs (how well one training seed's outputs predict another's; under coupled draws,
+how well seed 0's predict those of the same draws in other batches) and the LDS attainable against the target
 actually used (``validate.seeds`` averaged: docs/METHODS.md §5).
 """
 
@@ -43,10 +44,9 @@ def measured_queries(cfg: DictConfig, layout: Layout) -> tuple[pd.DataFrame, tor
 def run_chunk(cfg: DictConfig, layout: Layout, first: int, last: int, device: torch.device) -> None:
     """Train (or reuse) the models at positions ``first..last`` of the validation's list, measure F on the queries,
     and write their ``output_chunk``. Each model's outputs are kept as a part, so an interrupted job resumes."""
-    models = subset_models(cfg.validate)[first:last + 1]
+    models = subset_models(cfg)[first:last + 1]
     if not models:
-        raise StageError(f"no validation model at positions {first}..{last}; the list has "
-                         f"{len(subset_models(cfg.validate))}")
+        raise StageError(f"no validation model at positions {first}..{last}; the list has {len(subset_models(cfg))}")
     train_set = ImageSet.load(layout.path("data", split="train"))
     queries, images = measured_queries(cfg, layout)
     ids = queries.query_id.to_numpy()
@@ -73,7 +73,7 @@ def run_chunk(cfg: DictConfig, layout: Layout, first: int, last: int, device: to
                                  "lower train.lr or enable train.grad_clip")
             write_parquet(pd.DataFrame({"query_id": ids, "output": out}), part)
         frames.append(read_table(part, "validate_chunk", ("query_id", "output"))
-                      .assign(model=model.name, subset=model.subset, seed=model.seed))
+                      .assign(model=model.name, subset=model.subset, seed=model.slot))
     table = pd.concat(frames, ignore_index=True)[CHUNK_COLUMNS]
     write_parquet(table, layout.path("output_chunk", first=first, last=last))
 
@@ -94,7 +94,7 @@ def output_arrays(table: pd.DataFrame, n_subsets: int, query_ids: np.ndarray) ->
 
 
 def chunk_files(cfg: DictConfig, layout: Layout) -> list:
-    return [layout.path("output_chunk", first=first, last=last) for first, last in chunks(cfg.validate)]
+    return [layout.path("output_chunk", first=first, last=last) for first, last in chunks(cfg)]
 
 
 def write_lds_report(cfg: DictConfig, layout: Layout) -> None:
@@ -116,8 +116,11 @@ def write_lds_report(cfg: DictConfig, layout: Layout) -> None:
     n_report = int(report.sum())
     reported = ~queries.heldout.to_numpy()
 
+    regrouped = any(model.regrouped for model in subset_models(cfg))
+    slots = [f"seed {s}" for s in range(outputs.shape[1])] if not regrouped else ["seed 0", "seed 0 regrouped"]
     arrays = {"masks": m, "train_ids": train_ids, "query_ids": query_ids, "query_kinds": kinds.astype(str),
-              "query_heldout": ~reported, "report_subsets": report, "outputs": outputs, "full_outputs": full_outputs}
+              "query_heldout": ~reported, "report_subsets": report, "outputs": outputs, "slots": np.array(slots),
+              "full_outputs": full_outputs}
     rows, pair_rows, per_query_of = [], [], {}
 
     def per_kind(per_query, n_subsets, of_mean=float):
@@ -182,7 +185,8 @@ def write_lds_report(cfg: DictConfig, layout: Layout) -> None:
                                    "queries_needed": lds.needed(se_q, se_m, n_queries, POWER_EFFECT)})
     add("control", lds.CONTROL, of_scores(lds.random_scores(len(query_ids), len(train_ids), v.seed)), n_report,
         v.seeds)
-    # the seed reliability r on the reported subsets that have two seeds or more, and what it allows the target
+    # the reliability r of the protocol's target, from the reported subsets that have a second model (another seed;
+    # under coupled draws seed 0 regrouped, so r is the coupled protocol's own noise floor), and what r allows
     seeded = outputs[report][np.isfinite(outputs[report]).all(axis=(1, 2))]
     if outputs.shape[1] >= 2 and len(seeded) >= MIN_SUBSETS:
         r_of = lambda r, c: lds.seed_reliability(seeded[r][:, :, c])

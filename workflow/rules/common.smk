@@ -122,7 +122,7 @@ def needs(stage):
 
 
 def output_chunks(run):
-    return [path_of(run, "output_chunk", first=first, last=last) for first, last in chunks(run.cfg.validate)]
+    return [path_of(run, "output_chunk", first=first, last=last) for first, last in chunks(run.cfg)]
 
 
 def score_dirs(run, methods):
