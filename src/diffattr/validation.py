@@ -98,7 +98,8 @@ def chunk_files(cfg: DictConfig, layout: Layout) -> list:
 
 
 def write_lds_report(cfg: DictConfig, layout: Layout) -> None:
-    """``tables/lds.csv`` and ``lds_outputs.csv``, ``figures/lds.png``, and the plain arrays of ``lds/``."""
+    """``tables/lds.csv``, ``lds_pairs.csv``, ``lds_power.csv``, ``lds_outputs.csv``, ``lds_lambda.csv`` and
+    ``lds_cost.csv``, ``figures/lds.png`` and ``lds_cost.png``, and the plain arrays of ``lds/``."""
     from .figures.lds import lds_cost_figure, lds_figure
     from .figures.style import save
     from .methods import family_of
