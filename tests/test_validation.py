@@ -181,6 +181,11 @@ def test_lambda_is_chosen_on_the_heldout_queries_only():
     assert table.refused.tolist()[2] == "singular" and np.isnan(table.heldout_lds[2])
     assert table.heldout_lds[1] > 0.95 and abs(table.heldout_lds[0]) < 0.3
     assert table.in_grid.all() and not table.bracketed.any()  # nothing above 1 could be scored
+    assert table.report_lds.isna().all()  # recorded only when asked for
+    _, table = lambda_by_lds(scores_at, [0.1, 1.0, 10.0], heldout, m, outputs, None,
+                             reported_lds=lambda scores: lds.lds(scores[~heldout], m, outputs[:, ~heldout]).mean())
+    assert table.report_lds[0] > 0.95 and abs(table.report_lds[1]) < 0.3 and np.isnan(table.report_lds[2])
+    assert table.chosen.tolist() == [False, True, False]  # what the reported queries get never chooses
     kept, table = lambda_by_lds(scores_at, [0.1, 1.0], np.zeros(20, bool), m, outputs, fallback="proxy")
     assert kept == "proxy" and not table.chosen.any()
     kept, table = lambda_by_lds(scores_at, [0.1, 1.0], heldout, m[:2], outputs[:2], fallback="proxy")

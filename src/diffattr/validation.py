@@ -163,7 +163,8 @@ def write_lds_report(cfg: DictConfig, layout: Layout) -> None:
                 else cfg.attribution.lambda_grid
             scores, lambdas = lambda_by_lds(lambda lam: at(family.retune(path.parent, variant, lam).numpy()),
                                             [float(lam) for lam in grid], ~reported & has, m[~report],
-                                            target[~report], scores)
+                                            target[~report], scores, reported_lds=lambda scores: np.nanmean(
+                                                lds.lds(scores[reported], m[report], target[report][:, reported])))
             tuned.append(lambdas.assign(method=family.name, variant=variant))
         arrays[f"scores_{variant}"] = scores
         per_query_of[variant] = of_scores(scores)
@@ -231,7 +232,7 @@ POWER_COLUMNS = ["variant", "versus", "query_kind", "n_subsets", "n_queries", "d
                  "se_queries", "effect", "subsets_needed", "queries_needed"]
 
 LAMBDA_COLUMNS = ["method", "variant", "lam", "heldout_lds", "n_heldout", "n_subsets", "refused", "in_grid", "chosen",
-                  "bracketed"]
+                  "bracketed", "report_lds"]
 EXTEND = 4  # decades tried past the end of attribution.lambda_grid that the choice sits at
 
 
@@ -266,7 +267,7 @@ def cost_table(cfg: DictConfig, layout: Layout, lds_table: pd.DataFrame, n_train
     return lds_table.merge(cost, on="variant", how="inner")[[*lds_table.columns, *COST_COLUMNS]]
 
 
-def lambda_by_lds(scores_at, grid, heldout, masks, outputs, fallback):
+def lambda_by_lds(scores_at, grid, heldout, masks, outputs, fallback, reported_lds=None):
     """The ridge lambda whose scores (``scores_at(lam)``, [Q, N]) have the highest mean LDS over the ``heldout``
     queries on the subsets of ``masks`` [M, N] and ``outputs`` [M, Q] (the tuning subsets; ties: the largest lambda),
     those scores, and the table of every candidate. The candidates are ``grid``, extended a decade at a time (at most
@@ -274,7 +275,8 @@ def lambda_by_lds(scores_at, grid, heldout, masks, outputs, fallback):
     ``bracketed`` says whether the choice has a scored neighbour on both sides (or is lambda = 0). A lambda the family
     cannot give (a ``LinAlgError``, or a ``StageError``: not saved by its job) is a refused row. Without a measured
     held-out query or tuning subset the job's own choice (``fallback``, its label-free proxy) is kept, and the table
-    says so."""
+    says so. ``reported_lds(scores)``: what the reported queries get at each lambda on the reported subsets, recorded
+    (``report_lds``) so a reader sees how much lambda matters, and never used to choose."""
     rows, candidates = {}, {}
     usable = bool(heldout.any()) and len(masks) >= MIN_SUBSETS
 
@@ -289,8 +291,10 @@ def lambda_by_lds(scores_at, grid, heldout, masks, outputs, fallback):
                 value = float(np.nanmean(lds.lds(candidates[lam][heldout], masks, outputs[:, heldout])))
             except (np.linalg.LinAlgError, StageError) as err:
                 refused = str(err).splitlines()[0]
+        reported = float(reported_lds(candidates[lam])) if reported_lds is not None and lam in candidates \
+            else float("nan")
         rows[lam] = {"lam": lam, "heldout_lds": value, "n_heldout": int(heldout.sum()), "n_subsets": len(masks),
-                     "refused": refused, "in_grid": in_grid}
+                     "refused": refused, "in_grid": in_grid, "report_lds": reported}
 
     def best():
         scored = [(row["heldout_lds"], lam) for lam, row in rows.items() if np.isfinite(row["heldout_lds"])]
