@@ -159,6 +159,10 @@ def test_the_standard_errors_split_the_uncertainty_and_say_how_many_subsets_reso
     assert n > n_subsets and np.hypot(se_m * np.sqrt(n_subsets / n), se_q) <= 0.05 / lds.POWER_Z + 1e-12
     assert lds.needed(se_q, se_m, n_queries, effect=0.05) == np.inf  # the subsets' part alone is too wide
     assert lds.needed(0.001, 0.001, 10, effect=0.05) <= 10
+    # when neither count alone suffices, a design that raises both does
+    m2, q2 = lds.balanced(se_m, n_subsets, 0.05), lds.balanced(se_q, n_queries, 0.05)
+    assert np.hypot(se_m * np.sqrt(n_subsets / m2), se_q * np.sqrt(n_queries / q2)) <= 0.05 / lds.POWER_Z + 1e-12
+    assert lds.balanced(0.001, 10, 0.05) == 10  # never fewer than there are
 
 
 def test_lambda_is_chosen_on_the_heldout_queries_only():

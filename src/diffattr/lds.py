@@ -110,6 +110,12 @@ def needed(se_own: float, se_other: float, n_own: int, effect: float) -> float:
     return float(np.ceil(n_own * se_own ** 2 / room)) if room > 0 else float("inf")
 
 
+def balanced(se: float, n: int, effect: float) -> float:
+    """One design that resolves ``effect`` when neither count alone can: each part of :func:`standard_errors` given
+    half of the variance ``(effect / POWER_Z)^2``; the count (subsets or queries) that brings ``se`` from ``n`` there."""
+    return float(max(n, np.ceil(n * se ** 2 / ((effect / POWER_Z) ** 2 / 2))))
+
+
 # lds.csv's rows that are not methods: the random-score control, and what one training seed's noise allows (the
 # seed reliability r and the attainable LDS of the target actually used); method -> its variants
 CONTROL, RELIABILITY, ATTAINABLE = "random", "reliability", "attainable"

@@ -184,7 +184,9 @@ def write_lds_report(cfg: DictConfig, layout: Layout) -> None:
                                    "n_queries": n_queries, "difference": mean, "se_subsets": se_m, "se_queries": se_q,
                                    "effect": POWER_EFFECT,
                                    "subsets_needed": lds.needed(se_m, se_q, n_report, POWER_EFFECT),
-                                   "queries_needed": lds.needed(se_q, se_m, n_queries, POWER_EFFECT)})
+                                   "queries_needed": lds.needed(se_q, se_m, n_queries, POWER_EFFECT),
+                                   "balanced_subsets": lds.balanced(se_m, n_report, POWER_EFFECT),
+                                   "balanced_queries": lds.balanced(se_q, n_queries, POWER_EFFECT)})
     add("control", lds.CONTROL, of_scores(lds.random_scores(len(query_ids), len(train_ids), v.seed)), n_report,
         v.seeds)
     # the reliability r of the protocol's target, from the reported subsets that have a second model (another seed;
@@ -229,7 +231,7 @@ PAIR_COLUMNS = ["variant", "versus", "query_kind", "n_subsets", "difference", "c
 # the paired difference the papers' comparisons should resolve (issue 24): lds_power.csv says what it would take
 POWER_EFFECT = 0.05
 POWER_COLUMNS = ["variant", "versus", "query_kind", "n_subsets", "n_queries", "difference", "se_subsets",
-                 "se_queries", "effect", "subsets_needed", "queries_needed"]
+                 "se_queries", "effect", "subsets_needed", "queries_needed", "balanced_subsets", "balanced_queries"]
 
 LAMBDA_COLUMNS = ["method", "variant", "lam", "heldout_lds", "n_heldout", "n_subsets", "refused", "in_grid", "chosen",
                   "bracketed", "report_lds"]
