@@ -51,10 +51,16 @@ def local_rules(cwd: Path, experiment: str) -> set[str]:
     from snakemake.api import SnakemakeApi
     from snakemake.settings.types import ConfigSettings, OutputSettings, ResourceSettings
 
-    with SnakemakeApi(OutputSettings(quiet=True)) as api:
-        workflow = api.workflow(resource_settings=ResourceSettings(), snakefile=REPO / "Snakefile", workdir=cwd,
-                                config_settings=ConfigSettings(config={"experiment": experiment}))
-        return set(workflow._workflow._localrules)
+    environ, here = dict(os.environ), os.getcwd()
+    try:
+        with SnakemakeApi(OutputSettings(quiet=True)) as api:
+            workflow = api.workflow(resource_settings=ResourceSettings(), snakefile=REPO / "Snakefile", workdir=cwd,
+                                    config_settings=ConfigSettings(config={"experiment": experiment}))
+            return set(workflow._workflow._localrules)
+    finally:  # the workflow, parsed in this process, marks it as a stage job (no cross-key checks): undo that
+        os.environ.clear()
+        os.environ.update(environ)
+        os.chdir(here)
 
 
 def test_light_rules_run_inside_snakemake_and_compute_rules_ask_for_what_the_run_needs(tmp_path):

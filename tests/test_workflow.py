@@ -124,7 +124,7 @@ def test_attribution_tables_and_figures(smoke_run):
     _, path = smoke_run
     run = path.dir
     methods = ["tracin", "retrac", "retrac_train_only", "retrac_test_only", "trak", "dtrak", "journey_trak",
-               "journey_trak_normalized", "das", "pixel_cosine", "feature_cosine", "grad_dot", "grad_cosine"]
+               "journey_trak_normalized", "das", "das_r1", "pixel_cosine", "feature_cosine", "grad_dot", "grad_cosine"]
     journeys = {"journey_trak", "journey_trak_normalized"}
     queries = pd.read_parquet(path("query_table"))
     reported = queries[~queries.heldout]
@@ -348,7 +348,7 @@ def test_a_sweep_runs_from_one_command_and_leaves_a_summary(smoke_run):
     assert list(summary.columns[:3]) == ["run", "attribution.topk", "method"]
     assert sorted(summary.run.unique()) == sorted(r.run.name for r in runs)
     n = len(path.run.cfg.attribution.methods)
-    assert n == 13 and len(summary) == 2 * n and summary["attribution.topk"].tolist() == [2] * n + [3] * n
+    assert n == 14 and len(summary) == 2 * n and summary["attribution.topk"].tolist() == [2] * n + [3] * n
     for run in runs:  # every headline metric is the run's own table
         general = pd.read_csv(run.dir / "tables" / "general_influence.csv").query("query_kind == 'all'")
         mine = summary[summary.run == run.run.name].set_index("method")
@@ -515,7 +515,8 @@ def test_validate_reports_every_method_the_control_and_the_seed_references(valid
     power = pd.read_csv(path("table", name="lds_power.csv"))
     assert power[["variant", "versus", "query_kind", "difference"]].equals(
         pairs[["variant", "versus", "query_kind", "difference"]])
-    assert (power.se_subsets > 0).all() and (power.se_queries > 0).all() and (power.effect == 0.05).all()
+    assert (power.se_subsets >= 0).all() and (power.se_queries >= 0).all() and (power.effect == 0.05).all()
+    assert (power.se_subsets > 0).any()  # (a pair can tie on every subset of the tiny smoke run)
     assert (power.subsets_needed.dropna() > 0).all()
     masks = pd.read_parquet(path("lds_masks"))
     kept = masks.pivot(index="subset", columns="sample_id", values="kept")[arrays["train_ids"]].to_numpy()
@@ -577,7 +578,7 @@ def test_validating_a_sweep_trains_the_subset_models_once_and_summarises_lds(tmp
     assert "validate_chunk" not in plain and "sweep_lds" not in plain  # the default target does not validate
     jobs = jobs_of(snakemake("validate", "-n", "--cores", "2", "--config", "experiment=smoke", swept, cwd=tmp_path))
     # the subset models and their outputs do not depend on attribution keys: both runs share them
-    assert jobs["validate_chunk"] == len(chunks(compose("smoke").cfg.validate))
+    assert jobs["validate_chunk"] == len(chunks(compose("smoke").cfg))
     assert jobs["lds_report_0"] == jobs["lds_report_1"] == jobs["sweep_lds"] == 1
 
 
