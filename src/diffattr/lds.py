@@ -107,7 +107,7 @@ def needed(se_own: float, se_other: float, n_own: int, effect: float) -> float:
     :func:`standard_errors` (``se_own`` shrinks as 1/n_own; ``se_other`` stays): the n at which
     ``sqrt(se_own^2 n_own / n + se_other^2) = effect / POWER_Z``; inf where the other part alone is too wide."""
     room = (effect / POWER_Z) ** 2 - se_other ** 2
-    return float(np.ceil(n_own * se_own ** 2 / room)) if room > 0 else float("inf")
+    return float(max(1.0, np.ceil(n_own * se_own ** 2 / room))) if room > 0 else float("inf")
 
 
 def balanced(se: float, n: int, effect: float) -> float:
