@@ -230,7 +230,7 @@ def estimate(stage: str, cfg, family: str = "", rows_per_call: int | None = None
         terms["activations"] = min(a.block_size, n) * float(prof.outputs)
         terms["scores"] = 8.0 * n_queries(cfg) * n * 2  # a variant's float64 scores and the product's copy
     elif stage == "attribution" and family == "influence":
-        from .methods.influence import lambdas
+        from .methods.influence import VARIANTS, lambdas
 
         q, B = n_queries(cfg), a.block_size
         pixels = cfg.data.channels * cfg.data.resolution ** 2
@@ -244,7 +244,7 @@ def estimate(stage: str, cfg, family: str = "", rows_per_call: int | None = None
         # a chunk's forward kept for its backward passes, and the float64 rotation of its EK-FAC gradients
         terms["activations"] = _grad_chunk(prof, ENGINE_CHUNK) + ENGINE_CHUNK * 3 * 8.0 * prof.largest_layer
         # [L, Q, N] per variant, float64, as parts and whole; the absolute damping adds a lam per variant at most
-        terms["scores"] = 8.0 * q * n * 2 * 2 * len(lambdas(a, mean_eigenvalues=(1.0, 2.0)))
+        terms["scores"] = 8.0 * q * n * 2 * 2 * (len(lambdas(a)) + len(VARIANTS))
     elif stage == "attribution":  # the TRAK families: projected features, no [rows, P] matrix
         k = a.proj_dim
         members = 1 if family == "grad_similarity" else a.trak_checkpoints  # the final checkpoint only

@@ -214,12 +214,13 @@ def summary(table: pd.DataFrame, n_resamples: int, seed: int) -> pd.DataFrame:
             draws = [random.get_group((fraction, q)).to_numpy() for q in mine.index]
             quantile = np.array([((d < x).sum() + 0.5 * (d == x).sum()) / len(d) for x, d in zip(mine, draws)])
             means = quantile[rng.integers(0, len(quantile), (n_resamples, len(quantile)))].mean(axis=1)
-            gap = mine.to_numpy() - np.array([d.mean() for d in draws])
+            random_mean = np.array([d.mean() for d in draws])
+            gap = mine.to_numpy() - random_mean
             flipped = (rng.choice([-1.0, 1.0], (n_resamples, len(gap))) * gap).mean(axis=1)
             row.update({"n_random": int(min(len(d) for d in draws)), "random_quantile": float(quantile.mean()),
                         "quantile_ci_low": float(np.quantile(means, 0.025)),
                         "quantile_ci_high": float(np.quantile(means, 0.975)),
-                        "l2_over_random": float(np.median(mine.to_numpy() / [d.mean() for d in draws])),
+                        "l2_over_random": float(np.median(mine.to_numpy() / random_mean)),
                         "p_value": float((1 + (flipped >= gap.mean()).sum()) / (1 + n_resamples))})
         rows.append(row)
     return pd.DataFrame(rows)
