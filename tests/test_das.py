@@ -150,7 +150,8 @@ def fake_job(tmp_path, unets, variant, **settings):
     attribution = SimpleNamespace(projector="countsketch", proj_dim=32, seed=3, trak_timesteps=2, trak_checkpoints=2,
                                   lambda_grid=[0.0, 1e-3, 1e-1, 10.0], heldout_fraction=0.5, block_size=4,
                                   timestep_grid="ends", self_influence=False, dtrak_output="square",
-                                  das_output="avg", das_residual="paper", das_normalize=False, das_leverage=True)
+                                  das_output="avg", das_residual="paper", das_normalize=False, das_leverage=True,
+                                  trak_query_timesteps=0, trak_query_noises=1)
     for key, value in settings.items():
         setattr(attribution, key, value)
     out = tmp_path / variant
@@ -200,6 +201,34 @@ def test_retune_at_the_chosen_lambda_reproduces_the_jobs_scores(tmp_path, unets,
     assert not torch.allclose(family.retune(job.out, "das", other), scores)
 
 
+@pytest.mark.parametrize("variant", ["dtrak", "das"])
+def test_a_query_budget_changes_the_query_features_alone(tmp_path, unets, variant):
+    """attribution.trak_query_timesteps/noises (the influence family's query budget, like for like) feature the
+    queries at K * R draws and leave the training side as it was."""
+    from dataclasses import replace
+
+    from diffattr.methods.trak import cost
+
+    plain = fake_job(tmp_path, unets, variant)
+    budget = fake_job(tmp_path, unets, f"{variant}_budget", trak_query_timesteps=4, trak_query_noises=3)
+    budget.variants = [variant]
+    for job in (plain, budget):
+        families()[variant].run(job)
+    a = plain.cfg.attribution
+    plain_saved, budget_saved = (read_tensors(j.out / "features.safetensors", "attribute") for j in (plain, budget))
+    output = a.dtrak_output if variant == "dtrak" else a.das_output
+    spec = trak.d_trak_spec(2, output=output, seed=a.seed, grid=a.timestep_grid, normalize=variant == "das"
+                            and a.das_normalize)
+    queries, images = plain.queries()
+    projector = make_projector(a.projector, unets[1], a.proj_dim, seed=a.seed)
+    expected = trak.trak_features(unets[1], plain.scheduler(), images, torch.tensor(queries.query_id.to_numpy()),
+                                  projector, replace(spec, n_timesteps=4, n_noises=3), role="query")
+    torch.testing.assert_close(budget_saved["phi_query.1"], expected)
+    assert torch.equal(budget_saved["phi_train.1"], plain_saved["phi_train.1"])
+    assert not torch.allclose(budget_saved["phi_query.1"], plain_saved["phi_query.1"])
+    assert cost(SimpleNamespace(attribution=budget.cfg.attribution), [variant])["query"] == 2 * 4 * 3
+
+
 def test_the_family_registers_and_its_keys_validate():
     family = family_of("das")
     assert family.name == "das" and family.retune is not None and not family.sharded
@@ -211,6 +240,11 @@ def test_the_family_registers_and_its_keys_validate():
     assert family.job_variants(["das"]) == ["das", "das_r1"]
     assert run.layout.keys["attribution/das"] != other.layout.keys["attribution/das"]
     assert run.layout.keys["attribution/dtrak"] == other.layout.keys["attribution/dtrak"]
+    budget = compose("smoke", ["attribution.methods=[dtrak,das,journey_trak]", "attribution.trak_query_noises=2"])
+    plain = compose("smoke", ["attribution.methods=[dtrak,das,journey_trak]"])
+    for name in ("dtrak", "das"):  # the query budget is theirs; Journey-TRAK's targets are its own
+        assert budget.layout.keys[f"attribution/{name}"] != plain.layout.keys[f"attribution/{name}"]
+    assert budget.layout.keys["attribution/journey_trak"] == plain.layout.keys["attribution/journey_trak"]
     with pytest.raises(ConfigError, match="das_residual"):
         compose("smoke", ["attribution.methods=[das]", "attribution.das_residual=exact"])
     with pytest.raises(ConfigError, match="das_output"):

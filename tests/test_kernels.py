@@ -384,7 +384,9 @@ def frozen_head(seed):
     return model
 
 
-@pytest.mark.parametrize("spec", [trak.FeatureSpec(n_timesteps=3), trak.d_trak_spec(3)], ids=["journey", "d_trak"])
+@pytest.mark.parametrize("spec", [trak.FeatureSpec(n_timesteps=3), trak.d_trak_spec(3),
+                                  trak.FeatureSpec(**{**trak.d_trak_spec(3).__dict__, "n_noises": 2})],
+                         ids=["journey", "d_trak", "d_trak_two_noises"])
 def test_trak_features_with_identity_projector_are_the_summed_gradients(data, spec):
     from diffattr.projectors import make_projector
 
@@ -406,6 +408,16 @@ def test_trak_features_with_identity_projector_are_the_summed_gradients(data, sp
         expected = torch.stack(expected)
         torch.testing.assert_close(features.double(), expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
     torch.testing.assert_close(trak.trak_scores(phi_q, phi, 0.5, relative=False), closed_form(phi_q, phi, 0.5))
+
+
+@pytest.mark.parametrize("schedule", ["even", "random"])
+def test_each_timestep_gets_its_own_noises(schedule):
+    spec = trak.FeatureSpec(n_timesteps=4, schedule=schedule, n_noises=3)
+    timesteps, seeds = trak.feature_draws(spec, TRAIN_IDS, 1000, "query")
+    single, _ = trak.feature_draws(trak.FeatureSpec(n_timesteps=4, schedule=schedule), TRAIN_IDS, 1000, "query")
+    assert timesteps.shape == seeds.shape == (len(TRAIN_IDS), 12)
+    assert torch.equal(timesteps, single.repeat_interleave(3, dim=1))  # the same K timesteps, three draws each
+    assert len(torch.unique(seeds)) == seeds.numel()
 
 
 def test_random_feature_timesteps_depend_on_the_example_alone():

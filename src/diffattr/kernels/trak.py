@@ -37,6 +37,7 @@ class FeatureSpec:
 
     output: str = "loss"  # any output of diffattr.grads: loss, loss_l1, square, avg, l1norm, l2norm, linfnorm, elbo
     n_timesteps: int = 20  # K
+    n_noises: int = 1  # R noises at each of the K timesteps: K * R (t, eps) pairs
     schedule: str = "random"  # random: K timesteps drawn per example | even: the same K evenly spaced for all
     reduce: str = "sum"  # sum | mean over the K (timestep, noise) pairs
     seed: int = 0
@@ -69,7 +70,8 @@ STREAMS = {"train": (FEATURE_TIMESTEPS, FEATURE_NOISE), "query": (QUERY_FEATURE_
 
 def feature_draws(spec: FeatureSpec, ids: torch.Tensor, num_train_timesteps: int,
                   role: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
-    """``(timesteps, noise seeds)``, both [N, K]: the K (t, eps) pairs at which each example is featurised.
+    """``(timesteps, noise seeds)``, both [N, K * R]: the K * R (t, eps) pairs at which each example is featurised
+    (each of the K timesteps with ``spec.n_noises`` = R noises).
 
     They depend on (spec.seed, role, id, pair index) alone, not on batching or on the other examples. ``role``
     ``train`` keys training rows by sample id; ``query`` keys queries by query id on streams of their own, so a
@@ -91,6 +93,7 @@ def feature_draws(spec: FeatureSpec, ids: torch.Tensor, num_train_timesteps: int
             if len(ids) else torch.zeros(0, K, dtype=torch.long)
     else:
         raise ValueError(f"unknown timestep schedule {spec.schedule!r} (random | even)")
+    timesteps = timesteps.repeat_interleave(spec.n_noises, dim=1)  # R noises per timestep; R = 1 changes nothing
     pairs = torch.arange(timesteps.shape[1])
     noise_seeds = derive_seeds(spec.seed, noise_stream, ids[:, None], pairs[None, :]).reshape(timesteps.shape)
     return timesteps, noise_seeds

@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 
 from ..settings import knob
 from . import Family, Job, register
-from .trak import LAMBDA_KEYS, TrakSettings, members, query_features, select_lambda
+from .trak import LAMBDA_KEYS, TrakSettings, members, query_features, query_gradients, query_spec, select_lambda
 
 
 def _outputs():
@@ -70,7 +70,7 @@ def run(job: Job) -> None:
         trains.append(kernels.das_train_features(model, job.scheduler(), train_set.images.to(job.device),
                                                  train_set.ids, projector, spec, a.das_residual,
                                                  block_size=a.block_size))
-        phi_queries.append(query_features(job, model, queries, query_images, spec, projector))
+        phi_queries.append(query_features(job, model, queries, query_images, query_spec(a, spec), projector))
 
     def scores_at(lam):
         return kernels.das_ensemble_scores(phi_queries, trains, lam, leverage=a.das_leverage)
@@ -116,5 +116,5 @@ register(Family(
     run=run, settings=DasSettings, uses=(*(f.name for f in fields(TrakSettings)), *LAMBDA_KEYS), retune=retune,
     batch=lambda requested: ["das", "das_r1"],
     cost=lambda cfg, variants: {"train": cfg.attribution.trak_checkpoints * cfg.attribution.trak_timesteps,
-                                "query": cfg.attribution.trak_checkpoints * cfg.attribution.trak_timesteps},
+                                "query": cfg.attribution.trak_checkpoints * query_gradients(cfg.attribution)},
 ))

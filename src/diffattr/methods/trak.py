@@ -21,6 +21,9 @@ class TrakSettings:
     projector: str = knob("countsketch", "random projection of the gradients", choices=lambda: PROJECTORS)
     proj_dim: int = knob(4096, "k", min=1)
     trak_timesteps: int = knob(100, "K evenly spaced timesteps, one noise each (TRAK and D-TRAK features)", min=1)
+    trak_query_timesteps: int = knob(0, "K of the query side (0: trak_timesteps); 100 with trak_query_noises=2 gives "
+                                     "the queries the influence family's measurement budget", min=0)
+    trak_query_noises: int = knob(1, "noises per query-side timestep", min=1)
     trak_checkpoints: int = knob(1, "ensemble over the last M checkpoints (D-TRAK: the final one)", min=1)
     lambda_grid: List[float] = knob(help="relative ridge values tried on the held-out queries",
                                     factory=lambda: [0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0], min=0)
@@ -49,6 +52,15 @@ def query_features(job: Job, model, queries, images, spec, projector):
     import torch
 
     return features(job, model, images, torch.tensor(queries.query_id.to_numpy()), spec, projector, role="query")
+
+
+def query_spec(a, spec):
+    """The query side's spec: ``spec`` at ``attribution.trak_query_timesteps`` timesteps (0: the training side's K)
+    with ``trak_query_noises`` noises each. The papers feature both sides alike (the default); a larger query budget
+    compares the TRAK family with the influence family's query side like for like (docs/METHODS.md §4)."""
+    from dataclasses import replace
+
+    return replace(spec, n_timesteps=a.trak_query_timesteps or spec.n_timesteps, n_noises=a.trak_query_noises)
 
 
 def select_lambda(job: Job, queries, phi_queries, phi_trains, check=None):
@@ -83,14 +95,15 @@ def run_with_spec(job: Job, spec) -> None:
     a, (method,) = job.cfg.attribution, job.variants
     train_set = job.train_set()
     queries, query_images = job.queries()
+    qspec = query_spec(a, spec)
     phi_trains, phi_queries, phi_owns, projector = [], [], [], None
     for state in members(job):
         model = job.load_unet(state)
         projector = projector or make_projector(a.projector, model, a.proj_dim, seed=a.seed)
         phi_trains.append(features(job, model, train_set.images, train_set.ids, spec, projector))
-        phi_queries.append(query_features(job, model, queries, query_images, spec, projector))
+        phi_queries.append(query_features(job, model, queries, query_images, qspec, projector))
         if a.self_influence:  # keyed as training-image queries are, so I(z, z) is their tracing diagonal
-            phi_owns.append(features(job, model, train_set.images, train_set.ids + KIND_OFFSET["train"], spec,
+            phi_owns.append(features(job, model, train_set.images, train_set.ids + KIND_OFFSET["train"], qspec,
                                      projector, role="query"))
     choice = select_lambda(job, queries, phi_queries, phi_trains)
     scores = kernels.ensemble_scores(phi_queries, phi_trains, choice.lam)
@@ -118,11 +131,17 @@ def retune(job_dir, variant: str, lam: float):
                                    [saved[f"phi_train.{i}"] for i in members], lam)
 
 
+def query_gradients(a) -> int:
+    """Gradients per query image and ensemble member: the query side's K * R."""
+    return (a.trak_query_timesteps or a.trak_timesteps) * a.trak_query_noises
+
+
 def cost(cfg, variants) -> dict:
-    """K gradients per image and ensemble member; the training set twice with self-influence."""
+    """K gradients per training image and ensemble member (and the query side's K * R per image again with
+    self-influence), K * R per query."""
     a = cfg.attribution
-    per_image = a.trak_checkpoints * a.trak_timesteps
-    return {"train": per_image * (2 if a.self_influence else 1), "query": per_image}
+    own = query_gradients(a) if a.self_influence else 0
+    return {"train": a.trak_checkpoints * (a.trak_timesteps + own), "query": a.trak_checkpoints * query_gradients(a)}
 
 
 def run(job: Job) -> None:
