@@ -508,6 +508,51 @@ def test_journey_query_features_are_the_renoised_x0_hat_loss_gradients_of_the_ge
     torch.testing.assert_close(per_step[:, 1], trak.trak_scores(phi[:, 1], phi_t, 0.1))
 
 
+def test_journey_step_outputs_are_the_function_the_journey_features_differentiate():
+    """The per-step target the validation measures is the loss the features are gradients of: a plain loop gives its
+    values, and central finite differences in float64 give the identity-projected journey feature."""
+    from diffattr.projectors import make_projector
+
+    generating, member = make_unet(3).double(), frozen_head(1).double()
+    gen = torch.Generator().manual_seed(3)
+    trajectory = {t: torch.randn(len(QUERY_IDS), *SHAPE, generator=gen, dtype=torch.float64) for t in (999, 500, 10)}
+    x0_hats = trak.predicted_x0_path(generating, SCHEDULER, trajectory)
+    f = trak.journey_step_outputs(member, SCHEDULER, x0_hats, QUERY_IDS, n_noise=3, seed=5, batch_size=4)
+    assert f.shape == (2, 3) and f.dtype == np.float64
+    for s, t in enumerate(sorted(x0_hats)):
+        for q, qid in enumerate(QUERY_IDS.tolist()):
+            values = []
+            for r in range(3):
+                eps = noise_from_seeds([int(derive_seeds(5, noise.JOURNEY_NOISE, qid, t, r))], SHAPE)[0].double()
+                tt = torch.tensor([t])
+                with torch.no_grad():
+                    pred = member(SCHEDULER.add_noise(x0_hats[t][q:q + 1], eps[None], tt), tt).sample[0]
+                values.append((eps - pred).square().mean().item())
+            assert f[q, s] == pytest.approx(np.mean(values), rel=1e-12)
+    projector = make_projector("identity", member, diffattr.grads.num_trainable(member))
+    _, phi = trak.journey_query_features(member, SCHEDULER, x0_hats, QUERY_IDS, projector, n_noise=3, seed=5)
+    params = [p for p in member.parameters() if p.requires_grad]
+    direction = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in params]
+    h = 1e-5
+
+    def shifted(sign):
+        with torch.no_grad():
+            for p, d in zip(params, direction):
+                p.add_(sign * h * d)
+        out = trak.journey_step_outputs(member, SCHEDULER, x0_hats, QUERY_IDS, n_noise=3, seed=5)
+        with torch.no_grad():
+            for p, d in zip(params, direction):
+                p.sub_(sign * h * d)
+        return out
+
+    finite = (shifted(1) - shifted(-1)) / (2 * h)
+    flat = torch.cat([d.reshape(-1) for d in direction])
+    np.testing.assert_allclose(finite, (phi.double() @ flat).numpy(), rtol=1e-6, atol=1e-9)
+    own = trak.journey_step_outputs(member, SCHEDULER, x0_hats, QUERY_IDS, n_noise=3, seed=5,
+                                    stream=noise.VALIDATE_STEP_NOISE)
+    assert not np.allclose(own, f)  # the validation's own noises
+
+
 def test_journey_aggregates_are_the_raw_and_the_per_step_normalised_means():
     gen = torch.Generator().manual_seed(4)
     phis = [torch.randn(2, 3, 6, generator=gen) for _ in range(2)]  # two members: [Q, S, k]

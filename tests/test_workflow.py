@@ -518,6 +518,25 @@ def test_validate_reports_every_method_the_control_and_the_seed_references(valid
     assert (power.se_subsets >= 0).all() and (power.se_queries >= 0).all() and (power.effect == 0.05).all()
     assert (power.se_subsets > 0).any()  # (a pair can tie on every subset of the tiny smoke run)
     assert (power.subsets_needed >= 1).all() and (power.balanced_subsets >= power.n_subsets).all()
+    # Journey-TRAK per step: each kept step's scores against that step's own target measured on every model, and
+    # the mean over steps; recomputed from the exported arrays
+    steps = pd.read_csv(path("table", name="lds_steps.csv"))
+    journey_steps, targets = arrays["journey_steps"], arrays["step_outputs"]
+    assert len(journey_steps) == cfg.attribution.journey_steps and set(steps.query_kind) == {"generated"}
+    assert targets.shape == (*arrays["outputs"].shape, len(journey_steps))
+    generated = arrays["query_kinds"] == "generated"
+    assert np.isfinite(targets[:, 0][:, generated]).all() and np.isnan(targets[:, :, ~generated]).all()
+    sel = reported & generated
+    per_step = []
+    for j, row in enumerate(steps[steps.target == "step"].itertuples()):
+        assert row.timestep == journey_steps[j] and row.n_queries == sel.sum() and row.n_subsets == report.sum()
+        per_query = lds.lds(arrays["step_scores_journey_trak"][:, j], arrays["masks"][report],
+                            targets[report, 0, :, j])
+        assert row.lds_mean == pytest.approx(np.nanmean(per_query[sel]), rel=1e-12)
+        per_step.append(per_query[sel])
+    (mean_row,) = steps[steps.target == "mean over steps"].itertuples()
+    assert j == len(journey_steps) - 1 and np.isnan(mean_row.timestep)
+    assert mean_row.lds_mean == pytest.approx(np.nanmean(np.nanmean(per_step, axis=0)), rel=1e-12)
     masks = pd.read_parquet(path("lds_masks"))
     kept = masks.pivot(index="subset", columns="sample_id", values="kept")[arrays["train_ids"]].to_numpy()
     np.testing.assert_array_equal(kept, arrays["masks"])

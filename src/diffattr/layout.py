@@ -14,7 +14,8 @@ data <- ``data.*`` (a CIFAR archive by its md5, never by its path); train <- dat
 samples <- train + ``sample.*``; norm_study <- train + ``norm_study.*``; queries <- samples + the query keys of
 ``attribution.*``; each method family <- queries + the keys the family declares (``diffattr.methods``); the
 validation's subset models: subsets <- train + ``validate.alpha``, ``validate.seed``; their measured outputs:
-outputs <- subsets + queries + the other ``validate.*`` keys that say which models and what is measured; the
+outputs <- subsets + queries + the other ``validate.*`` keys that say which models and what is measured (and the
+Journey-TRAK steps and noises of the per-step targets measured beside F); the
 counterfactual removal: removal <- train + queries + the families of the methods it removes for + ``removal.*``
 (its retrained models are named by the hash of the ids they lack, under the train key).
 The shard count and ``job.*`` never enter a key: merged results do not depend on them.
@@ -60,10 +61,11 @@ ARTIFACTS: tuple[tuple[str, str, str], ...] = (
     ("subset_model", "stages/subsets/{subsets}/{model}",
      "a model trained on one random subset (validate.*): checkpoints/ (the last epoch only), train_log.parquet"),
     ("output_parts", "stages/outputs/{outputs}/parts/{model}.parquet",
-     "measured outputs of one model (query_id, output): resumable pieces of a chunk"),
+     "measured outputs of one model (query_id, step, output): resumable pieces of a chunk"),
     ("output_chunk", "stages/outputs/{outputs}/models_{first}_to_{last}.parquet",
-     "measured outputs F(q; theta) of the models at those positions of the validation's list: model, subset, seed, "
-     "query_id, output (subset -1: the full model)"),
+     "measured outputs of the models at those positions of the validation's list: model, subset, seed, query_id, "
+     "step, output (subset -1: the full model; step -1: F(q; theta), else Journey-TRAK's target at that sampling "
+     "step, generated queries only)"),
     ("removal_model", "stages/removal_models/{train}/{removed}",
      "the run's training without the training ids whose hash is {removed} (snakemake removal): checkpoints/ (the "
      "last epoch only), train_log.parquet; shared by every case that removes the same ids"),
@@ -83,7 +85,7 @@ ARTIFACTS: tuple[tuple[str, str, str], ...] = (
     ("scores_long", "{run}/scores/{method}.parquet", "long: query_id, query_kind, train_id, score (reported queries)"),
     ("table", "{run}/tables/{name}",
      "topk.parquet, general_influence.csv, tracing.csv, outliers.csv (cifar_mnist); lds.csv, lds_outputs.csv, "
-     "lds_lambda.csv, lds_pairs.csv, lds_power.csv (snakemake validate); removal.csv, removal_summary.csv "
+     "lds_lambda.csv, lds_pairs.csv, lds_power.csv, lds_steps.csv (snakemake validate); removal.csv, removal_summary.csv "
      "(snakemake removal)"),
     ("figure", "{run}/figures/{name}.png",
      "norm_vs_timestep, norm_at_recorded_timestep, general_influence, score_vs_grad_norm, topk_<method>; lds, "
@@ -94,7 +96,9 @@ ARTIFACTS: tuple[tuple[str, str, str], ...] = (
      "query_heldout [Q] bool (held out to choose lambda, never reported), report_subsets [M] bool (the subsets every "
      "reported number uses; the others chose lambda), outputs [M, S, Q] float64 (NaN where subset m has no model in "
      "slot s), slots [S] (what each slot holds: seed s, or seed 0 regrouped under coupled draws), full_outputs [Q], "
-     "scores_<method> [Q, N] at the reported lambda (NaN rows: query kinds the method does not score)"),
+     "scores_<method> [Q, N] at the reported lambda (NaN rows: query kinds the method does not score); with "
+     "Journey-TRAK: journey_steps [T], step_outputs [M, S, Q, T] (its per-step targets; NaN but for generated "
+     "queries) and step_scores_journey_trak [Q, T, N]"),
     ("run_log", "{run}/logs/{job}.log", "one log per report job of the run"),
     ("landing", "{run}/report.rst",
      "the first page of `snakemake --report`: overrides, sizes, headline tables, what each figure shows "
@@ -114,13 +118,15 @@ QUERY_KEYS = ("n_train_queries", "n_test_queries", "n_generated_queries", "heldo
 SUBSET_KEYS = ("alpha", "seed")
 OUTPUT_KEYS = ("n_subsets", "seeds", "ceiling_subsets", "output_timesteps", "output_noises", "query_kinds")
 MEASURE_KEYS = ("output_timesteps", "output_noises", "seed")  # the measured output F that removal reuses
+# Journey-TRAK's per-step targets, measured beside F on every validation model (the per-step LDS)
+STEP_TARGET_KEYS = ("journey_steps", "journey_noises")
 # Each stage's upstream stages and the config it adds to that stage's key: whole groups, or single keys.
 UPSTREAM = {"data": (), "train": ("data",), "samples": ("train",), "norm_study": ("train",), "queries": ("samples",),
             "subsets": ("train",), "outputs": ("subsets", "queries"), "removal": ("train", "queries")}
 OWN_CONFIG = {"data": ("data",), "train": ("model", "train"), "samples": ("sample",), "norm_study": ("norm_study",),
               "queries": tuple(f"attribution.{k}" for k in QUERY_KEYS),
               "subsets": tuple(f"validate.{k}" for k in SUBSET_KEYS),
-              "outputs": tuple(f"validate.{k}" for k in OUTPUT_KEYS),
+              "outputs": (*(f"validate.{k}" for k in OUTPUT_KEYS), *(f"attribution.{k}" for k in STEP_TARGET_KEYS)),
               "removal": ("removal", *(f"validate.{k}" for k in MEASURE_KEYS))}
 # Keys of a group that say how or where to compute (or how to draw), not what: never part of a stage key.
 _NOT_KEYED = {"data": ("archive", "url", "md5", "verify_checksum", "cache_dir", "download"),
@@ -171,6 +177,7 @@ def stage_dependencies(cfg: DictConfig) -> dict[str, dict]:
     # under coupled draws the second model of a subset is seed 0 regrouped, not a second seed (diffattr.subsets)
     regrouped = cfg.train.draws == "per_example" and v["seeds"] == 1 and v["ceiling_subsets"] > 0
     add("outputs", {"subsets": keys["subsets"], "queries": keys["queries"], **{k: v[k] for k in OUTPUT_KEYS},
+                    "step_targets": {k: cfg.attribution[k] for k in STEP_TARGET_KEYS},
                     **({"second_model": "regrouped"} if regrouped else {})})
     for family, variants in requested_families(cfg.attribution.methods).items():
         add(f"attribution/{family.name}", {"queries": keys["queries"], "family": family.name,

@@ -168,10 +168,12 @@ def n_queries(cfg) -> int:
 
 
 def measured_triples(cfg) -> int:
-    """(query, timestep, noise) triples a validation model is measured on (``validate.query_kinds``)."""
+    """(query, timestep, noise) triples a validation model is measured on (``validate.query_kinds``): F's, and
+    Journey-TRAK's per-step targets of the generated queries."""
     a, v = cfg.attribution, cfg.validate
     per_kind = {"train": a.n_train_queries, "test": a.n_test_queries, "generated": a.n_generated_queries}
-    return sum(per_kind[k] for k in v.query_kinds) * v.output_timesteps * v.output_noises
+    steps = a.n_generated_queries * a.journey_steps * a.journey_noises if "generated" in v.query_kinds else 0
+    return sum(per_kind[k] for k in v.query_kinds) * v.output_timesteps * v.output_noises + steps
 
 
 def estimate(stage: str, cfg, family: str = "", rows_per_call: int | None = None) -> Estimate:

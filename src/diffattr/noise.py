@@ -21,6 +21,7 @@ FEATURE_TIMESTEPS, FEATURE_NOISE, JOURNEY_NOISE, HELDOUT_SPLIT = 201, 202, 203, 
 QUERY_FEATURE_TIMESTEPS, QUERY_FEATURE_NOISE = 205, 206  # TRAK family, queries: never a training row's draws
 VALIDATE_SUBSETS, VALIDATE_OUTPUT_NOISE = 301, 302  # diffattr.subsets: which examples, F's fixed noise
 REMOVAL_RANDOM = 303  # diffattr.removal: the random images a control case removes
+VALIDATE_STEP_NOISE = 304  # diffattr.validation: the fixed noise of Journey-TRAK's per-step targets
 GGN_VECTORS = 401  # influence family: the Monte-Carlo output-gradient vectors of its Gauss-Newton fit
 
 

@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from . import lds
-from .artifacts import read_scores, read_table
+from .artifacts import read_scores, read_table, read_tensors
 from .atomic import atomic_path, write_csv, write_parquet
 from .checkpoints import last_checkpoint, load_checkpoint_unet
 from .data import ImageSet
@@ -42,8 +42,9 @@ def measured_queries(cfg: DictConfig, layout: Layout) -> tuple[pd.DataFrame, tor
 
 
 def run_chunk(cfg: DictConfig, layout: Layout, first: int, last: int, device: torch.device) -> None:
-    """Train (or reuse) the models at positions ``first..last`` of the validation's list, measure F on the queries,
-    and write their ``output_chunk``. Each model's outputs are kept as a part, so an interrupted job resumes."""
+    """Train (or reuse) the models at positions ``first..last`` of the validation's list, measure F on the queries
+    (and, for generated queries, Journey-TRAK's per-step targets), and write their ``output_chunk``. Each model's
+    outputs are kept as a part, so an interrupted job resumes."""
     models = subset_models(cfg)[first:last + 1]
     if not models:
         raise StageError(f"no validation model at positions {first}..{last}; the list has {len(subset_models(cfg))}")
@@ -53,12 +54,15 @@ def run_chunk(cfg: DictConfig, layout: Layout, first: int, last: int, device: to
     scheduler = build_scheduler(cfg.model)
     timesteps = output_timesteps(cfg)
     use_ema = cfg.sample.use_ema  # the generating weights: what sampled the queries
+    full_directory = layout.path("checkpoint_index").parent
+    steps = StepTargets(cfg, queries, lambda: load_checkpoint_unet(last_checkpoint(full_directory), ema=use_ema)
+                        .to(device), scheduler)
     frames = []
     for model in tqdm(models, desc="validate", unit="model"):
         part = layout.path("output_parts", model=model.name)
         if not part.exists():
             if model.is_full:
-                directory = layout.path("checkpoint_index").parent
+                directory = full_directory
             else:
                 directory = layout.path("subset_model", model=model.name)
                 if not (directory / "checkpoints" / "index.json").exists():  # written last: the model is complete
@@ -68,18 +72,52 @@ def run_chunk(cfg: DictConfig, layout: Layout, first: int, last: int, device: to
             unet = load_checkpoint_unet(last_ckpt, ema=use_ema).to(device)
             out = model_outputs(unet, scheduler, images, ids, timesteps, cfg.validate.output_noises,
                                 cfg.validate.seed, cfg.train.loss, cfg.validate.batch_size)
-            if not np.isfinite(out).all():
+            measured = pd.concat([pd.DataFrame({"query_id": ids, "step": -1, "output": out}), steps.measure(unet)],
+                                 ignore_index=True)
+            if not np.isfinite(measured.output).all():
                 raise StageError(f"non-finite measured output of {model.name} ({last_ckpt}); its training diverged: "
                                  "lower train.lr or enable train.grad_clip")
-            write_parquet(pd.DataFrame({"query_id": ids, "output": out}), part)
-        frames.append(read_table(part, "validate_chunk", ("query_id", "output"))
+            write_parquet(measured, part)
+        frames.append(read_table(part, "validate_chunk", PART_COLUMNS)
                       .assign(model=model.name, subset=model.subset, seed=model.slot))
     table = pd.concat(frames, ignore_index=True)[CHUNK_COLUMNS]
     write_parquet(table, layout.path("output_chunk", first=first, last=last))
 
 
+class StepTargets:
+    """Journey-TRAK's per-step targets of the generated queries (``kernels.trak.journey_step_outputs``) at its kept
+    sampling steps, with ``attribution.journey_noises`` noises of the validation's own per (query, step): the
+    target of the per-step LDS. The journeys (x0_hat of each kept step) are replayed once, by the full model's
+    generating weights, when the first model is measured; no rows when generated queries are not validated."""
+
+    def __init__(self, cfg: DictConfig, queries: pd.DataFrame, generating, scheduler):
+        self.cfg, self.scheduler, self.generating, self._x0_hats = cfg, scheduler, generating, None
+        self.generated = queries[queries.query_kind == "generated"]
+
+    def measure(self, unet) -> pd.DataFrame:
+        from .kernels.trak import journey_step_outputs
+        from .methods.journey_trak import journeys, kept_steps
+        from .noise import VALIDATE_STEP_NOISE
+        from .outputs import LOSS_OUTPUTS
+
+        if self.generated.empty:
+            return pd.DataFrame(columns=PART_COLUMNS)
+        if self._x0_hats is None:
+            self._x0_hats = journeys(self.cfg, self.generating(), self.scheduler, self.generated.source_id.tolist())
+        steps = kept_steps(self.cfg)
+        cfg = self.cfg
+        out = journey_step_outputs(unet, self.scheduler, self._x0_hats, self.generated.query_id.to_numpy(),
+                                   steps=steps, n_noise=cfg.attribution.journey_noises, seed=cfg.validate.seed,
+                                   stream=VALIDATE_STEP_NOISE, output=LOSS_OUTPUTS[cfg.train.loss],
+                                   batch_size=cfg.validate.batch_size)
+        return pd.DataFrame({"query_id": np.repeat(self.generated.query_id.to_numpy(), len(steps)),
+                             "step": np.tile(steps, len(self.generated)), "output": out.reshape(-1)})
+
+
 def output_arrays(table: pd.DataFrame, n_subsets: int, query_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """From the chunks' rows: outputs [M, S, Q] (NaN where subset m has no seed s) and the full model's [Q]."""
+    """From the chunks' F rows (step -1): outputs [M, S, Q] (NaN where subset m has no seed s) and the full
+    model's [Q]."""
+    table = table[table.step < 0]
     n_seeds = int(table.seed.max()) + 1
     col = pd.Index(query_ids).get_indexer(table.query_id)
     if (col < 0).any():
@@ -93,13 +131,27 @@ def output_arrays(table: pd.DataFrame, n_subsets: int, query_ids: np.ndarray) ->
     return outputs, full_outputs
 
 
+def step_arrays(table: pd.DataFrame, n_subsets: int, query_ids: np.ndarray, steps: np.ndarray) -> np.ndarray:
+    """From the chunks' per-step rows: Journey-TRAK's targets [M, S, Q, T] at the sampling ``steps`` (NaN where a
+    query has none: every kind but generated images)."""
+    sub = table[(table.step >= 0) & (table.subset >= 0)]
+    col, step = pd.Index(query_ids).get_indexer(sub.query_id), pd.Index(steps).get_indexer(sub.step)
+    if (col < 0).any() or (step < 0).any():
+        raise StageError("the measured per-step targets name queries or steps the run's Journey-TRAK scores do not "
+                         "have; delete the outputs stage and rerun")
+    out = np.full((n_subsets, int(table.seed.max()) + 1, len(query_ids), len(steps)), np.nan)
+    out[sub.subset.to_numpy(), sub.seed.to_numpy(), col, step] = sub.output.to_numpy()
+    return out
+
+
 def chunk_files(cfg: DictConfig, layout: Layout) -> list:
     return [layout.path("output_chunk", first=first, last=last) for first, last in chunks(cfg)]
 
 
 def write_lds_report(cfg: DictConfig, layout: Layout) -> None:
-    """``tables/lds.csv``, ``lds_pairs.csv``, ``lds_power.csv``, ``lds_outputs.csv``, ``lds_lambda.csv`` and
-    ``lds_cost.csv``, ``figures/lds.png`` and ``lds_cost.png``, and the plain arrays of ``lds/``."""
+    """``tables/lds.csv``, ``lds_pairs.csv``, ``lds_power.csv``, ``lds_steps.csv``, ``lds_outputs.csv``,
+    ``lds_lambda.csv`` and ``lds_cost.csv``, ``figures/lds.png`` and ``lds_cost.png``, and the plain arrays of
+    ``lds/``."""
     from .figures.lds import lds_cost_figure, lds_figure
     from .figures.style import save
     from .methods import family_of
@@ -140,8 +192,8 @@ def write_lds_report(cfg: DictConfig, layout: Layout) -> None:
                          "n_queries": int(np.isfinite(per_query(np.arange(n_subsets), sel)).sum()),
                          "n_subsets": n_subsets, "n_seeds": n_seeds, "lds_mean": mean, "ci_low": low, "ci_high": high})
 
-    def of_scores(scores):
-        predicted, effect = lds.predicted_outputs(scores, m[report]), lds.measured_effect(target[report])
+    def of_scores(scores, measured=target):
+        predicted, effect = lds.predicted_outputs(scores, m[report]), lds.measured_effect(measured[report])
         return lambda r, c: lds.spearman_columns(predicted[r][:, c], effect[r][:, c])
 
     tuned = []
@@ -169,6 +221,7 @@ def write_lds_report(cfg: DictConfig, layout: Layout) -> None:
         arrays[f"scores_{variant}"] = scores
         per_query_of[variant] = of_scores(scores)
         add(family.name, variant, per_query_of[variant], n_report, v.seeds)
+    step_rows = _step_lds(cfg, layout, table, arrays, per_kind, of_scores, n_report)
     power_rows = []
     for a, b in PAIRS:
         if a in per_query_of and b in per_query_of:
@@ -200,6 +253,7 @@ def write_lds_report(cfg: DictConfig, layout: Layout) -> None:
     write_csv(result, layout.path("table", name="lds.csv"))
     write_csv(pd.DataFrame(pair_rows, columns=PAIR_COLUMNS), layout.path("table", name="lds_pairs.csv"))
     write_csv(pd.DataFrame(power_rows, columns=POWER_COLUMNS), layout.path("table", name="lds_power.csv"))
+    write_csv(pd.DataFrame(step_rows, columns=STEP_COLUMNS), layout.path("table", name="lds_steps.csv"))
     write_csv(_outputs_summary(outputs[report], full_outputs, kinds, reported),
               layout.path("table", name="lds_outputs.csv"))
     write_csv(pd.concat(tuned, ignore_index=True)[LAMBDA_COLUMNS] if tuned else pd.DataFrame(columns=LAMBDA_COLUMNS),
@@ -215,6 +269,38 @@ def write_lds_report(cfg: DictConfig, layout: Layout) -> None:
     save(lds_figure(result), layout.path("figure", name="lds"))
 
 
+def _step_lds(cfg, layout, table, arrays, per_kind, of_scores, n_report) -> list[dict]:
+    """Journey-TRAK's per-step LDS (``lds_steps.csv``), as its paper evaluates it: at each kept sampling step, the
+    step's scores (``step_scores``, the same for both aggregates up to a positive per-step factor, which a rank
+    correlation ignores) against that step's target measured on every subset model; then the mean over steps.
+    Adds the per-step targets and scores to the arrays. No rows without Journey-TRAK or generated queries."""
+    from .methods import family_of
+
+    v = cfg.validate
+    journey = [m for m in cfg.attribution.methods if family_of(m).name == "journey_trak"]
+    if not journey or not (table.step >= 0).any():
+        return []
+    query_ids, train_ids = arrays["query_ids"], arrays["train_ids"]
+    dense = read_tensors(layout.scores(journey[0]), "attribute", ("step_scores", "steps", "query_ids"))
+    steps = dense["steps"].numpy()
+    targets = step_arrays(table, v.n_subsets, query_ids, steps)
+    target = np.nanmean(targets[:, :v.seeds], axis=1)  # [M, Q, T]
+    rows_of = pd.Index(dense["query_ids"].numpy()).get_indexer(query_ids)
+    scores = np.full((len(query_ids), len(steps), len(train_ids)), np.nan)
+    scores[rows_of >= 0] = dense["step_scores"].double().numpy()[rows_of[rows_of >= 0]]
+    arrays.update(journey_steps=steps, step_outputs=targets, step_scores_journey_trak=scores)
+    per_step = [of_scores(scores[:, j], target[:, :, j]) for j in range(len(steps))]
+    mean_over_steps = lambda r, c: np.nanmean([f(r, c) for f in per_step], axis=0)  # noqa: E731
+    rows = []
+    for timestep, per_query in [*zip(steps.tolist(), per_step), (None, mean_over_steps)]:
+        for kind, sel, mean, low, high in per_kind(per_query, n_report):
+            rows.append({"method": "journey_trak", "timestep": timestep,
+                         "target": "step" if timestep is not None else "mean over steps", "query_kind": kind,
+                         "n_queries": int(np.isfinite(per_query(np.arange(n_report), sel)).sum()),
+                         "n_subsets": n_report, "n_seeds": v.seeds, "lds_mean": mean, "ci_low": low, "ci_high": high})
+    return rows
+
+
 # The comparisons the papers claim, as paired LDS differences on the same subsets and queries (so the training noise
 # the two share cancels): Diffusion-ReTrac's renormalisation against TracIn (Xie et al. 2024), D-TRAK's loss
 # against TRAK's output (Zheng et al. 2024), Journey-TRAK's normalisation, the TRAK family against TracIn, DAS
@@ -226,7 +312,10 @@ PAIRS = [("retrac", "tracin"), ("retrac_train_only", "tracin"), ("retrac_test_on
          ("journey_trak_normalized", "journey_trak"), ("trak", "tracin"), ("dtrak", "tracin"), ("dtrak", "retrac"),
          ("das", "das_r1"), ("das_r1", "dtrak"), ("kfac", "dtrak"), ("ekfac", "kfac"), ("trak", "grad_dot"),
          ("grad_cosine", "grad_dot")]
-CHUNK_COLUMNS = ["model", "subset", "seed", "query_id", "output"]
+PART_COLUMNS = ["query_id", "step", "output"]  # step -1: F; else a sampling step's Journey-TRAK target
+CHUNK_COLUMNS = ["model", "subset", "seed", "query_id", "step", "output"]
+STEP_COLUMNS = ["method", "timestep", "target", "query_kind", "n_queries", "n_subsets", "n_seeds", "lds_mean",
+                "ci_low", "ci_high"]
 PAIR_COLUMNS = ["variant", "versus", "query_kind", "n_subsets", "difference", "ci_low", "ci_high"]
 # the paired difference the papers' comparisons should resolve (issue 24): lds_power.csv says what it would take
 POWER_EFFECT = 0.05

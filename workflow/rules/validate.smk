@@ -35,6 +35,7 @@ for _i, _run in enumerate(RUNS):
             lam=path_of(_run, "table", name="lds_lambda.csv"),
             pairs=path_of(_run, "table", name="lds_pairs.csv"),
             power=path_of(_run, "table", name="lds_power.csv"),
+            steps=path_of(_run, "table", name="lds_steps.csv"),
             figure=report(path_of(_run, "figure", name="lds"), caption="../report/lds.rst", category="Validation"),
             cost=path_of(_run, "table", name="lds_cost.csv"),
             cost_figure=report(path_of(_run, "figure", name="lds_cost"), caption="../report/lds_cost.rst",

@@ -188,6 +188,38 @@ def journey_query_features(model, scheduler, x0_hats: Mapping[int, torch.Tensor]
     return torch.tensor(steps, dtype=torch.long), torch.stack(feats, 1)
 
 
+def journey_step_outputs(model, scheduler, x0_hats: Mapping[int, torch.Tensor], query_ids, *,
+                         steps: Sequence[int] | None = None, n_noise: int = 20, seed: int = 0,
+                         stream: int = JOURNEY_NOISE, output: str = "loss", batch_size: int = 256) -> np.ndarray:
+    """Journey-TRAK's per-step target ``f_t(q; theta)`` [Q, S] float64: ``output`` at x0_hat(t) re-noised at t,
+    averaged over ``n_noise`` noises fixed by ``derive_seeds(seed, stream, query_id, t, r)``.
+
+    With ``stream`` JOURNEY_NOISE and the attribution seed it is the very function whose gradient
+    ``journey_query_features`` projects; the validation measures it on every subset model with noises of its own
+    (the per-step LDS: docs/METHODS.md §5), as it measures the image-level F.
+    """
+    from ..outputs import get_output
+
+    fn = get_output(output)
+    steps = sorted(x0_hats) if steps is None else [int(s) for s in steps]
+    query_ids = torch.as_tensor(np.asarray(query_ids)).long()
+    R, param = int(n_noise), next(model.parameters())
+    out = np.zeros((len(query_ids), len(steps)))
+    with torch.no_grad(), dropout_off(model):
+        for j, t in enumerate(steps):
+            seeds = derive_seeds(seed, stream, query_ids[:, None], t, torch.arange(R)[None, :]).reshape(-1)
+            x0 = x0_hats[t].repeat_interleave(R, 0)
+            values = []
+            for start in range(0, len(x0), batch_size):
+                rows = slice(start, start + batch_size)
+                noise = noise_from_seeds(seeds[rows], x0.shape[1:]).to(param.device, param.dtype)
+                steps_t = torch.full((len(noise),), t, dtype=torch.long, device=param.device)
+                x_t = scheduler.add_noise(x0[rows].to(param.device, param.dtype), noise, steps_t)
+                values.append(fn(model(x_t, steps_t).sample, noise, x_t, steps_t, scheduler).double().cpu())
+            out[:, j] = torch.cat(values).view(len(query_ids), R).mean(1).numpy()
+    return out
+
+
 def journey_aggregates(step_scores: torch.Tensor, phi_steps: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
     """The two aggregates over sampling steps of Journey-TRAK's per-step scores [Q, S, N]:
 

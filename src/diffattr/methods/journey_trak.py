@@ -22,15 +22,35 @@ class JourneyTrakSettings:
     journey_noises: int = knob(20, "noises averaged per step target", min=1)
 
 
-def run(job: Job) -> None:
+def kept_steps(cfg) -> list[int]:
+    """The ``attribution.journey_steps`` sampling steps attributed, evenly spaced over the sampler's own."""
     import numpy as np
+
+    from ..sampling import sampler_timesteps
+
+    steps = sampler_timesteps(cfg)
+    return steps[np.unique(np.linspace(0, len(steps) - 1, cfg.attribution.journey_steps).round().astype(int))].tolist()
+
+
+def journeys(cfg, generating, scheduler, source_ids) -> dict:
+    """``{t: x0_hat(t)}`` of the generated images of ``source_ids`` at the kept steps: the trajectory of the sampler
+    that made each image (seeded, so replayed exactly) and its predicted clean image under the same generating
+    weights. Computed once and shared by every ensemble member and by every validation model."""
+    from ..kernels.trak import predicted_x0_path
+    from ..sampling import generate
+
+    _, trajectory = generate(generating, scheduler, list(source_ids), cfg.sample.num_inference_steps,
+                             cfg.sample.batch_size, keep_steps=kept_steps(cfg))
+    return predicted_x0_path(generating, scheduler, trajectory)
+
+
+def run(job: Job) -> None:
     import torch
 
     from ..atomic import save_tensors
     from ..kernels import trak as kernels
     from ..outputs import LOSS_OUTPUTS
     from ..projectors import make_projector
-    from ..sampling import generate, sampler_timesteps
 
     cfg, a = job.cfg, job.cfg.attribution
     train_set = job.train_set()
@@ -38,15 +58,9 @@ def run(job: Job) -> None:
     generated = queries[queries.query_kind == "generated"]
     scheduler, output = job.scheduler(), LOSS_OUTPUTS[cfg.train.loss]
     spec = kernels.journey_train_spec(a.journey_train_timesteps, output=output, seed=a.seed)
-    steps = sampler_timesteps(cfg)
-    keep = steps[np.unique(np.linspace(0, len(steps) - 1, a.journey_steps).round().astype(int))].tolist()
-    # the generated image's journey: the trajectory of the sampler that made it (seeded, so replayed exactly), and
-    # its x0_hat at each kept step under the same (generating) weights, once for every ensemble member
-    generating = job.load_unet(job.checkpoints()[-1], ema=cfg.sample.use_ema)
-    _, trajectory = generate(generating, scheduler, generated.source_id.tolist(), cfg.sample.num_inference_steps,
-                             cfg.sample.batch_size, keep_steps=keep)
-    x0_hats = kernels.predicted_x0_path(generating, scheduler, trajectory)
-    del generating, trajectory
+    keep = kept_steps(cfg)
+    x0_hats = journeys(cfg, job.load_unet(job.checkpoints()[-1], ema=cfg.sample.use_ema), scheduler,
+                       generated.source_id.tolist())
     labelled = queries.query_kind != "generated"
     phi_trains, phi_labelled, phi_gen, projector = [], [], [], None
     for state in members(job):
