@@ -245,6 +245,8 @@ def test_the_family_registers_and_its_keys_validate():
     for name in ("dtrak", "das"):  # the query budget is theirs; Journey-TRAK's targets are its own
         assert budget.layout.keys[f"attribution/{name}"] != plain.layout.keys[f"attribution/{name}"]
     assert budget.layout.keys["attribution/journey_trak"] == plain.layout.keys["attribution/journey_trak"]
+    # added after results existed: at their defaults they leave those results' keys alone
+    assert not {"trak_query_timesteps", "trak_query_noises"} & set(plain.layout.depends["attribution/das"])
     with pytest.raises(ConfigError, match="das_residual"):
         compose("smoke", ["attribution.methods=[das]", "attribution.das_residual=exact"])
     with pytest.raises(ConfigError, match="das_output"):

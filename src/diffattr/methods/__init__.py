@@ -153,12 +153,17 @@ class Family:
         return (*COMMON_KEYS, *own, *self.uses)
 
     def depends_on(self, cfg: "DictConfig", variants: Sequence[str]) -> dict:
-        """The part of the config the job's result depends on (the queries stage's key is added by the layout)."""
+        """The part of the config the job's result depends on (the queries stage's key is added by the layout); a
+        setting added after results existed leaves their key alone at its default (``settings.keyed``)."""
         from omegaconf import OmegaConf
+
+        from ..settings import keyed, settings_class
 
         if self.depends is not None:
             return self.depends(cfg, variants)
-        return {k: OmegaConf.to_container(cfg.attribution, resolve=True)[k] for k in self.keys()}
+        values = OmegaConf.to_container(cfg.attribution, resolve=True)
+        schema = {f.name: f.type for f in fields(settings_class())}["attribution"]
+        return keyed(schema, {k: values[k] for k in self.keys()})
 
 
 _REGISTRY: dict[str, Family] = {}

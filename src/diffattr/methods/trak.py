@@ -22,8 +22,8 @@ class TrakSettings:
     proj_dim: int = knob(4096, "k", min=1)
     trak_timesteps: int = knob(100, "K evenly spaced timesteps, one noise each (TRAK and D-TRAK features)", min=1)
     trak_query_timesteps: int = knob(0, "K of the query side (0: trak_timesteps); 100 with trak_query_noises=2 gives "
-                                     "the queries the influence family's measurement budget", min=0)
-    trak_query_noises: int = knob(1, "noises per query-side timestep", min=1)
+                                     "the queries the influence family's measurement budget", min=0, added=True)
+    trak_query_noises: int = knob(1, "noises per query-side timestep", min=1, added=True)
     trak_checkpoints: int = knob(1, "ensemble over the last M checkpoints (D-TRAK: the final one)", min=1)
     lambda_grid: List[float] = knob(help="relative ridge values tried on the held-out queries",
                                     factory=lambda: [0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0], min=0)
