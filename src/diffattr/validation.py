@@ -91,21 +91,23 @@ class StepTargets:
     generating weights, when the first model is measured; no rows when generated queries are not validated."""
 
     def __init__(self, cfg: DictConfig, queries: pd.DataFrame, generating, scheduler):
+        from .methods.journey_trak import kept_steps
+
         self.cfg, self.scheduler, self.generating, self._x0_hats = cfg, scheduler, generating, None
         self.generated = queries[queries.query_kind == "generated"]
+        self.steps = kept_steps(cfg)
 
     def measure(self, unet) -> pd.DataFrame:
         from .kernels.trak import journey_step_outputs
-        from .methods.journey_trak import journeys, kept_steps
+        from .methods.journey_trak import journeys
         from .noise import VALIDATE_STEP_NOISE
         from .outputs import LOSS_OUTPUTS
 
         if self.generated.empty:
             return pd.DataFrame(columns=PART_COLUMNS)
+        cfg, steps = self.cfg, self.steps
         if self._x0_hats is None:
-            self._x0_hats = journeys(self.cfg, self.generating(), self.scheduler, self.generated.source_id.tolist())
-        steps = kept_steps(self.cfg)
-        cfg = self.cfg
+            self._x0_hats = journeys(cfg, self.generating(), self.scheduler, self.generated.source_id.tolist())
         out = journey_step_outputs(unet, self.scheduler, self._x0_hats, self.generated.query_id.to_numpy(),
                                    steps=steps, n_noise=cfg.attribution.journey_noises, seed=cfg.validate.seed,
                                    stream=VALIDATE_STEP_NOISE, output=LOSS_OUTPUTS[cfg.train.loss],
