@@ -398,6 +398,17 @@ def test_removal_summary_places_each_method_among_the_random_removals_of_each_qu
     # the paired gaps are 1, 0, 2: only the all-positive flips (1/4 of them) reach the observed mean
     assert m.p_value == pytest.approx(0.25, abs=0.03)
     assert result.loc["random", "median_l2"] == pytest.approx(2.0) and np.isnan(result.loc["random", "random_quantile"])
+    # the loss increase and the feature distance are placed the same way: m's are above every random draw of every
+    # query (0.01 > 0.0, 0.2 > 0.1), so only the all-positive flips (1/8 of them) reach the observed mean
+    for measure in ("loss_increase", "feature_distance"):
+        assert m[f"{measure}_quantile"] == 1.0
+        assert m[f"{measure}_quantile_ci_low"] == m[f"{measure}_quantile_ci_high"] == 1.0
+        assert m[f"{measure}_p_value"] == pytest.approx(0.125, abs=0.03)
+        assert np.isnan(result.loc["random", f"{measure}_p_value"])
+    # a method below random on one query and above on the others sits between
+    lower = table.assign(loss_increase=np.where((table.method == "m") & (table.query_id == 2), -1.0,
+                                                table.loss_increase))
+    assert summary(lower, 200, 0).set_index("method").loc["m", "loss_increase_quantile"] == pytest.approx(2 / 3)
 
 
 def test_removal_measures_l2_in_the_models_pixel_units():

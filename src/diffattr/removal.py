@@ -188,6 +188,25 @@ def run_chunk(cfg: DictConfig, layout: Layout, first: int, last: int, device: to
     write_parquet(pd.DataFrame(rows, columns=COLUMNS), layout.path("removal_chunk", first=first, last=last))
 
 
+# the measures a method's removal is also placed among the random removals by (beside the pixel L2, whose columns
+# keep their names), each with its own random generator so that adding one leaves the others' numbers as they were
+OTHER_MEASURES = ("loss_increase", "feature_distance")
+
+
+def against_random(mine: pd.Series, draws: list[np.ndarray], rng: np.random.Generator,
+                   n_resamples: int) -> dict[str, float]:
+    """Where a method's per-query value (``mine``, indexed by query) falls among the same queries' random removals
+    (``draws``, one array per query, in ``mine``'s order): see :func:`summary`."""
+    quantile = np.array([((d < x).sum() + 0.5 * (d == x).sum()) / len(d) for x, d in zip(mine, draws)])
+    means = quantile[rng.integers(0, len(quantile), (n_resamples, len(quantile)))].mean(axis=1)
+    random_mean = np.array([d.mean() for d in draws])
+    gap = mine.to_numpy() - random_mean
+    flipped = (rng.choice([-1.0, 1.0], (n_resamples, len(gap))) * gap).mean(axis=1)
+    return {"quantile": float(quantile.mean()), "quantile_ci_low": float(np.quantile(means, 0.025)),
+            "quantile_ci_high": float(np.quantile(means, 0.975)),
+            "p_value": float((1 + (flipped >= gap.mean()).sum()) / (1 + n_resamples))}
+
+
 def summary(table: pd.DataFrame, n_resamples: int, seed: int) -> pd.DataFrame:
     """Per method and fraction: the median over queries of each distance (a query's mean over its draws) with a 95%
     bootstrap interval over queries. For a method, its L2 against the random removals of the same query and
@@ -197,9 +216,14 @@ def summary(table: pd.DataFrame, n_resamples: int, seed: int) -> pd.DataFrame:
       averaged over queries, with a bootstrap interval (0.5: no better than random; 1: beyond every random draw);
     - ``l2_over_random``: the median over queries of the method's L2 over the mean random L2 (D-TRAK's comparison);
     - ``p_value``: a one-sided paired sign-flip permutation test over queries of the method's L2 minus the mean
-      random L2 (``n_resamples`` flips): how often a method no better than random moves the images this far."""
-    random = table[table.method == RANDOM].groupby(["fraction", "query_id"]).l2
+      random L2 (``n_resamples`` flips): how often a method no better than random moves the images this far.
+
+    The same for each of :data:`OTHER_MEASURES`, in columns named after it (``loss_increase_quantile``,
+    ``loss_increase_quantile_ci_low``/``_high``, ``loss_increase_p_value``; no ratio: a loss increase can be
+    negative): the loss increase is what Mlodozeniec et al. measure after a removal."""
     rng = np.random.default_rng(seed)
+    others = {measure: np.random.default_rng([seed, i + 1]) for i, measure in enumerate(OTHER_MEASURES)}
+    random = table[table.method == RANDOM].groupby(["fraction", "query_id"])
     rows = []
     for (method, fraction), part in table.groupby(["method", "fraction"], sort=False):
         row = {"method": method, "fraction": fraction, "k": int(part.k.iloc[0]), "n_queries": part.query_id.nunique()}
@@ -210,18 +234,19 @@ def summary(table: pd.DataFrame, n_resamples: int, seed: int) -> pd.DataFrame:
                         f"{metric}_ci_low": float(np.quantile(medians, 0.025)),
                         f"{metric}_ci_high": float(np.quantile(medians, 0.975))})
         if method != RANDOM:
-            mine = part.groupby("query_id").l2.mean()
-            draws = [random.get_group((fraction, q)).to_numpy() for q in mine.index]
-            quantile = np.array([((d < x).sum() + 0.5 * (d == x).sum()) / len(d) for x, d in zip(mine, draws)])
-            means = quantile[rng.integers(0, len(quantile), (n_resamples, len(quantile)))].mean(axis=1)
-            random_mean = np.array([d.mean() for d in draws])
-            gap = mine.to_numpy() - random_mean
-            flipped = (rng.choice([-1.0, 1.0], (n_resamples, len(gap))) * gap).mean(axis=1)
-            row.update({"n_random": int(min(len(d) for d in draws)), "random_quantile": float(quantile.mean()),
-                        "quantile_ci_low": float(np.quantile(means, 0.025)),
-                        "quantile_ci_high": float(np.quantile(means, 0.975)),
-                        "l2_over_random": float(np.median(mine.to_numpy() / random_mean)),
-                        "p_value": float((1 + (flipped >= gap.mean()).sum()) / (1 + n_resamples))})
+            per_query = part.groupby("query_id")
+            queries = per_query.l2.mean().index
+            draws = {m: [random.get_group((fraction, q))[m].to_numpy() for q in queries]
+                     for m in ("l2", *OTHER_MEASURES)}
+            mine = per_query.l2.mean()
+            l2 = against_random(mine, draws["l2"], rng, n_resamples)
+            ratio = mine.to_numpy() / np.array([d.mean() for d in draws["l2"]])
+            row.update({"n_random": int(min(len(d) for d in draws["l2"])), "random_quantile": l2["quantile"],
+                        "quantile_ci_low": l2["quantile_ci_low"], "quantile_ci_high": l2["quantile_ci_high"],
+                        "l2_over_random": float(np.median(ratio)), "p_value": l2["p_value"]})
+            for measure, generator in others.items():
+                placed = against_random(per_query[measure].mean(), draws[measure], generator, n_resamples)
+                row.update({f"{measure}_{key}": value for key, value in placed.items()})
         rows.append(row)
     return pd.DataFrame(rows)
 
