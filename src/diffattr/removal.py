@@ -235,10 +235,9 @@ def summary(table: pd.DataFrame, n_resamples: int, seed: int) -> pd.DataFrame:
                         f"{metric}_ci_high": float(np.quantile(medians, 0.975))})
         if method != RANDOM:
             per_query = part.groupby("query_id")
-            queries = per_query.l2.mean().index
-            draws = {m: [random.get_group((fraction, q))[m].to_numpy() for q in queries]
-                     for m in ("l2", *OTHER_MEASURES)}
             mine = per_query.l2.mean()
+            draws = {m: [random.get_group((fraction, q))[m].to_numpy() for q in mine.index]
+                     for m in ("l2", *OTHER_MEASURES)}
             l2 = against_random(mine, draws["l2"], rng, n_resamples)
             ratio = mine.to_numpy() / np.array([d.mean() for d in draws["l2"]])
             row.update({"n_random": int(min(len(d) for d in draws["l2"])), "random_quantile": l2["quantile"],
