@@ -92,6 +92,21 @@ def test_other_seed_gives_other_weights(reference, tmp_path, train_set):
     assert not all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_unit_loss_weights_are_the_ordinary_training_bit_for_bit(reference, tmp_path, train_set):
+    """Per-example weights (MAGIC's w, the zero-weight removal) normalise by the batch's length: w = 1 must be the
+    batch mean exactly, and a zero weight must change the weights."""
+    run_a, _ = reference
+    ones = smoke_run(tmp_path / "ones")
+    train(ones.cfg, out(ones), train_set, torch.device("cpu"), weights=torch.ones(len(train_set)))
+    wa, wb = weights(out(run_a)), weights(out(ones))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    zeroed = torch.ones(len(train_set))
+    zeroed[3] = 0.0
+    zero = smoke_run(tmp_path / "zero")
+    train(zero.cfg, out(zero), train_set, torch.device("cpu"), weights=zeroed)
+    assert not all(torch.equal(wa[k], wz) for k, wz in weights(out(zero)).items())
+
+
 def test_resume_after_interruption_is_bit_identical(reference, tmp_path, train_set, monkeypatch):
     run = smoke_run(tmp_path)
     real_save = train_mod.save_checkpoint

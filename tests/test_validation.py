@@ -14,8 +14,8 @@ from diffattr.data import load_dataset
 from diffattr.exceptions import ConfigError
 from diffattr.layout import Layout
 from diffattr.noise import VALIDATE_OUTPUT_NOISE, derive_seeds, noise_from_seeds
-from diffattr.subsets import (FULL, SubsetModel, chunks, masks, model_outputs, subset_mask, subset_models,
-                              train_subset_model)
+from diffattr.subsets import (FULL, SubsetModel, chunks, masks, model_outputs, query_output, subset_mask,
+                              subset_models, train_subset_model)
 from diffattr.train import train
 
 
@@ -352,6 +352,20 @@ def test_model_output_is_the_mean_loss_over_the_fixed_grid(make_small_unet, sing
     # the same query measured alone, in another batch size, gets the same noise and so the same output
     alone = model_outputs(unet, scheduler, images[1:2], ids[1:2], timesteps, 2, seed=7, loss="l2", batch_size=5)
     np.testing.assert_allclose(alone, got[1:2], rtol=1e-6)
+
+
+def test_one_querys_differentiable_output_is_the_measured_one(make_small_unet, single_thread):
+    """MAGIC differentiates F query by query: the same draws as model_outputs, with a graph."""
+    unet, scheduler = make_small_unet(torch.float64)
+    unet = unet.float().eval()
+    images = torch.rand(3, 3, 8, 8) * 2 - 1
+    ids = np.array([2_000_005, 1_000_007, 3])
+    timesteps = torch.tensor([0, 400, 999])
+    measured = model_outputs(unet, scheduler, images, ids, timesteps, 2, seed=7, loss="l2", batch_size=4)
+    for q in range(3):
+        value = query_output(lambda x, t: unet(x, t).sample, scheduler, images[q], int(ids[q]), timesteps, 2, seed=7,
+                             loss="l2", batch_size=4)
+        assert value.requires_grad and value.item() == pytest.approx(measured[q], rel=1e-6)
 
 
 def test_a_setting_added_later_keeps_old_keys_at_its_default():

@@ -566,6 +566,47 @@ def test_validate_reports_every_method_the_control_and_the_seed_references(valid
         assert rows.bracketed.all() == ((scored > chosen).any() and (chosen == 0 or (scored < chosen).any()))
 
 
+def test_magic_replays_the_training_and_is_validated(validated, monkeypatch):
+    """MAGIC end to end: its job replays the smoke training bit for bit (and refuses when the replay does not end on
+    the stored checkpoint), scores the measured query kinds only, and stands in lds.csv."""
+    import numpy as np
+    import torch
+
+    from diffattr import checkpoints, methods
+    from diffattr.exceptions import StageError
+
+    work, _ = validated
+    overrides = ["attribution.methods=[magic]"]  # the subset models' measured outputs are the validated run's
+    proc = snakemake("validate", "--cores", "2", "--config", "experiment=smoke",
+                     f"overrides={json.dumps(overrides)}", cwd=work)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert "validate_chunk" not in out
+    path = Paths(work, overrides)
+    cfg = path.run.cfg
+    table = pd.read_csv(path("table", name="lds.csv"))
+    magic = table[table.variant == "magic"]
+    assert set(magic.query_kind) == set(cfg.validate.query_kinds) and magic.lds_mean.notna().all()
+    scored = load_file(str(path("method_shard", family="magic", shard=0, shards=1) / "magic.safetensors"))
+    kinds = pd.read_parquet(path("query_table")).set_index("query_id").query_kind
+    assert set(kinds.loc[scored["query_ids"].numpy()]) == set(cfg.validate.query_kinds)
+    assert np.isfinite(scored["scores"].numpy()).all() and (scored["scores"] != 0).all(dim=1).any()
+
+    real = checkpoints.load_checkpoint_unet
+
+    def nudged(directory, ema=False):  # the stored final weights one rounding step away from the replay's
+        unet = real(directory, ema)
+        with torch.no_grad():
+            first = next(unet.parameters())
+            first.copy_(torch.nextafter(first, first + 1))
+        return unet
+
+    monkeypatch.setattr(checkpoints, "load_checkpoint_unet", nudged)
+    monkeypatch.chdir(work)
+    with pytest.raises(StageError, match="bit for bit"):
+        methods.run_job(path.run, "magic", 0, torch.device("cpu"))
+
+
 def test_an_interrupted_validation_resumes_without_retraining(validated):
     work, path = validated
     stage = work / "results" / "smoke" / "stages"

@@ -352,7 +352,7 @@ def stage_overrides(run: Run, stage: str) -> list[str]:
     extra: list[str] = []
     if stage.startswith("attribution/"):
         family = families()[stage.split("/", 1)[1]]
-        prefixes = (*config_prefixes("queries"), *(f"attribution.{k}" for k in family.keys()),
+        prefixes = (*config_prefixes("queries"), *(f"attribution.{k}" for k in family.keys()), *family.reads,
                     *(("shards",) if family.sharded else ()))
         variants = family.job_variants(requested_families(run.cfg.attribution.methods)[family])
         extra = [f"attribution.methods=[{','.join(variants)}]"]

@@ -247,6 +247,18 @@ def estimate(stage: str, cfg, family: str = "", rows_per_call: int | None = None
         terms["activations"] = _grad_chunk(prof, ENGINE_CHUNK) + ENGINE_CHUNK * 3 * 8.0 * prof.largest_layer
         # [L, Q, N] per variant, float64, as parts and whole; the absolute damping adds a lam per variant at most
         terms["scores"] = 8.0 * q * n * 2 * 2 * (len(lambdas(a)) + len(VARIANTS))
+    elif stage == "attribution" and family == "magic":
+        steps = cfg.train.epochs * -(-n // cfg.train.batch_size)
+        keep = a.magic_keep_every
+        state = w * (3 + ema)  # parameters, Adam's two moments, the EMA weights
+        terms["weights"] = 3 * w  # the model, its initial parameters, the stored checkpoint it is checked against
+        # the kept states and one segment recomputed; every query's adjoint of the state, and the one being replaced
+        terms["states"] = (-(-steps // keep) + keep + n_queries(cfg) + 1) * state
+        # a step's double backward keeps about three training graphs; F's graph holds all its draws at once
+        v = cfg.validate
+        terms["activations"] = max(3 * training["activations"],
+                                   v.output_timesteps * v.output_noises * (prof.saved_bytes + 4 * prof.outputs))
+        terms["scores"] = 8.0 * n_queries(cfg) * n
     elif stage == "attribution":  # the TRAK families: projected features, no [rows, P] matrix
         k = a.proj_dim
         members = 1 if family == "grad_similarity" else a.trak_checkpoints  # the final checkpoint only

@@ -153,6 +153,30 @@ def output_timesteps(cfg: DictConfig) -> torch.Tensor:
     return evenly_spaced_timesteps(cfg.validate.output_timesteps, cfg.model.num_train_timesteps)
 
 
+def output_noise(seed: int, query_ids, timesteps: torch.Tensor, noise_index, shape) -> torch.Tensor:
+    """The fixed noise of F's draws (query id, t, r): a function of ``validate.seed`` and those three only."""
+    return noise_from_seeds(derive_seeds(seed, VALIDATE_OUTPUT_NOISE, query_ids, timesteps, noise_index), shape)
+
+
+def query_output(forward, scheduler, image: torch.Tensor, query_id: int, timesteps: torch.Tensor, n_noises: int,
+                 seed: int, loss: str, batch_size: int) -> torch.Tensor:
+    """F(q; theta) of one query as a differentiable float64 scalar, on the draws of :func:`model_outputs` (equal to
+    its value up to the order of the sum): ``forward(x_t, t)`` is the model's noise prediction."""
+    import torch
+
+    from .train import diffusion_loss
+
+    t = timesteps.repeat_interleave(n_noises)
+    r = torch.arange(n_noises).repeat(len(timesteps))
+    total = image.new_zeros((), dtype=torch.float64)
+    for start in range(0, len(t), batch_size):
+        tt, rr = t[start:start + batch_size], r[start:start + batch_size]
+        noise = output_noise(seed, torch.full_like(tt, query_id), tt, rr, image.shape).to(image.device)
+        x_t = scheduler.add_noise(image.expand(len(tt), *image.shape), noise, tt.to(image.device))
+        total = total + diffusion_loss(forward(x_t, tt.to(image.device)), noise, loss).double().sum()
+    return total / len(t)
+
+
 def model_outputs(unet, scheduler, images: torch.Tensor, query_ids: np.ndarray, timesteps: torch.Tensor,
                   n_noises: int, seed: int, loss: str, batch_size: int) -> np.ndarray:
     """F(q; theta) of every query: its loss ``loss`` averaged over ``timesteps`` x ``n_noises`` fixed noises (float64
@@ -170,8 +194,7 @@ def model_outputs(unet, scheduler, images: torch.Tensor, query_ids: np.ndarray, 
         for start in range(0, len(q_idx), batch_size):
             q, r = q_idx[start:start + batch_size], r_idx[start:start + batch_size]
             t = timesteps[t_idx[start:start + batch_size]]
-            seeds = derive_seeds(seed, VALIDATE_OUTPUT_NOISE, query_ids[q], t, r)
-            noise = noise_from_seeds(seeds, images.shape[1:])
+            noise = output_noise(seed, query_ids[q], t, r, images.shape[1:])
             x_t = scheduler.add_noise(images[q], noise, t)
             pred = unet(x_t.to(device), t.to(device)).sample
             per = diffusion_loss(pred, noise.to(device), loss).double().cpu().numpy()

@@ -95,11 +95,30 @@ def diffusion_loss(pred: torch.Tensor, noise: torch.Tensor, kind: str) -> torch.
     return OUTPUTS[LOSS_OUTPUTS[kind]](pred, noise, None, None, None)
 
 
+def batch_loss(per_example: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """A step's loss: the batch mean, or with per-example weights ``sum_i w_i l_i / B``, B the batch's length (not
+    the weights' sum, so that w = 1 is the mean bit for bit and a zero weight leaves the others' scale alone)."""
+    return per_example.mean() if weights is None else (weights * per_example).sum() / len(per_example)
+
+
+def epoch_steps(draws: StepDraws, ids: torch.Tensor, batch_size: int, epoch: int):
+    """``(step, rows, timesteps, noise seeds)`` of every optimiser step of ``epoch`` (1-based): ``rows`` are
+    positions in the training set. What a replay of the training (``diffattr.methods.magic``) steps through."""
+    steps_per_epoch = math.ceil(len(ids) / batch_size)
+    order = draws.order(epoch, ids)
+    for b in range(steps_per_epoch):
+        step = (epoch - 1) * steps_per_epoch + b
+        rows = order[b * batch_size:(b + 1) * batch_size]
+        sample_ids = ids[rows]
+        yield step, rows, draws.timesteps(step, epoch, sample_ids), draws.noise_seeds(step, epoch, sample_ids)
+
+
 def train(cfg: DictConfig, run_dir: Path, train_set: ImageSet, device: torch.device,
-          order_shift: int = 0) -> list[CheckpointState]:
+          order_shift: int = 0, weights: torch.Tensor | None = None) -> list[CheckpointState]:
     """Train (or resume) the run's model; write checkpoints, ``train_log.parquet`` and ``checkpoints/index.json``.
     ``order_shift`` (``train.draws=per_example`` only): each epoch's order rotated by that many positions, so every
-    example keeps its draws but shares its batches with others (the validation's regrouped models)."""
+    example keeps its draws but shares its batches with others (the validation's regrouped models). ``weights`` [N]:
+    each example's loss weight (:func:`batch_loss`; None: every weight 1, the same training bit for bit)."""
     t = cfg.train
     ckpt_dir = Path(run_dir) / "checkpoints"
     n = len(train_set)
@@ -129,14 +148,8 @@ def train(cfg: DictConfig, run_dir: Path, train_set: ImageSet, device: torch.dev
                total=t.epochs)
     for epoch in bar:
         tic, seen = time.perf_counter(), 0
-        order = draws.order(epoch, ids)
         unet.train()
-        for b in range(steps_per_epoch):
-            step = (epoch - 1) * steps_per_epoch + b
-            rows = order[b * t.batch_size:(b + 1) * t.batch_size]
-            sample_ids = ids[rows]
-            timesteps = draws.timesteps(step, epoch, sample_ids)
-            seeds = draws.noise_seeds(step, epoch, sample_ids)
+        for step, rows, timesteps, seeds in epoch_steps(draws, ids, t.batch_size, epoch):
             noise = noise_from_seeds(seeds, images.shape[1:]).to(device)
             x0 = images[rows.to(device)]
             x_t = scheduler.add_noise(x0, noise, timesteps.to(device))
@@ -145,7 +158,7 @@ def train(cfg: DictConfig, run_dir: Path, train_set: ImageSet, device: torch.dev
                 group["lr"] = lr
             torch.manual_seed(int(derive_seeds(t.seed, TRAIN_DROPOUT, step)))
             per_example = diffusion_loss(unet(x_t, timesteps.to(device)).sample, noise, t.loss)
-            loss = per_example.mean()
+            loss = batch_loss(per_example, None if weights is None else weights[rows].to(device))
             if not torch.isfinite(loss):
                 last = states[-1].name if states else "none (no checkpoint saved yet)"
                 raise TrainingError(f"non-finite loss ({loss.item()}) at step {step}, epoch {epoch}; last good "
@@ -161,7 +174,7 @@ def train(cfg: DictConfig, run_dir: Path, train_set: ImageSet, device: torch.dev
             seen += len(rows)
             replay_rows.append(pd.DataFrame({
                 "step": step, "epoch": epoch, "lr": lr, "batch_size": t.batch_size,
-                "sample_id": sample_ids.numpy(), "timestep": timesteps.numpy(), "noise_seed": seeds.numpy(),
+                "sample_id": ids[rows].numpy(), "timestep": timesteps.numpy(), "noise_seed": seeds.numpy(),
                 "loss": per_example.detach().cpu().numpy(),
             }))
         bar.set_postfix(loss=f"{np.mean(losses[-steps_per_epoch:]):.4f}",

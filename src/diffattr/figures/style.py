@@ -30,6 +30,7 @@ METHOD_COLOURS = {
     "pixel_cosine": "#9467bd", "feature_cosine": "#c5b0d5",
     "grad_dot": "#e377c2", "grad_cosine": "#f7b6d2",
     "kfac": "#393b79", "ekfac": "#6b6ecf",
+    "magic": "#e6550d",
 }
 # Greys and black belong to what is not a method, so no method is mistaken for a reference line or an outlier.
 REFERENCE_COLOURS = {"random": "0.55", "attainable": "0.15"}  # lds.csv's reference rows, by variant

@@ -124,6 +124,8 @@ class Family:
     run: Callable[[Job], None]  # compute one shard of the job into job.out (<variant>.safetensors and extras)
     settings: type | None = None  # dataclass; its fields are attribution.<field> keys, with help and ranges
     uses: tuple[str, ...] = ()  # attribution keys of other families (or of the queries) that its scores read
+    reads: tuple[str, ...] = ()  # keys outside attribution.* that its scores read (e.g. validate.seed): its jobs get
+    # their overrides, and its `depends` must include them
     sharded: bool = False  # split over the training set into `shards` jobs, combined by `merge`
     self_influence: bool = False  # its score files may carry self_influence [N]
     grad_norms: bool = False  # its score files carry train_grad_norms [C, N]: the report plots scores against them
