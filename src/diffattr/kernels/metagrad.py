@@ -155,26 +155,29 @@ class Replay:
         return state[3 * n:] if self.ema > 0 else state[:n]
 
     def run(self, weights: Tensor) -> State:
-        """The whole training at ``weights``, without a graph."""
-        state = self.start()
-        with torch.no_grad():
-            for k in range(len(self.lrs)):
-                state = self.advance(k, state, weights)
-        return state
+        """The whole training at ``weights``, without a graph: its final state."""
+        return self.forward(weights, keep_every=len(self.lrs) + 1)[1]
 
-    def metagradients(self, weights: Tensor, outputs: Sequence[Callable[[dict[str, Tensor]], Tensor]],
-                      keep_every: int = 1) -> tuple[Tensor, Tensor]:
-        """The outputs F_q (scalar functions of the final parameters, as a dict name -> tensor) and their exact
-        derivatives dF_q / dw [Q, N] at ``weights``. States of every ``keep_every``-th step are kept; the others are
-        recomputed from them (``keep_every`` = 1: no recomputation, the most memory)."""
-        n_steps = len(self.lrs)
+    def forward(self, weights: Tensor, keep_every: int = 1) -> tuple[dict[int, State], State]:
+        """The training at ``weights``, keeping the state before every ``keep_every``-th step: (kept, final)."""
         kept: dict[int, State] = {}
         state = self.start()
         with torch.no_grad():
-            for k in range(n_steps):
+            for k in range(len(self.lrs)):
                 if k % keep_every == 0:
                     kept[k] = state
                 state = self.advance(k, state, weights)
+        return kept, state
+
+    def metagradients(self, weights: Tensor, outputs: Sequence[Callable[[dict[str, Tensor]], Tensor]],
+                      keep_every: int = 1, forward: tuple[dict[int, State], State] | None = None
+                      ) -> tuple[Tensor, Tensor]:
+        """The outputs F_q (scalar functions of the final parameters, as a dict name -> tensor) and their exact
+        derivatives dF_q / dw [Q, N] at ``weights``. States of every ``keep_every``-th step are kept; the others are
+        recomputed from them (``keep_every`` = 1: no recomputation, the most memory). ``forward``: what
+        :meth:`forward` returned for the same weights and ``keep_every``, if already computed (it is consumed)."""
+        n_steps = len(self.lrs)
+        kept, state = forward if forward is not None else self.forward(weights, keep_every)
 
         values, adjoints = [], []
         final = [p.detach().requires_grad_(True) for p in self.final_params(state)]

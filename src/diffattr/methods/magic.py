@@ -48,8 +48,6 @@ def cost(cfg, variants) -> dict:
 
 
 def run(job: Job) -> None:
-    import math
-
     import torch
     from torch.func import functional_call
 
@@ -76,8 +74,6 @@ def run(job: Job) -> None:
     images, ids = train_set.images.to(job.device), train_set.ids
     draws = DRAWS[t.draws](t.seed, scheduler.config.num_train_timesteps)
     steps = [s for epoch in range(1, t.epochs + 1) for s in epoch_steps(draws, ids, t.batch_size, epoch)]
-    if len(steps) != t.epochs * math.ceil(len(ids) / t.batch_size):
-        raise StageError("magic: the replayed steps do not match the training's")
     shape = tuple(images.shape[1:])
 
     def loss(k: int, params, weights):
@@ -97,7 +93,9 @@ def run(job: Job) -> None:
     # the replay must be the training: compare its end with the stored final checkpoint
     unet.train()
     ones = torch.ones(len(ids), dtype=images.dtype, device=job.device)
-    final = replay.final_params(replay.run(ones))
+    keep_every = cfg.attribution.magic_keep_every
+    trained = replay.forward(ones, keep_every)
+    final = replay.final_params(trained[1])
     stored = load_checkpoint_unet(job.layout.path("checkpoint", checkpoint=job.checkpoints()[-1].name), ema=use_ema)
     if not all(torch.equal(a.cpu(), b) for a, b in zip(final, stored.parameters())):
         raise StageError("magic: replaying the training does not reproduce its final checkpoint bit for bit (trained "
@@ -118,7 +116,7 @@ def run(job: Job) -> None:
         return f
 
     chosen = [q for q in range(len(queries)) if measured[q]]
-    _, grads = replay.metagradients(ones, [output(q) for q in chosen], keep_every=job.cfg.attribution.magic_keep_every)
+    _, grads = replay.metagradients(ones, [output(q) for q in chosen], keep_every, forward=trained)
     save_tensors({"scores": -grads.double().cpu(), "query_ids": torch.tensor(queries.query_id.to_numpy()[chosen]),
                   "train_ids": ids}, job.out / "magic.safetensors")
 
