@@ -1,6 +1,8 @@
 """Counterfactual validation: the LDS arithmetic on a linear datamodel with known attributions, the subset and seed
 bookkeeping, coupled retraining, the measured output against a plain loop, and a chunk job's resumption."""
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -9,6 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from diffattr import lds
+from diffattr.checkpoints import last_checkpoint, load_checkpoint_unet
 from diffattr.config import compose
 from diffattr.data import load_dataset
 from diffattr.exceptions import ConfigError
@@ -330,6 +333,28 @@ def test_a_regrouped_model_keeps_every_draw_and_changes_the_batches(tmp_path, sm
                            SubsetModel(0, 0, regrouped=True), torch.device("cpu"))
 
 
+@pytest.mark.parametrize("draws", ["per_step", "per_example"])
+def test_a_zero_weight_model_takes_the_full_runs_batches_and_is_blind_to_what_it_removes(tmp_path, smoke_train_set,
+                                                                                        draws):
+    """validate.removal=zero_weight (what metagradients are exact for): every step is the full run's batch, and an
+    example weighted 0 has no effect at all: changing its pixels leaves the trained weights bit for bit."""
+    run = compose("smoke", [f"results_dir={tmp_path}", f"train.draws={draws}", "train.epochs=2",
+                            "validate.removal=zero_weight"])
+    train(run.cfg, tmp_path / "full", smoke_train_set, torch.device("cpu"))
+    train_subset_model(run.cfg, tmp_path / "sub", smoke_train_set, SubsetModel(0, 0), torch.device("cpu"))
+    full, part = (pd.read_parquet(tmp_path / name / "train_log.parquet") for name in ("full", "sub"))
+    pd.testing.assert_frame_equal(full.drop(columns="loss"), part.drop(columns="loss"))
+    removed = ~subset_mask(len(smoke_train_set), 0.5, 0, 0)
+    images = smoke_train_set.images.clone()
+    images[torch.from_numpy(removed)] = torch.rand_like(images[torch.from_numpy(removed)]) * 2 - 1
+    altered = dataclasses.replace(smoke_train_set, images=images)
+    train_subset_model(run.cfg, tmp_path / "altered", altered, SubsetModel(0, 0), torch.device("cpu"))
+    trained = {name: load_checkpoint_unet(last_checkpoint(tmp_path / name / "checkpoints")).state_dict()
+               for name in ("full", "sub", "altered")}
+    assert all(torch.equal(trained["sub"][k], trained["altered"][k]) for k in trained["sub"])
+    assert not all(torch.equal(trained["sub"][k], trained["full"][k]) for k in trained["sub"])
+
+
 # --- the measured output --------------------------------------------------------------------------------------------
 
 def test_model_output_is_the_mean_loss_over_the_fixed_grid(make_small_unet, single_thread):
@@ -373,6 +398,11 @@ def test_a_setting_added_later_keeps_old_keys_at_its_default():
     assert "draws" not in base.layout.depends["train"]["train"]  # results computed before it existed stay valid
     assert coupled.layout.depends["train"]["train"]["draws"] == "per_example"
     assert base.layout.keys["train"] != coupled.layout.keys["train"]
+    zero = compose("smoke", ["train.draws=per_example", "validate.removal=zero_weight"])
+    assert "removal" not in base.layout.depends["subsets"] and zero.layout.depends["subsets"]["removal"] == "zero_weight"
+    # a zero-weight subset retrains to the same bits: its ceiling model is a second seed, not a regrouped one
+    assert "second_model" in coupled.layout.depends["outputs"] and "second_model" not in zero.layout.depends["outputs"]
+    assert not any(model.regrouped for model in subset_models(zero.cfg))
 
 
 # --- counterfactual removal -----------------------------------------------------------------------------------------

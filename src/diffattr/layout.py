@@ -115,7 +115,7 @@ SCORE_VS_NORM = "score_vs_grad_norm"  # the report draws it when a method's scor
 STAGES = ("data", "train", "samples", "norm_study", "queries", "subsets", "outputs", "removal")
 ON_DEMAND = ("subsets", "outputs", "removal")  # computed by the targets validate and removal only
 QUERY_KEYS = ("n_train_queries", "n_test_queries", "n_generated_queries", "heldout_fraction", "seed")
-SUBSET_KEYS = ("alpha", "seed")
+SUBSET_KEYS = ("alpha", "seed", "removal")
 OUTPUT_KEYS = ("n_subsets", "seeds", "ceiling_subsets", "output_timesteps", "output_noises", "query_kinds")
 MEASURE_KEYS = ("output_timesteps", "output_noises", "seed")  # the measured output F that removal reuses
 # Journey-TRAK's per-step targets, measured beside F on every validation model (the per-step LDS)
@@ -159,6 +159,8 @@ def stage_dependencies(cfg: DictConfig) -> dict[str, dict]:
     is a hash of. Upstream stages enter by their keys."""
     from .data import source_identity
     from .methods import family_of, requested_families
+    from .settings import ValidateSettings, keyed
+    from .subsets import subset_models
 
     deps: dict[str, dict] = {}
     keys: dict[str, str] = {}
@@ -173,9 +175,9 @@ def stage_dependencies(cfg: DictConfig) -> dict[str, dict]:
         add(stage, {upstream: keys[upstream], **{group: _group(cfg, group) for group in OWN_CONFIG[stage]}})
     add("queries", {"samples": keys["samples"], **{k: cfg.attribution[k] for k in QUERY_KEYS}})
     v = OmegaConf.to_container(cfg.validate, resolve=True)
-    add("subsets", {"train": keys["train"], **{k: v[k] for k in SUBSET_KEYS}})
+    add("subsets", {"train": keys["train"], **keyed(ValidateSettings, {k: v[k] for k in SUBSET_KEYS})})
     # under coupled draws the second model of a subset is seed 0 regrouped, not a second seed (diffattr.subsets)
-    regrouped = cfg.train.draws == "per_example" and v["seeds"] == 1 and v["ceiling_subsets"] > 0
+    regrouped = any(model.regrouped for model in subset_models(cfg))
     add("outputs", {"subsets": keys["subsets"], "queries": keys["queries"], **{k: v[k] for k in OUTPUT_KEYS},
                     "step_targets": {k: cfg.attribution[k] for k in STEP_TARGET_KEYS},
                     **({"second_model": "regrouped"} if regrouped else {})})

@@ -64,7 +64,8 @@ def _runtime(stage: str, cfg: DictConfig, family: str) -> int:
         return _minutes((n * grads["train"] + queries * grads["query"]) / shard_count(fam, cfg), GRADS_PER_S, cfg)
     if stage == "validate":  # one job: models_per_job subset trainings, then F of every measured query on each
         v = cfg.validate
-        work = v.models_per_job * (cfg.train.epochs * v.alpha * n + measured_triples(cfg) / 3)  # a forward: ~1/3 step
+        trained = n if v.removal == "zero_weight" else v.alpha * n  # zero-weight models step through every batch
+        work = v.models_per_job * (cfg.train.epochs * trained + measured_triples(cfg) / 3)  # a forward: ~1/3 step
         return _minutes(work, TRAIN_PER_S, cfg)
     if stage == "removal":  # one job: cases_per_job retrainings, one regenerated image and one F each
         v, steps = cfg.validate, cfg.sample.num_inference_steps or cfg.model.num_train_timesteps

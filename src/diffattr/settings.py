@@ -175,6 +175,9 @@ def _grids():
     return tuple(GRIDS)
 
 
+REMOVALS = ("regroup", "zero_weight")
+
+
 @dataclass
 class ValidateSettings:
     """Counterfactual validation by the linear datamodeling score (``snakemake validate``; docs/METHODS.md §5)."""
@@ -185,6 +188,10 @@ class ValidateSettings:
     ceiling_subsets: int = knob(16, "with seeds = 1: the first this many subsets get one more seed, for the "
                                 "seed reliability (0 skips it)", min=0)
     seed: int = knob(0, "which examples each subset keeps", min=0)
+    removal: str = knob("regroup", "how a subset model leaves examples out: regroup (trains on the kept examples "
+                        "alone, batches re-formed) or zero_weight (the full run's batches, the removed examples' "
+                        "losses weighted 0: the protocol metagradients are exact for)",
+                        choices=lambda: REMOVALS, added=True)
     tune_subsets: float = knob(0.25, "fraction of the subsets (the last ones, at least 3) on which the held-out "
                                "queries choose lambda; every reported number uses the others (0: none set aside, "
                                "lambda stays each attribution job's choice)", min=0, lt=1)

@@ -5,6 +5,8 @@ Subset m keeps ``round(alpha N)`` training examples drawn from ``(validate.seed,
 ``validate.n_subsets`` keeps every earlier subset (and its trained models). Seed 0 of a subset trains with the full
 run's own ``train.seed``: under ``train.draws=per_example`` its examples then see exactly the draws they saw in the
 full run, and the subset model differs from the full model by the removed data only (coupled retraining).
+``validate.removal=zero_weight`` keeps the full run's batches instead and weights the removed examples' losses 0:
+the data weights are then all that differs (what ``diffattr.kernels.metagrad`` differentiates).
 
 F(q; theta) is the query's diffusion loss (``train.loss``) averaged over ``validate.output_timesteps`` evenly spaced
 timesteps (``linspace(0, T-1)``) and ``validate.output_noises`` noises, each fixed by (query id, timestep, noise
@@ -67,7 +69,9 @@ def subset_models(cfg: DictConfig) -> list[SubsetModel]:
     v = cfg.validate
     models = [FULL] + [SubsetModel(m, s) for m in range(v.n_subsets) for s in range(v.seeds)]
     if v.seeds == 1:
-        coupled = cfg.train.draws == "per_example"
+        # zero-weight models keep the full run's batches: a subset retrains to the same bits, so its second model
+        # is another seed, whose agreement says how much of the target a change of seed keeps
+        coupled = cfg.train.draws == "per_example" and v.removal == "regroup"
         models += [SubsetModel(m, 0, regrouped=True) if coupled else SubsetModel(m, 1)
                    for m in range(min(v.ceiling_subsets, v.n_subsets))]
     return models
@@ -130,23 +134,29 @@ def masks_table(ids: np.ndarray, v: DictConfig) -> pd.DataFrame:
 
 def train_subset_model(cfg: DictConfig, directory: Path, train_set: ImageSet, model: SubsetModel,
                        device: torch.device):
-    """Train (or resume, or find done) ``model`` in ``directory``: the run's training on the subset's examples with
-    seed ``train.seed + model.seed``, for the same epochs, keeping only the last checkpoint; a regrouped model's
-    epochs are rotated by half a batch."""
+    """Train (or resume, or find done) ``model`` in ``directory``: the run's training with seed ``train.seed +
+    model.seed``, for the same epochs, keeping only the last checkpoint, on the subset's examples
+    (``validate.removal=regroup``; a regrouped model's epochs rotated by half a batch) or on every example with the
+    removed ones' loss weights 0 (``zero_weight``)."""
+    import torch
+
     keep = subset_mask(len(train_set), cfg.validate.alpha, cfg.validate.seed, model.subset)
+    if cfg.validate.removal == "zero_weight":
+        return train_last_only(cfg, directory, train_set, device, seed_offset=model.seed,
+                               weights=torch.from_numpy(keep).float())
     return train_last_only(cfg, directory, train_set.subset(np.flatnonzero(keep)), device, seed_offset=model.seed,
                            order_shift=cfg.train.batch_size // 2 if model.regrouped else 0)
 
 
 def train_last_only(cfg: DictConfig, directory: Path, train_set: ImageSet, device: torch.device, seed_offset: int = 0,
-                    order_shift: int = 0):
+                    order_shift: int = 0, weights: torch.Tensor | None = None):
     """The run's training (draws, epochs, learning rate) on ``train_set`` with seed ``train.seed + seed_offset``,
-    keeping only the last checkpoint: the retrained models of the validation and of the removal. ``order_shift``: see
-    ``diffattr.train.train``."""
+    keeping only the last checkpoint: the retrained models of the validation and of the removal. ``order_shift`` and
+    ``weights``: see ``diffattr.train.train``."""
     from .train import train
 
     sub = OmegaConf.merge(cfg, {"train": {"seed": cfg.train.seed + seed_offset, "checkpoint_every": cfg.train.epochs}})
-    return train(sub, directory, train_set, device, order_shift=order_shift)
+    return train(sub, directory, train_set, device, order_shift=order_shift, weights=weights)
 
 
 def output_timesteps(cfg: DictConfig) -> torch.Tensor:
