@@ -20,9 +20,13 @@ BATCHES = [[0, 1, 2], [3, 4, 5], [4, 0, 2], [1, 5, 3], [2, 3, 0]]  # step k's ex
 def problem(make_small_unet, make_inputs, single_thread):
     """A five-step training of the small UNet (dropout 0.1, its masks seeded per step) and two query outputs."""
 
-    def make(dtype=torch.float64, optimizer=None, ema=0.0, steps=5):
+    def make(dtype=torch.float64, optimizer=None, ema=0.0, steps=5, dropout=True):
         unet, scheduler = make_small_unet(dtype)
         unet.train()
+        if not dropout:
+            for module in unet.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = 0.0
         for module in unet.modules():
             if isinstance(module, Attention):
                 module.upcast_softmax = False  # diffusers' float32 softmax would put float32 rounding into float64
@@ -103,11 +107,12 @@ def test_clipping_and_ema_decay_follow_torch_and_diffusers():
         assert ema.cur_decay_value == ema_decay(0.95, update)
 
 
-@pytest.mark.parametrize("ema, keep_every", [(0.0, 1), (0.9, 2)])
-def test_reverse_pass_matches_autograd_through_the_unrolled_training(problem, ema, keep_every):
-    replay, outputs, _, _ = problem(ema=ema)
+@pytest.mark.parametrize("ema, keep_every, query_batch", [(0.0, 1, 1), (0.9, 2, 1), (0.9, 2, 2)])
+def test_reverse_pass_matches_autograd_through_the_unrolled_training(problem, ema, keep_every, query_batch):
+    # queries mapped over by torch.func need a model without dropout (see the test below)
+    replay, outputs, _, _ = problem(ema=ema, dropout=query_batch == 1)
     weights = torch.linspace(0.5, 1.5, N_EXAMPLES, dtype=torch.float64)
-    values, grads = replay.metagradients(weights, outputs, keep_every=keep_every)
+    values, grads = replay.metagradients(weights, outputs, keep_every=keep_every, query_batch=query_batch)
 
     w = weights.clone().requires_grad_(True)
     state = [s.requires_grad_(True) for s in replay.start()]
@@ -120,6 +125,14 @@ def test_reverse_pass_matches_autograd_through_the_unrolled_training(problem, em
         assert value.item() == pytest.approx(values[q].item(), rel=1e-12)
         torch.testing.assert_close(grads[q], reference, rtol=1e-9, atol=1e-15)
     assert (grads != 0).all()  # every example was in some batch, and every weight moves every output
+
+
+def test_batched_queries_refuse_a_step_that_torch_func_computes_differently(problem):
+    """With dropout, torch.func draws some layers' masks differently from the same seed: the batched reverse pass
+    would differentiate another training, so it stops."""
+    replay, outputs, _, _ = problem(steps=2)
+    with pytest.raises(ValueError, match="query_batch=1"):
+        replay.metagradients(torch.ones(N_EXAMPLES, dtype=torch.float64), outputs, query_batch=2)
 
 
 def test_forward_replay_is_the_training_bit_for_bit(problem):

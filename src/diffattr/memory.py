@@ -252,11 +252,15 @@ def estimate(stage: str, cfg, family: str = "", rows_per_call: int | None = None
         keep = a.magic_keep_every
         state = w * (3 + ema)  # parameters, Adam's two moments, the EMA weights
         terms["weights"] = 3 * w  # the model, its initial parameters, the stored checkpoint it is checked against
-        # the kept states and one segment recomputed; every query's adjoint of the state, and the one being replaced
-        terms["states"] = (-(-steps // keep) + keep + n_queries(cfg) + 1) * state
-        # a step's double backward keeps about three training graphs; F's graph holds all its draws at once
+        # the kept states and one segment recomputed; every query's adjoint of the state, before and after the step,
+        # and a batch of queries' products in flight
+        batch = min(a.magic_query_batch, n_queries(cfg))
+        terms["states"] = (-(-steps // keep) + keep + 2 * n_queries(cfg) + batch) * state
+        # a step's double backward keeps about three training graphs, two more per query mapped over at once; F's
+        # graph holds all its draws at once
         v = cfg.validate
-        terms["activations"] = max(3 * training["activations"],
+        graphs = 3 if batch == 1 else 1 + 2 * batch
+        terms["activations"] = max(graphs * training["activations"],
                                    v.output_timesteps * v.output_noises * (prof.saved_bytes + 4 * prof.outputs))
         terms["scores"] = 8.0 * n_queries(cfg) * n
     elif stage == "attribution":  # the TRAK families: projected features, no [rows, P] matrix

@@ -31,13 +31,18 @@ State = list[Tensor]  # parameters, then first moments, then second moments, the
 
 class _Sqrt(torch.autograd.Function):
     """sqrt whose derivative at 0 is 0 instead of inf: a second moment that is exactly 0 belongs to a parameter
-    that has had no gradient yet, and inf x 0 would turn its adjoint into NaN."""
+    that has had no gradient yet, and inf x 0 would turn its adjoint into NaN. Written in torch.func's form, so that
+    the batched reverse pass can transform it."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, v: Tensor) -> Tensor:
-        out = v.sqrt()
-        ctx.save_for_backward(out)
-        return out
+    def forward(v: Tensor) -> Tensor:
+        return v.sqrt()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
@@ -133,8 +138,7 @@ class Replay:
     def advance(self, k: int, state: State, weights: Tensor, create_graph: bool = False) -> State:
         """Step k (0-based) of training from ``state``; differentiable in ``state`` and ``weights`` when
         ``create_graph``."""
-        n = self.n_params
-        params, exp_avgs, exp_avg_sqs = state[:n], state[n:2 * n], state[2 * n:3 * n]
+        params = state[:self.n_params]
         with torch.enable_grad():
             if not create_graph:
                 params = [p.detach().requires_grad_(True) for p in params]
@@ -142,7 +146,23 @@ class Replay:
             grads = torch.autograd.grad(loss, params, create_graph=create_graph, materialize_grads=True)
         if not create_graph:
             params, grads = [p.detach() for p in params], [g.detach() for g in grads]
-        new = self.optimizer.step(params, exp_avgs, exp_avg_sqs, grads, k + 1, self.lrs[k])
+        return self._update(k, state, params, grads)
+
+    def _step_function(self, k: int) -> Callable[[tuple[Tensor, ...], Tensor], tuple[tuple[Tensor, ...], Tensor]]:
+        """Step k as a pure function of (state, weights), its loss gradient by ``torch.func.grad``: what
+        ``torch.func.vjp`` differentiates in the batched reverse pass. Returns the new state and the step's loss."""
+
+        def step(state: tuple[Tensor, ...], weights: Tensor) -> tuple[tuple[Tensor, ...], Tensor]:
+            params = list(state[:self.n_params])
+            grads, loss = torch.func.grad_and_value(lambda p: self.loss(k, dict(zip(self.names, p)), weights))(params)
+            return tuple(self._update(k, list(state), params, list(grads))), loss
+
+        return step
+
+    def _update(self, k: int, state: State, params: State, grads: State) -> State:
+        """The optimiser (and EMA) part of step k, given the step's loss gradients."""
+        n = self.n_params
+        new = self.optimizer.step(params, state[n:2 * n], state[2 * n:3 * n], grads, k + 1, self.lrs[k])
         out = [*new[0], *new[1], *new[2]]
         if self.ema > 0:
             one_minus_decay = 1 - ema_decay(self.ema, k + 1)
@@ -170,29 +190,34 @@ class Replay:
         return kept, state
 
     def metagradients(self, weights: Tensor, outputs: Sequence[Callable[[dict[str, Tensor]], Tensor]],
-                      keep_every: int = 1, forward: tuple[dict[int, State], State] | None = None
-                      ) -> tuple[Tensor, Tensor]:
+                      keep_every: int = 1, forward: tuple[dict[int, State], State] | None = None,
+                      query_batch: int = 1) -> tuple[Tensor, Tensor]:
         """The outputs F_q (scalar functions of the final parameters, as a dict name -> tensor) and their exact
         derivatives dF_q / dw [Q, N] at ``weights``. States of every ``keep_every``-th step are kept; the others are
         recomputed from them (``keep_every`` = 1: no recomputation, the most memory). ``forward``: what
-        :meth:`forward` returned for the same weights and ``keep_every``, if already computed (it is consumed)."""
+        :meth:`forward` returned for the same weights and ``keep_every``, if already computed (it is consumed).
+        ``query_batch``: 1 takes each query's vector-Jacobian product of a step on the step's shared graph in turn;
+        b > 1 builds the step once with ``torch.func.vjp`` and maps its product over b queries at a time
+        (``torch.func.vmap``: one batched pass, b times the activations of the backward). torch.func must compute the
+        replay's step: checked on the last step's loss, which rules out dropout (torch.func draws other masks from the
+        same seed in some layers)."""
         n_steps = len(self.lrs)
         kept, state = forward if forward is not None else self.forward(weights, keep_every)
 
-        values, adjoints = [], []
+        values, final_grads = [], []
         final = [p.detach().requires_grad_(True) for p in self.final_params(state)]
         for output in outputs:
             with torch.enable_grad():
                 value = output(dict(zip(self.names, final)))
-                grads = torch.autograd.grad(value, final, materialize_grads=True)
+                final_grads.append(torch.autograd.grad(value, final, materialize_grads=True))
             values.append(value.detach())
-            n = self.n_params
-            zeros = [torch.zeros_like(s) for s in state]
-            if self.ema > 0:
-                adjoints.append(zeros[:3 * n] + list(grads))
-            else:
-                adjoints.append(list(grads) + zeros[n:])
-        weight_grads = torch.zeros(len(outputs), self.n_examples, dtype=weights.dtype, device=weights.device)
+        # the adjoint of every state tensor, stacked over queries [Q, ...]
+        n, q_count = self.n_params, len(outputs)
+        adjoints = [torch.zeros(q_count, *s.shape, dtype=s.dtype, device=s.device) for s in state]
+        for i, grads in enumerate(zip(*final_grads)):
+            adjoints[(3 * n if self.ema > 0 else 0) + i] = torch.stack(grads)
+        weight_grads = torch.zeros(q_count, self.n_examples, dtype=weights.dtype, device=weights.device)
+        groups = [slice(a, a + query_batch) for a in range(0, q_count, query_batch)]
 
         for segment in reversed(range(0, n_steps, keep_every)):
             states = [kept.pop(segment)]
@@ -200,14 +225,37 @@ class Replay:
                 for k in range(segment, min(segment + keep_every, n_steps) - 1):
                     states.append(self.advance(k, states[-1], weights))
             for k in reversed(range(segment, segment + len(states))):
-                leaf = [s.detach().requires_grad_(True) for s in states.pop()]
-                w = weights.detach().requires_grad_(True)
-                with torch.enable_grad():
-                    new = self.advance(k, leaf, w, create_graph=True)
-                    for q, adjoint in enumerate(adjoints):
-                        *back, back_w = torch.autograd.grad(new, [*leaf, w], grad_outputs=adjoint,
-                                                            retain_graph=q < len(adjoints) - 1,
-                                                            materialize_grads=True)
-                        adjoints[q] = back
-                        weight_grads[q] += back_w
+                leaf = [s.detach() for s in states.pop()]
+                previous = [torch.empty_like(a) for a in adjoints]  # the adjoints of step k's state
+                if query_batch > 1:
+                    _, vjp, loss = torch.func.vjp(self._step_function(k), tuple(leaf), weights.detach(),
+                                                  has_aux=True)
+                    if k == n_steps - 1:
+                        self._check_same_loss(k, leaf, weights, loss)
+                    for group in groups:
+                        back, back_w = torch.func.vmap(vjp)(tuple(a[group] for a in adjoints))
+                        for target, value in zip(previous, back):
+                            target[group] = value
+                        weight_grads[group] += back_w
+                else:
+                    leaf = [s.requires_grad_(True) for s in leaf]
+                    w = weights.detach().requires_grad_(True)
+                    with torch.enable_grad():
+                        new = self.advance(k, leaf, w, create_graph=True)
+                        for q in range(q_count):
+                            *back, back_w = torch.autograd.grad(new, [*leaf, w], grad_outputs=[a[q] for a in adjoints],
+                                                                retain_graph=q < q_count - 1, materialize_grads=True)
+                            for target, value in zip(previous, back):
+                                target[q] = value
+                            weight_grads[q] += back_w
+                adjoints = previous
         return torch.stack(values), weight_grads
+
+    def _check_same_loss(self, k: int, state: State, weights: Tensor, functional: Tensor) -> None:
+        """torch.func's step must be the replay's step: their losses agree to rounding (100 eps, relative). Under
+        torch.func some layers draw other dropout masks from the same seed, which moves the loss far more."""
+        with torch.no_grad():
+            eager = self.loss(k, dict(zip(self.names, state[:self.n_params])), weights)
+        if not abs(functional - eager) <= 100 * torch.finfo(eager.dtype).eps * abs(eager):
+            raise ValueError(f"metagradients: torch.func computes step {k}'s loss as {functional.item()!r}, the replay "
+                             f"as {eager.item()!r} (dropout?); use query_batch=1")

@@ -25,6 +25,10 @@ class MagicSettings:
     magic_keep_every: int = knob(1, "the optimiser state of every k-th step is kept for the reverse pass, the others "
                                     "recomputed (1: no recomputation, the most memory; the scores do not change)",
                                  min=1)
+    magic_query_batch: int = knob(1, "queries whose vector-Jacobian products of a step are mapped over at once "
+                                     "(torch.func.vmap; that many times the backward's activations); 1: one after "
+                                     "another on the step's shared graph, which also works with dropout",
+                                  min=1)
 
 
 # F as the validation measures it, and which queries it measures
@@ -36,7 +40,9 @@ def depends(cfg, variants) -> dict:
     from omegaconf import OmegaConf
 
     validate = OmegaConf.to_container(cfg.validate, resolve=True)
-    return {"weights": cfg.attribution.weights, **{key: validate[key.split(".", 1)[1]] for key in READS}}
+    batch = cfg.attribution.magic_query_batch  # mapped queries round differently (keep_every changes no bit)
+    return {"weights": cfg.attribution.weights, **{key: validate[key.split(".", 1)[1]] for key in READS},
+            **({"query_batch": batch} if batch > 1 else {})}
 
 
 def cost(cfg, variants) -> dict:
@@ -47,52 +53,84 @@ def cost(cfg, variants) -> dict:
     return {"train": 0, "query": 3 * t.epochs * split_size(cfg.data, "train")}
 
 
-def run(job: Job) -> None:
+def replay_of(cfg, train_set, scheduler, device, use_ema: bool):
+    """The run's training as a :class:`~diffattr.kernels.metagrad.Replay` (its initial UNet from ``train.seed``, the
+    recorded draws of every step, Adam/AdamW with the learning-rate schedule, weight decay, clipping and EMA), and
+    the UNet its losses are evaluated with (train mode)."""
     import torch
     from torch.func import functional_call
 
-    from ..atomic import save_tensors
-    from ..checkpoints import load_checkpoint_unet
-    from ..exceptions import StageError
     from ..kernels.metagrad import Adam, Replay
     from ..models import build_unet
     from ..noise import TRAIN_DROPOUT, derive_seeds, noise_from_seeds
-    from ..subsets import output_timesteps, query_output
     from ..train import DRAWS, batch_loss, diffusion_loss, epoch_steps, learning_rate
 
-    cfg, t, v = job.cfg, job.cfg.train, job.cfg.validate
-    train_set = job.train_set()
-    queries, query_images = job.queries()
-    scheduler = job.scheduler()
-    # the attributed weights (Job.load_unet): the EMA ones when sampling used them and training kept them
-    use_ema = cfg.attribution.weights == "generating" and cfg.sample.use_ema and t.ema_decay > 0
-
+    t = cfg.train
     torch.manual_seed(t.seed)  # what train() builds its initial model from
-    unet = build_unet(cfg.model, cfg.data.resolution, cfg.data.channels).to(job.device)
+    unet = build_unet(cfg.model, cfg.data.resolution, cfg.data.channels).to(device)
     names = [name for name, _ in unet.named_parameters()]
     initial = [p.detach().clone() for p in unet.parameters()]
-    images, ids = train_set.images.to(job.device), train_set.ids
+    images, ids = train_set.images.to(device), train_set.ids
     draws = DRAWS[t.draws](t.seed, scheduler.config.num_train_timesteps)
     steps = [s for epoch in range(1, t.epochs + 1) for s in epoch_steps(draws, ids, t.batch_size, epoch)]
     shape = tuple(images.shape[1:])
 
     def loss(k: int, params, weights):
         step, rows, timesteps, seeds = steps[k]
-        noise = noise_from_seeds(seeds, shape).to(job.device)
-        x_t = scheduler.add_noise(images[rows.to(job.device)], noise, timesteps.to(job.device))
+        noise = noise_from_seeds(seeds, shape).to(device)
+        x_t = scheduler.add_noise(images[rows.to(device)], noise, timesteps.to(device))
         torch.manual_seed(int(derive_seeds(t.seed, TRAIN_DROPOUT, step)))  # the step's dropout masks
-        per_example = diffusion_loss(functional_call(unet, params, (x_t, timesteps.to(job.device))).sample, noise,
-                                     t.loss)
-        return batch_loss(per_example, weights[rows.to(job.device)])
+        per_example = diffusion_loss(functional_call(unet, params, (x_t, timesteps.to(device))).sample, noise, t.loss)
+        return batch_loss(per_example, weights[rows.to(device)])
 
     optimizer = Adam(weight_decay=float(t.weight_decay), decoupled=t.optimizer == "adamw",
                      grad_clip=float(t.grad_clip))
     replay = Replay(names, initial, optimizer, [learning_rate(t, s[0]) for s in steps], len(ids), loss,
                     ema=float(t.ema_decay) if use_ema else 0.0)
+    unet.train()
+    return replay, unet
+
+
+def query_outputs(cfg, unet, scheduler, images, query_ids, device) -> list:
+    """F of each query (``diffattr.subsets.query_output``, the validation's draws) as a function of the parameters
+    (a dict name -> tensor), evaluated without dropout."""
+    from torch.func import functional_call
+
+    from ..subsets import output_timesteps, query_output
+
+    t, v, timesteps = cfg.train, cfg.validate, output_timesteps(cfg)
+
+    def output(image, query_id: int):
+        def f(params):
+            unet.eval()
+            try:
+                return query_output(lambda x, s: functional_call(unet, params, (x, s)).sample, scheduler,
+                                    image.to(device), query_id, timesteps, v.output_noises, v.seed, t.loss,
+                                    v.batch_size)
+            finally:
+                unet.train()
+        return f
+
+    return [output(image, int(q)) for image, q in zip(images, query_ids)]
+
+
+def run(job: Job) -> None:
+    import torch
+
+    from ..atomic import save_tensors
+    from ..checkpoints import load_checkpoint_unet
+    from ..exceptions import StageError
+
+    cfg, t = job.cfg, job.cfg.train
+    train_set = job.train_set()
+    queries, query_images = job.queries()
+    scheduler = job.scheduler()
+    # the attributed weights (Job.load_unet): the EMA ones when sampling used them and training kept them
+    use_ema = cfg.attribution.weights == "generating" and cfg.sample.use_ema and t.ema_decay > 0
+    replay, unet = replay_of(cfg, train_set, scheduler, job.device, use_ema)
 
     # the replay must be the training: compare its end with the stored final checkpoint
-    unet.train()
-    ones = torch.ones(len(ids), dtype=images.dtype, device=job.device)
+    ones = torch.ones(len(train_set), dtype=train_set.images.dtype, device=job.device)
     keep_every = cfg.attribution.magic_keep_every
     trained = replay.forward(ones, keep_every)
     final = replay.final_params(trained[1])
@@ -101,24 +139,14 @@ def run(job: Job) -> None:
         raise StageError("magic: replaying the training does not reproduce its final checkpoint bit for bit (trained "
                          "on another device or torch version?); rerun the train stage here, or leave out magic")
 
-    measured = queries.query_kind.isin(list(v.query_kinds)).to_numpy()
-    timesteps = output_timesteps(cfg)
-
-    def output(q: int):
-        def f(params):
-            unet.eval()  # F is measured without dropout
-            try:
-                return query_output(lambda x, s: functional_call(unet, params, (x, s)).sample, scheduler,
-                                    query_images[q].to(job.device), int(queries.query_id.iloc[q]), timesteps,
-                                    v.output_noises, v.seed, t.loss, v.batch_size)
-            finally:
-                unet.train()
-        return f
-
-    chosen = [q for q in range(len(queries)) if measured[q]]
-    _, grads = replay.metagradients(ones, [output(q) for q in chosen], keep_every, forward=trained)
-    save_tensors({"scores": -grads.double().cpu(), "query_ids": torch.tensor(queries.query_id.to_numpy()[chosen]),
-                  "train_ids": ids}, job.out / "magic.safetensors")
+    # only the queries the validation measures
+    chosen = queries.query_kind.isin(list(cfg.validate.query_kinds)).to_numpy().nonzero()[0]
+    query_ids = queries.query_id.to_numpy()[chosen]
+    outputs = query_outputs(cfg, unet, scheduler, query_images[torch.from_numpy(chosen)], query_ids, job.device)
+    _, grads = replay.metagradients(ones, outputs, keep_every, forward=trained,
+                                    query_batch=cfg.attribution.magic_query_batch)
+    save_tensors({"scores": -grads.double().cpu(), "query_ids": torch.tensor(query_ids),
+                  "train_ids": train_set.ids}, job.out / "magic.safetensors")
 
 
 register(Family(name="magic", variants=VARIANTS, run=run, settings=MagicSettings, reads=READS, depends=depends,
