@@ -568,7 +568,8 @@ def test_validate_reports_every_method_the_control_and_the_seed_references(valid
 
 def test_magic_replays_the_training_and_is_validated(validated, monkeypatch):
     """MAGIC end to end: its job replays the smoke training bit for bit (and refuses when the replay does not end on
-    the stored checkpoint), scores the measured query kinds only, and stands in lds.csv."""
+    the stored checkpoint), scores the measured query kinds only, and stands in lds.csv, paired with every other
+    method in lds_pairs.csv."""
     import numpy as np
     import torch
 
@@ -576,7 +577,7 @@ def test_magic_replays_the_training_and_is_validated(validated, monkeypatch):
     from diffattr.exceptions import StageError
 
     work, _ = validated
-    overrides = ["attribution.methods=[magic]"]  # the subset models' measured outputs are the validated run's
+    overrides = ["attribution.methods=[magic,pixel_cosine]"]  # the subset models' outputs are the validated run's
     proc = snakemake("validate", "--cores", "2", "--config", "experiment=smoke",
                      f"overrides={json.dumps(overrides)}", cwd=work)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -587,6 +588,9 @@ def test_magic_replays_the_training_and_is_validated(validated, monkeypatch):
     table = pd.read_csv(path("table", name="lds.csv"))
     magic = table[table.variant == "magic"]
     assert set(magic.query_kind) == set(cfg.validate.query_kinds) and magic.lds_mean.notna().all()
+    pairs = pd.read_csv(path("table", name="lds_pairs.csv"))
+    paired = pairs[pairs.variant == "magic"]
+    assert set(paired.versus) == {"pixel_cosine"} and set(paired.query_kind) == set(cfg.validate.query_kinds)
     scored = load_file(str(path("method_shard", family="magic", shard=0, shards=1) / "magic.safetensors"))
     kinds = pd.read_parquet(path("query_table")).set_index("query_id").query_kind
     assert set(kinds.loc[scored["query_ids"].numpy()]) == set(cfg.validate.query_kinds)

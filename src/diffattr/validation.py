@@ -225,7 +225,9 @@ def write_lds_report(cfg: DictConfig, layout: Layout) -> None:
         add(family.name, variant, per_query_of[variant], n_report, v.seeds)
     step_rows = _step_lds(cfg, layout, table, arrays, per_kind, of_scores, n_report)
     power_rows = []
-    for a, b in PAIRS:
+    # the exact first-order answer against every other method: what it gains over each (issue 25)
+    exact = [(EXACT, other) for other in cfg.attribution.methods if EXACT in per_query_of and other != EXACT]
+    for a, b in PAIRS + exact:
         if a in per_query_of and b in per_query_of:
             fa, fb = per_query_of[a], per_query_of[b]
             paired = lambda r, c: fa(r, c) - fb(r, c)  # noqa: E731
@@ -314,6 +316,7 @@ PAIRS = [("retrac", "tracin"), ("retrac_train_only", "tracin"), ("retrac_test_on
          ("journey_trak_normalized", "journey_trak"), ("trak", "tracin"), ("dtrak", "tracin"), ("dtrak", "retrac"),
          ("das", "das_r1"), ("das_r1", "dtrak"), ("kfac", "dtrak"), ("ekfac", "kfac"), ("trak", "grad_dot"),
          ("grad_cosine", "grad_dot")]
+EXACT = "magic"  # paired against every other method
 PART_COLUMNS = ["query_id", "step", "output"]  # step -1: F; else a sampling step's Journey-TRAK target
 CHUNK_COLUMNS = ["model", "subset", "seed", "query_id", "step", "output"]
 STEP_COLUMNS = ["method", "timestep", "target", "query_kind", "n_queries", "n_subsets", "n_seeds", "lds_mean",
