@@ -77,7 +77,7 @@ class Adam:
         """Optimiser step number ``step`` (1 for the first), out of place and differentiable."""
         beta1, beta2 = self.betas
         if self.grad_clip > 0:
-            grads = clip_grad_norm(grads, self.grad_clip)
+            grads = clip_grad_norm(grads, self.grad_clip, like=params)
         bias_correction1 = 1 - beta1 ** float(step)
         bias_correction2_sqrt = (1 - beta2 ** float(step)) ** 0.5
         step_size = lr / bias_correction1
@@ -97,8 +97,13 @@ class Adam:
         return new_params, new_avgs, new_avg_sqs
 
 
-def clip_grad_norm(grads: Sequence[Tensor], max_norm: float) -> list[Tensor]:
-    """``torch.nn.utils.clip_grad_norm_``'s scaling, out of place."""
+def clip_grad_norm(grads: Sequence[Tensor], max_norm: float, like: Sequence[Tensor] | None = None) -> list[Tensor]:
+    """``torch.nn.utils.clip_grad_norm_``'s scaling, out of place. ``like``: the parameters. A parameter's ``.grad``
+    is laid out as the parameter (autograd's gradient layout contract) while ``autograd.grad`` may return another
+    layout (channels-last for some convolutions), and a norm's rounding depends on the layout: each gradient is laid
+    out as its parameter before its norm is taken, so the total norm is torch's to the bit."""
+    if like is not None:
+        grads = [g if g.stride() == p.stride() else torch.empty_like(p).copy_(g) for g, p in zip(grads, like)]
     total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, 2) for g in grads]), 2)
     scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     return [g.mul(scale) for g in grads]
