@@ -90,7 +90,8 @@ def test_smaller_query_calls_give_bit_identical_gradients():
 
 @pytest.mark.parametrize("stage, family", [("train", ""), ("sample", ""), ("norm_study", ""),
                                            ("attribution", "tracin"), ("attribution", "trak"), ("attribution", "das"),
-                                           ("attribution", "influence"), ("validate", ""),
+                                           ("attribution", "influence"), ("attribution", "magic"),
+                                           ("validate", ""),
                                            ("removal", ""), ("merge", ""), ("report", ""), ("data", "")])
 def test_cluster_memory_is_the_least_the_plan_can_run_in_with_its_margin(stage, family):
     for cfg in (compose("smoke").cfg, compose("cifar10_paper").cfg):

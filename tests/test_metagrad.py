@@ -128,6 +128,18 @@ def test_reverse_pass_matches_autograd_through_the_unrolled_training(problem, em
     assert (grads != 0).all()  # every example was in some batch, and every weight moves every output
 
 
+def test_reverse_pass_from_output_gradients_taken_before_the_replay(problem):
+    """magic takes F's gradients at the stored final checkpoint before the replay keeps any state: the reverse pass
+    started from them is the same to the bit."""
+    replay, outputs, _, _ = problem(steps=3, ema=0.9)
+    ones = torch.ones(N_EXAMPLES, dtype=torch.float64)
+    at_final = replay.output_gradients(replay.final_params(replay.run(ones)), outputs)
+    values, grads = replay.metagradients(ones, None, at_final=at_final)
+    reference_values, reference = replay.metagradients(ones, outputs)
+    assert torch.equal(values, reference_values) and torch.equal(grads, reference)
+    assert (grads != 0).any()
+
+
 def test_batched_queries_refuse_a_step_that_torch_func_computes_differently(problem):
     """With dropout, torch.func draws some layers' masks differently from the same seed: the batched reverse pass
     would differentiate another training, so it stops."""

@@ -36,6 +36,9 @@ LIGHT = dict.fromkeys(("config", "data", "merge"), 0.40 * GB)  # the stages that
 SAVED_PER_OUTPUT = 1.7  # bytes autograd keeps per byte of layer output (norm and conv inputs, activations)
 ENGINE_CHUNK = 32  # examples per forward/backward of diffattr.grads (its DEFAULT_BATCH_SIZE)
 QUERY_ROWS = 256  # TracIn's query side: rows per call by default, and its timesteps are summed in SUM_ROWS // R
+# RSS per byte of optimiser state the magic replay keeps, the allocator's share included: the 201 states of the
+# digits job took 2.1 GB where their tensors hold 1.7 (docs/results/2026-12-07-digits-magic.md)
+STATE_SLACK = 1.2
 MARGIN = 1.3  # mem_mb asks for the least estimate plus the error the tests allow it
 # What a cluster allocation holds besides the job: the Slurm executor runs each job under two Snakemake processes
 # of its own, the batch script's and the one srun starts, about 0.245 GB each (sacct MaxRSS of the batch step,
@@ -167,13 +170,19 @@ def n_queries(cfg) -> int:
     return a.n_train_queries + a.n_test_queries + a.n_generated_queries
 
 
+def measured_queries(cfg) -> int:
+    """The queries a validation model is measured on (``validate.query_kinds``), the ones magic scores."""
+    a = cfg.attribution
+    per_kind = {"train": a.n_train_queries, "test": a.n_test_queries, "generated": a.n_generated_queries}
+    return sum(per_kind[k] for k in cfg.validate.query_kinds)
+
+
 def measured_triples(cfg) -> int:
     """(query, timestep, noise) triples a validation model is measured on (``validate.query_kinds``): F's, and
     Journey-TRAK's per-step targets of the generated queries."""
     a, v = cfg.attribution, cfg.validate
-    per_kind = {"train": a.n_train_queries, "test": a.n_test_queries, "generated": a.n_generated_queries}
     steps = a.n_generated_queries * a.journey_steps * a.journey_noises if "generated" in v.query_kinds else 0
-    return sum(per_kind[k] for k in v.query_kinds) * v.output_timesteps * v.output_noises + steps
+    return measured_queries(cfg) * v.output_timesteps * v.output_noises + steps
 
 
 def estimate(stage: str, cfg, family: str = "", rows_per_call: int | None = None) -> Estimate:
@@ -249,20 +258,22 @@ def estimate(stage: str, cfg, family: str = "", rows_per_call: int | None = None
         terms["scores"] = 8.0 * q * n * 2 * 2 * (len(lambdas(a)) + len(VARIANTS))
     elif stage == "attribution" and family == "magic":
         steps = cfg.train.epochs * -(-n // cfg.train.batch_size)
-        keep = a.magic_keep_every
+        keep, q, v = a.magic_keep_every, measured_queries(cfg), cfg.validate
+        batch = min(a.magic_query_batch, q)
         state = w * (3 + ema)  # parameters, Adam's two moments, the EMA weights
-        terms["weights"] = 3 * w  # the model, its initial parameters, the stored checkpoint it is checked against
-        # the kept states and one segment recomputed; every query's adjoint of the state, before and after the step,
-        # and a batch of queries' products in flight
-        batch = min(a.magic_query_batch, n_queries(cfg))
-        terms["states"] = (-(-steps // keep) + keep + 2 * n_queries(cfg) + batch) * state
-        # a step's double backward keeps about three training graphs, two more per query mapped over at once; F's
-        # graph holds all its draws at once
-        v = cfg.validate
+        terms["weights"] = 3 * w  # the model, its initial parameters, the stored checkpoint
+        # two phases, one after the other. First F's gradients at the stored checkpoint, one query's graph at a time
+        # (all its draws at once)
+        outputs = {"output gradients": q * w,
+                   "activations": v.output_timesteps * v.output_noises * (prof.saved_bytes + 4 * prof.outputs)}
+        # then the replay: the kept states and one segment recomputed, every query's adjoint of the state before and
+        # after a step, a batch of queries' products in flight; a step's double backward keeps about three training
+        # graphs, two more per query mapped over at once
         graphs = 3 if batch == 1 else 1 + 2 * batch
-        terms["activations"] = max(graphs * training["activations"],
-                                   v.output_timesteps * v.output_noises * (prof.saved_bytes + 4 * prof.outputs))
-        terms["scores"] = 8.0 * n_queries(cfg) * n
+        reverse = {"states": STATE_SLACK * (-(-steps // keep) + keep + 2 * q + batch) * state,
+                   "activations": graphs * training["activations"]}
+        terms.update(max(outputs, reverse, key=lambda phase: sum(phase.values())))
+        terms["scores"] = 8.0 * q * n
     elif stage == "attribution":  # the TRAK families: projected features, no [rows, P] matrix
         k = a.proj_dim
         members = 1 if family == "grad_similarity" else a.trak_checkpoints  # the final checkpoint only

@@ -194,13 +194,31 @@ class Replay:
                 state = self.advance(k, state, weights)
         return kept, state
 
-    def metagradients(self, weights: Tensor, outputs: Sequence[Callable[[dict[str, Tensor]], Tensor]],
+    def output_gradients(self, params: Sequence[Tensor], outputs: Sequence[Callable[[dict[str, Tensor]], Tensor]]
+                         ) -> tuple[Tensor, State]:
+        """The outputs F_q at ``params`` (the final parameters, as :meth:`final_params` lists them) [Q], and their
+        gradients, stacked over queries (one [Q, ...] tensor per parameter): where the reverse pass starts. One query's
+        graph at a time."""
+        params = [p.detach().requires_grad_(True) for p in params]
+        values = torch.empty(len(outputs), dtype=torch.float64, device=params[0].device)
+        grads = [torch.empty(len(outputs), *p.shape, dtype=p.dtype, device=p.device) for p in params]
+        for q, output in enumerate(outputs):
+            with torch.enable_grad():
+                value = output(dict(zip(self.names, params)))
+                for target, grad in zip(grads, torch.autograd.grad(value, params, materialize_grads=True)):
+                    target[q] = grad
+            values[q] = value.detach()
+        return values, grads
+
+    def metagradients(self, weights: Tensor, outputs: Sequence[Callable[[dict[str, Tensor]], Tensor]] | None,
                       keep_every: int = 1, forward: tuple[dict[int, State], State] | None = None,
-                      query_batch: int = 1) -> tuple[Tensor, Tensor]:
+                      query_batch: int = 1, at_final: tuple[Tensor, State] | None = None) -> tuple[Tensor, Tensor]:
         """The outputs F_q (scalar functions of the final parameters, as a dict name -> tensor) and their exact
         derivatives dF_q / dw [Q, N] at ``weights``. States of every ``keep_every``-th step are kept; the others are
         recomputed from them (``keep_every`` = 1: no recomputation, the most memory). ``forward``: what
         :meth:`forward` returned for the same weights and ``keep_every``, if already computed (it is consumed).
+        ``at_final``: what :meth:`output_gradients` returned at the final parameters, if already computed (then
+        ``outputs`` is not used): taken before :meth:`forward`, the outputs' graphs are gone before any state is kept.
         ``query_batch``: 1 takes each query's vector-Jacobian product of a step on the step's shared graph in turn;
         b > 1 builds the step once with ``torch.func.vjp`` and maps its product over b queries at a time
         (``torch.func.vmap``: one batched pass, b times the activations of the backward). torch.func must compute the
@@ -208,19 +226,15 @@ class Replay:
         same seed in some layers)."""
         n_steps = len(self.lrs)
         kept, state = forward if forward is not None else self.forward(weights, keep_every)
+        values, final_grads = at_final if at_final is not None else self.output_gradients(self.final_params(state),
+                                                                                           outputs)
 
-        values, final_grads = [], []
-        final = [p.detach().requires_grad_(True) for p in self.final_params(state)]
-        for output in outputs:
-            with torch.enable_grad():
-                value = output(dict(zip(self.names, final)))
-                final_grads.append(torch.autograd.grad(value, final, materialize_grads=True))
-            values.append(value.detach())
         # the adjoint of every state tensor, stacked over queries [Q, ...]
-        n, q_count = self.n_params, len(outputs)
-        adjoints = [torch.zeros(q_count, *s.shape, dtype=s.dtype, device=s.device) for s in state]
-        for i, grads in enumerate(zip(*final_grads)):
-            adjoints[(3 * n if self.ema > 0 else 0) + i] = torch.stack(grads)
+        n, q_count = self.n_params, len(values)
+        first = 3 * n if self.ema > 0 else 0
+        adjoints = [torch.zeros(q_count, *s.shape, dtype=s.dtype, device=s.device) for s in state[:first]]
+        adjoints += final_grads
+        adjoints += [torch.zeros(q_count, *s.shape, dtype=s.dtype, device=s.device) for s in state[first + n:]]
         weight_grads = torch.zeros(q_count, self.n_examples, dtype=weights.dtype, device=weights.device)
         groups = [slice(a, a + query_batch) for a in range(0, q_count, query_batch)]
 
@@ -254,7 +268,7 @@ class Replay:
                                 target[q] = value
                             weight_grads[q] += back_w
                 adjoints = previous
-        return torch.stack(values), weight_grads
+        return values, weight_grads
 
     def _check_same_loss(self, k: int, state: State, weights: Tensor, functional: Tensor) -> None:
         """torch.func's step must be the replay's step: their losses agree to rounding (100 eps, relative). Under

@@ -129,21 +129,22 @@ def run(job: Job) -> None:
     use_ema = cfg.attribution.weights == "generating" and cfg.sample.use_ema and t.ema_decay > 0
     replay, unet = replay_of(cfg, train_set, scheduler, job.device, use_ema)
 
-    # the replay must be the training: compare its end with the stored final checkpoint
+    # F's gradients first, at the stored final checkpoint (checked below to be the replay's end bit for bit): their
+    # graphs are freed before the replay keeps any state, so the job's peak is the larger phase, not their sum
+    stored = load_checkpoint_unet(job.layout.path("checkpoint", checkpoint=job.checkpoints()[-1].name), ema=use_ema)
+    final = [p.detach().to(job.device) for p in stored.parameters()]
+    chosen = queries.query_kind.isin(list(cfg.validate.query_kinds)).to_numpy().nonzero()[0]  # what validation measures
+    query_ids = queries.query_id.to_numpy()[chosen]
+    outputs = query_outputs(cfg, unet, scheduler, query_images[torch.from_numpy(chosen)], query_ids, job.device)
+    at_final = replay.output_gradients(final, outputs)
+
     ones = torch.ones(len(train_set), dtype=train_set.images.dtype, device=job.device)
     keep_every = cfg.attribution.magic_keep_every
     trained = replay.forward(ones, keep_every)
-    final = replay.final_params(trained[1])
-    stored = load_checkpoint_unet(job.layout.path("checkpoint", checkpoint=job.checkpoints()[-1].name), ema=use_ema)
-    if not all(torch.equal(a.cpu(), b) for a, b in zip(final, stored.parameters())):
+    if not all(torch.equal(a, b) for a, b in zip(replay.final_params(trained[1]), final)):
         raise StageError("magic: replaying the training does not reproduce its final checkpoint bit for bit (trained "
                          "on another device or torch version?); rerun the train stage here, or leave out magic")
-
-    # only the queries the validation measures
-    chosen = queries.query_kind.isin(list(cfg.validate.query_kinds)).to_numpy().nonzero()[0]
-    query_ids = queries.query_id.to_numpy()[chosen]
-    outputs = query_outputs(cfg, unet, scheduler, query_images[torch.from_numpy(chosen)], query_ids, job.device)
-    _, grads = replay.metagradients(ones, outputs, keep_every, forward=trained,
+    _, grads = replay.metagradients(ones, None, keep_every, forward=trained, at_final=at_final,
                                     query_batch=cfg.attribution.magic_query_batch)
     save_tensors({"scores": -grads.double().cpu(), "query_ids": torch.tensor(query_ids),
                   "train_ids": train_set.ids}, job.out / "magic.safetensors")
