@@ -44,3 +44,26 @@ def test_every_family_counts_its_gradient_evaluations_and_the_runtime_follows_th
     more = compose("cifar10_paper", ["attribution.influence_train_draws=64"]).cfg
     assert job_resources("attribution", more, "influence")["runtime"] > job_resources("attribution", cfg,
                                                                                       "influence")["runtime"]
+
+
+def test_a_cpu_job_asks_for_the_time_the_cpu_took():
+    # measured on the 2-core box (docs/results/2026-12-07-digits-magic.md): the magic job of this run took 53 min 5 s,
+    # one digits training 34 s; at the H100's rates the magic job asked for 12 minutes and would have been killed
+    run = ["train.draws=per_example", "train.lr=1e-4", "validate.removal=zero_weight", "attribution.n_train_queries=8",
+           "attribution.n_test_queries=12", "attribution.n_generated_queries=8", "removal.n_queries=8",
+           "attribution.methods=[magic]"]
+    cpu, gpu = compose("digits", run).cfg, compose("digits", run + ["job.device=cuda"]).cfg
+    assert job_resources("attribution", cpu, "magic")["runtime"] > 53 + 5 / 60
+    assert job_resources("attribution", gpu, "magic")["runtime"] < job_resources("attribution", cpu, "magic")["runtime"]
+    assert job_resources("train", cpu)["runtime"] > 34 / 60
+
+
+def test_magic_time_follows_the_queries_it_scores_only():
+    cfg = compose("digits", ["attribution.methods=[magic]"]).cfg
+    kinds = list(cfg.validate.query_kinds)
+    unscored = next(k for k in ("train", "test", "generated") if k not in kinds)
+    more = compose("digits", ["attribution.methods=[magic]", f"attribution.n_{unscored}_queries=200"]).cfg
+    scored = compose("digits", ["attribution.methods=[magic]", f"attribution.n_{kinds[0]}_queries=200"]).cfg
+    runtime = {name: job_resources("attribution", c, "magic")["runtime"]
+               for name, c in (("base", cfg), ("more", more), ("scored", scored))}
+    assert runtime["more"] == runtime["base"] < runtime["scored"]

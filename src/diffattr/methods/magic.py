@@ -46,11 +46,11 @@ def depends(cfg, variants) -> dict:
 
 
 def cost(cfg, variants) -> dict:
-    """Per query: a double backward through every training step's batch, about three backward passes each."""
-    t = cfg.train
-    from ..data import split_size
+    """A double backward through every training step's batch (about three backward passes) per scored query: counted
+    per training example, because only the measured queries are scored, not every query the run attributes."""
+    from ..memory import measured_queries
 
-    return {"train": 0, "query": 3 * t.epochs * split_size(cfg.data, "train")}
+    return {"train": 3 * cfg.train.epochs * measured_queries(cfg), "query": 0}
 
 
 def replay_of(cfg, train_set, scheduler, device, use_ema: bool):
