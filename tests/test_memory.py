@@ -109,3 +109,27 @@ def test_a_job_over_its_budget_stops_before_any_work_with_one_line(tmp_path):
     assert proc.stderr.strip().startswith("error: the train job needs about 0.5")
     assert "budget is 0.30 GB" in proc.stderr and "train.batch_size" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "results").exists()
+
+
+def test_a_family_plans_its_own_memory_and_one_without_a_hook_gets_the_generic_rule(monkeypatch):
+    from diffattr.data import split_size
+    from diffattr.methods import _REGISTRY, Family, families
+
+    families()  # the built-in ones first, as any run has them
+
+    def run(job):
+        raise AssertionError("planning runs no job")
+
+    hooked = Family(name="toy_hooked", variants={"toy_a": "a"}, run=run,
+                    memory=lambda job: {"weights": 7.0, "toy table": 11.0 * job.n})
+    plain = Family(name="toy_plain", variants={"toy_b": "b", "toy_c": "c"}, run=run)
+    for family in (hooked, plain):
+        monkeypatch.setitem(_REGISTRY, family.name, family)
+    cfg = compose("smoke").cfg
+    n, est = split_size(cfg.data, "train"), memory.estimate("attribution", cfg, "toy_hooked")
+    assert {k: v for k, v in est.terms.items() if k not in ("base", "images")} == {"weights": 7.0, "toy table": 11.0 * n}
+    terms = memory.estimate("attribution", cfg, "toy_plain").terms
+    generic = memory.generic_terms(memory.JobSizes(cfg, memory.profile(cfg), n), variants=2)
+    assert {k: v for k, v in terms.items() if k not in ("base", "images")} == generic
+    assert terms != memory.estimate("attribution", cfg, "trak").terms  # never another family's plan
+    assert job_resources("attribution", cfg, "toy_plain")["mem_mb"] >= FLOOR_MB

@@ -9,11 +9,14 @@ An estimate is a sum of named terms in bytes (``Estimate.terms``), each a formul
 - ``activations``: what autograd keeps per example for the backward pass, ``SAVED_PER_OUTPUT`` bytes per byte of
   the Conv2d / Linear / GroupNorm outputs plus the attention probabilities (fitted with ``saved_tensors_hooks`` on
   micro, tiny and ddpm_cifar10; ``tests/test_memory.py`` holds it to that count), times the examples of a batch;
-- per stage: the gradient rows it holds ([rows, P] float32), feature matrices, score matrices, images.
+- per stage: the gradient rows it holds ([rows, P] float32), feature matrices, score matrices, images. An
+  attribution job's terms are its family's (``Family.memory``, from :class:`JobSizes`); a family without that hook
+  is planned by :func:`generic_terms`.
 
-The plan (:func:`plan`) can shrink only what changes no result: the query side of TracIn computes its gradients in
-calls of ``rows_per_call`` rows, which it may lower (calls stay whole timesteps and whole gradient chunks, so every
-gradient is computed in the same batch and the scores stay bit-identical). Anything that enters a stage's key
+The plan (:func:`plan`) can shrink only what changes no result, and only where a family offers smaller sizes
+(``Family.call_sizes``): the query side of TracIn computes its gradients in calls of ``rows_per_call`` rows, which
+it may lower (calls stay whole timesteps and whole gradient chunks, so every gradient is computed in the same batch
+and the scores stay bit-identical). Anything that enters a stage's key
 (batch sizes, ``attribution.block_size``, queries) is never changed behind the user's back: when the job does not fit
 even at the smallest call, the plan refuses, naming the terms that dominate and the settings that shrink them.
 
@@ -23,22 +26,18 @@ memory on CUDA, where the host-side ``base`` is not counted). Nothing here impor
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from .exceptions import ConfigError
+from .methods import families, requested_families
 
 GB = 1e9
 BASE = 0.55 * GB  # RSS of a stage process before its first tensor (CPU, torch 2.13, diffusers imported)
 LIGHT = dict.fromkeys(("config", "data", "merge"), 0.40 * GB)  # the stages that never import the model code
 SAVED_PER_OUTPUT = 1.7  # bytes autograd keeps per byte of layer output (norm and conv inputs, activations)
 ENGINE_CHUNK = 32  # examples per forward/backward of diffattr.grads (its DEFAULT_BATCH_SIZE)
-QUERY_ROWS = 256  # TracIn's query side: rows per call by default, and its timesteps are summed in SUM_ROWS // R
-# RSS per byte of optimiser state the magic replay keeps, the allocator's share included: the 201 states of the
-# digits job took 2.1 GB where their tensors hold 1.7 (docs/results/2026-12-07-digits-magic.md)
-STATE_SLACK = 1.2
 MARGIN = 1.3  # mem_mb asks for the least estimate plus the error the tests allow it
 # What a cluster allocation holds besides the job: the Slurm executor runs each job under two Snakemake processes
 # of its own, the batch script's and the one srun starts, about 0.245 GB each (sacct MaxRSS of the batch step,
@@ -155,7 +154,7 @@ class Estimate:
         return ", ".join(f"{name} {value / GB:.2f} GB" for name, value in big)
 
 
-def _grad_chunk(prof: UNetProfile, examples: int) -> float:
+def grad_chunk(prof: UNetProfile, examples: int) -> float:
     """One chunk of the layerwise gradient engine: the forward's saved tensors, every layer output's gradient at
     once, and one layer's per-example weight gradients (with their sum over positions)."""
     return examples * (prof.saved_bytes + 4 * prof.outputs + 2 * 4 * prof.largest_layer)
@@ -185,20 +184,56 @@ def measured_triples(cfg) -> int:
     return measured_queries(cfg) * v.output_timesteps * v.output_noises + steps
 
 
+@dataclass
+class JobSizes:
+    """What a method family's memory hook (``Family.memory``) plans one attribution job from: the run's config, the
+    model's per-example sizes, the training set's size and the call size the plan tries (None: the configured one).
+    The hook returns its terms in bytes and records the sizes it chose in ``sizes`` (the job gets them as
+    ``Job.sizes``)."""
+
+    cfg: Any
+    prof: UNetProfile
+    n: int  # training examples
+    rows_per_call: int | None = None
+    sizes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def w(self) -> float:  # one float32 copy of the weights
+        return 4.0 * self.prof.params
+
+    @property
+    def queries(self) -> int:  # every query the run attributes
+        return n_queries(self.cfg)
+
+
+def training_terms(cfg, prof: UNetProfile, n: int) -> dict[str, float]:
+    """A training step's terms: the weights with their gradients, Adam's two moments and the EMA copy, and one
+    batch's saved activations."""
+    ema = 1 if cfg.train.ema_decay > 0 else 0
+    return {"weights": 4.0 * prof.params * (4 + ema),
+            "activations": min(cfg.train.batch_size, n) * (prof.saved_bytes + 4 * prof.outputs)}
+
+
+def generic_terms(job: JobSizes, variants: int) -> dict[str, float]:
+    """The plan of a family that declares no memory hook: the model and the checkpoint it came from, one chunk of
+    per-example gradients, and each variant's dense float64 scores [Q, N] with a copy."""
+    a = job.cfg.attribution
+    return {"weights": 2 * job.w, "activations": grad_chunk(job.prof, min(ENGINE_CHUNK, a.block_size)),
+            "scores": 8.0 * job.queries * job.n * 2 * variants}
+
+
 def estimate(stage: str, cfg, family: str = "", rows_per_call: int | None = None) -> Estimate:
     """The peak of one job of ``stage`` (and attribution ``family``), as in ``diffattr.resources``'s stage names."""
     from .data import split_size
 
-    prof, a = profile(cfg), cfg.attribution
-    P, n = prof.params, split_size(cfg.data, "train")
-    w = 4.0 * P
+    prof = profile(cfg)
+    n = split_size(cfg.data, "train")
+    w = 4.0 * prof.params
     terms: dict[str, float] = {"base": LIGHT.get(stage, BASE), "images": _images(cfg, n + n_queries(cfg))}
     sizes: dict[str, int] = {}
     ema = 1 if cfg.train.ema_decay > 0 else 0
-    training = {"weights": w * (4 + ema),  # weights, gradients, Adam's two moments, the EMA copy
-                "activations": min(cfg.train.batch_size, n) * (prof.saved_bytes + 4 * prof.outputs)}
     if stage in ("train", "validate", "removal"):
-        terms.update(training)
+        terms.update(training_terms(cfg, prof, n))
         if stage != "train":  # then the measurement, after training: forwards without gradients, one batch at a time
             v = cfg.validate
             triples = measured_triples(cfg) if stage == "validate" else v.output_timesteps * v.output_noises
@@ -212,90 +247,20 @@ def estimate(stage: str, cfg, family: str = "", rows_per_call: int | None = None
         terms["activations"] = min(cfg.sample.batch_size, cfg.sample.n) * float(prof.outputs)
     elif stage == "norm_study":
         terms["weights"] = 2 * w
-        terms["activations"] = _grad_chunk(prof, cfg.norm_study.batch_size)
-    elif stage == "attribution" and family == "tracin":
-        from .methods.tracin import VARIANTS, sides
-
-        q, R = n_queries(cfg), a.test_noises
-        train_sides = sides([m for m in a.methods if m in VARIANTS])
-        group = min(max(1, QUERY_ROWS // R), a.test_timesteps)  # timesteps summed together (kernels.tracin.SUM_ROWS)
-        per_call = min(group, max(1, (rows_per_call or QUERY_ROWS) // R))
-        rows = per_call * R
-        terms["weights"] = 2 * w  # the model and the checkpoint it was loaded from
-        terms["query gradients"] = 2 * q * w  # raw and ReTrac-normalised, [Q, P] each, float32
-        # a call's rows [rows, P], their float64 copy and noise averages; then the group's averages and unit rows in
-        # float64; the query's running sums
-        query_side = max(rows * 3 * w + per_call * 2 * w, group * 4 * w) + 4 * w
-        # a block's train gradients [B, P] and the float64 copy that takes their norms
-        train_side = a.block_size * 3 * w
-        if "expectation" in train_sides:  # float64 sums of raw and unit rows, one timestep's
-            train_side += a.block_size * 8 * w
-        if a.self_influence:  # a block's rows as their own queries: R' gradients each, their float64 average
-            train_side += a.block_size * (a.self_influence_noises + 2) * w
-        terms["gradient rows"] = max(query_side, train_side)
-        terms["activations"] = _grad_chunk(prof, min(ENGINE_CHUNK, max(rows, a.block_size)))
-        terms["scores"] = 8.0 * q * n * 4 * len(train_sides)  # four normalisations per train side, float64
-        sizes["rows_per_call"] = rows
-    elif stage == "attribution" and family == "similarity":  # forwards without a graph, no gradient
-        terms["weights"] = 2 * w
-        terms["activations"] = min(a.block_size, n) * float(prof.outputs)
-        terms["scores"] = 8.0 * n_queries(cfg) * n * 2  # a variant's float64 scores and the product's copy
-    elif stage == "attribution" and family == "influence":
-        from .methods.influence import VARIANTS, lambdas
-
-        q, B = n_queries(cfg), a.block_size
-        pixels = cfg.data.channels * cfg.data.resolution ** 2
-        terms["weights"] = 2 * w
-        # float64: the K-FAC factors and their eigenbases, the K-FAC and EK-FAC eigenvalues
-        terms["curvature"] = 8.0 * (2 * prof.factors + 2 * P)
-        terms["query gradients"] = 2 * q * w  # [Q, P] per layer, and their rotation into the eigenbasis
-        # a block's mean gradients [B, P], one layer's rotation; the noise of a block of measurement rows
-        terms["gradient rows"] = B * w + 4.0 * B * prof.largest_layer + \
-            4.0 * pixels * B * max(a.influence_train_draws, a.influence_query_timesteps * a.influence_query_noises)
-        # a chunk's forward kept for its backward passes, and the float64 rotation of its EK-FAC gradients
-        terms["activations"] = _grad_chunk(prof, ENGINE_CHUNK) + ENGINE_CHUNK * 3 * 8.0 * prof.largest_layer
-        # [L, Q, N] per variant, float64, as parts and whole; the absolute damping adds a lam per variant at most
-        terms["scores"] = 8.0 * q * n * 2 * 2 * (len(lambdas(a)) + len(VARIANTS))
-    elif stage == "attribution" and family == "magic":
-        steps = cfg.train.epochs * -(-n // cfg.train.batch_size)
-        keep, q, v = a.magic_keep_every, measured_queries(cfg), cfg.validate
-        batch = min(a.magic_query_batch, q)
-        state = w * (3 + ema)  # parameters, Adam's two moments, the EMA weights
-        terms["weights"] = 3 * w  # the model, its initial parameters, the stored checkpoint
-        # two phases, one after the other. First F's gradients at the stored checkpoint, one query's graph at a time
-        # (all its draws at once)
-        outputs = {"output gradients": q * w,
-                   "activations": v.output_timesteps * v.output_noises * (prof.saved_bytes + 4 * prof.outputs)}
-        # then the replay: the kept states and one segment recomputed, every query's adjoint of the state before and
-        # after a step, a batch of queries' products in flight; a step's double backward keeps about three training
-        # graphs, two more per query mapped over at once
-        graphs = 3 if batch == 1 else 1 + 2 * batch
-        reverse = {"states": STATE_SLACK * (-(-steps // keep) + keep + 2 * q + batch) * state,
-                   "activations": graphs * training["activations"]}
-        terms.update(max(outputs, reverse, key=lambda phase: sum(phase.values())))
-        terms["scores"] = 8.0 * q * n
-    elif stage == "attribution":  # the TRAK families: projected features, no [rows, P] matrix
-        k = a.proj_dim
-        members = 1 if family == "grad_similarity" else a.trak_checkpoints  # the final checkpoint only
-        # DAS keeps the residual-weighted training features beside the plain ones, and has no self-influence
-        own = a.self_influence and family not in ("grad_similarity", "das")
-        train_rows = 2 * n if own or family == "das" else n
-        features = members * train_rows + members * n_queries(cfg)
-        terms["weights"] = 2 * w
-        terms["projector"] = 8.0 * P * 3 if a.projector == "countsketch" else min(4.0 * P * k, 2 ** 30)
-        terms["activations"] = _grad_chunk(prof, min(ENGINE_CHUNK, a.block_size))
-        terms["features"] = 4.0 * features * k
-        if family == "grad_similarity":  # no kernel inverse: the float64 products of the features
-            terms["scores"] = 8.0 * n_queries(cfg) * n * 2
-        else:  # the Gram matrix, its Cholesky factor and a solve, float64
-            terms["kernel"] = 3 * 8.0 * min(n, k) ** 2
-        if family == "das":  # the solve against the weighted features [min(N, k), N] and a score matrix, float64
-            terms["kernel"] += 8.0 * (min(n, k) + n_queries(cfg)) * n
+        terms["activations"] = grad_chunk(prof, cfg.norm_study.batch_size)
+    elif stage == "attribution":  # the family knows its job (Family.memory), else the generic rule
+        fam = families()[family]
+        job = JobSizes(cfg, prof, n, rows_per_call, sizes)
+        if fam.memory is not None:
+            terms.update(fam.memory(job))
+        else:
+            requested = requested_families(cfg.attribution.methods).get(fam, list(fam.variants))
+            terms.update(generic_terms(job, len(fam.job_variants(requested))))
     elif stage == "data":  # the decoded archive (uint8) and both splits as float32 while they are resized
         terms["images"] = 3 * _images(cfg, n + split_size(cfg.data, "test")) + (180e6 if cfg.data.channels == 3 else 0)
     elif stage in ("merge", "report"):
         dense = 8.0 * n_queries(cfg) * n
-        terms["scores"] = dense * (4 * 3 if stage == "merge" else 4 * len(a.methods))
+        terms["scores"] = dense * (4 * 3 if stage == "merge" else 4 * len(cfg.attribution.methods))
     return Estimate(stage, terms, sizes)
 
 
@@ -339,13 +304,12 @@ def _cgroup_limits() -> list[float]:
 
 
 def _call_sizes(stage: str, cfg, family: str) -> list[int | None]:
-    """The sizes a job may run at, largest first: None (the configured ones), then TracIn's smaller query calls,
-    multiples of ``lcm(ENGINE_CHUNK, R)`` (whole timesteps in the same engine chunks: the same gradients, bit for
-    bit)."""
-    if stage != "attribution" or family != "tracin":
+    """The sizes a job may run at, largest first: None (the configured ones), then the smaller ones its family offers
+    (``Family.call_sizes``, which change no result)."""
+    if stage != "attribution":
         return [None]
-    step = math.lcm(ENGINE_CHUNK, cfg.attribution.test_noises)
-    return [None, *range(estimate(stage, cfg, family).sizes["rows_per_call"] - step, 0, -step)]
+    smaller = families()[family].call_sizes
+    return [None] if smaller is None else [None, *smaller(cfg, estimate(stage, cfg, family).sizes)]
 
 
 def least(stage: str, cfg, family: str = "") -> Estimate:

@@ -146,6 +146,13 @@ class Family:
     # cost(cfg, variants): the job's gradient evaluations (per-example backward passes) per training example and per
     # query, {"train": ..., "query": ...}, what the runtime request and the LDS-cost table count
     cost: Callable[["DictConfig", Sequence[str]], Mapping[str, float]] | None = None
+    # memory(job_sizes): the job's memory terms in bytes beyond the process and the images (a name -> bytes dict,
+    # from diffattr.memory.JobSizes), what its memory plan and its cluster request count; without it the plan uses
+    # diffattr.memory.generic_terms (two copies of the model, a chunk of per-example gradients, dense scores)
+    memory: Callable[[Any], Mapping[str, float]] | None = None
+    # call_sizes(cfg, sizes): smaller sizes the plan may run the job at when the configured ones do not fit (given
+    # the sizes its memory hook chose for them), largest first; they must change no result
+    call_sizes: Callable[["DictConfig", Mapping[str, int]], Sequence[int]] | None = None
 
     def job_variants(self, requested: Sequence[str]) -> list[str]:
         return list(self.batch(requested)) if self.batch is not None else list(requested)

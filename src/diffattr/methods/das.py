@@ -15,7 +15,8 @@ from dataclasses import dataclass, fields
 
 from ..settings import knob
 from . import Family, Job, register
-from .trak import LAMBDA_KEYS, TrakSettings, members, query_features, query_gradients, query_spec, select_lambda
+from .trak import (LAMBDA_KEYS, TrakSettings, feature_memory, kernel_memory, members, query_features, query_gradients,
+                   query_spec, select_lambda)
 
 
 def _outputs():
@@ -108,13 +109,21 @@ def retune(job_dir, variant: str, lam: float):
                                        leverage=bool(saved["leverage"]))
 
 
+def memory(job) -> dict:
+    """TRAK's features with the residual-weighted training features beside the plain ones (no self-influence), and
+    beside the kernel inverse the solve against the weighted features [min(N, k), N] and a score matrix, float64."""
+    a, n, q = job.cfg.attribution, job.n, job.queries
+    return {**feature_memory(job, a.trak_checkpoints, 2 * n),
+            "kernel": kernel_memory(job) + 8.0 * (min(n, a.proj_dim) + q) * n}
+
+
 register(Family(
     name="das",
     variants={"das": "DAS: phi(q)^T (Phi^T Phi + lambda I)^-1 phi(i) r(i) [/ (1 - h(i))], the linearised change of the "
                      "query's output when i is removed",
               "das_r1": "DAS's r = 1 case on DAS's own features: D-TRAK's score at DAS's output and normalisation"},
     run=run, settings=DasSettings, uses=(*(f.name for f in fields(TrakSettings)), *LAMBDA_KEYS), retune=retune,
-    batch=lambda requested: ["das", "das_r1"],
+    batch=lambda requested: ["das", "das_r1"], memory=memory,
     cost=lambda cfg, variants: {"train": cfg.attribution.trak_checkpoints * cfg.attribution.trak_timesteps,
                                 "query": cfg.attribution.trak_checkpoints * query_gradients(cfg.attribution)},
 ))

@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields
 
 from ..settings import knob
 from . import Family, Job, register
-from .trak import LAMBDA_KEYS, TrakSettings, cost, retune, run_with_spec
+from .trak import LAMBDA_KEYS, TrakSettings, cost, memory, retune, run_with_spec
 
 
 def _outputs():
@@ -33,5 +33,5 @@ register(Family(
     name="dtrak",
     variants={"dtrak": "TRAK's kernel with D-TRAK's output function on both sides (attribution.dtrak_output)"},
     run=run, settings=DTrakSettings, uses=(*(f.name for f in fields(TrakSettings)), *LAMBDA_KEYS, "self_influence"),
-    self_influence=True, retune=retune, cost=cost,
+    self_influence=True, retune=retune, cost=cost, memory=memory,
 ))

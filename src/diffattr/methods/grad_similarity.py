@@ -7,6 +7,7 @@ docs/METHODS.md §9."""
 from __future__ import annotations
 
 from . import Family, Job, register
+from .trak import feature_memory
 
 VARIANTS = {
     "grad_dot": "phi(q) . phi(i): TRAK's projected loss gradients at the final checkpoint, no kernel inverse",
@@ -38,8 +39,13 @@ def run(job: Job) -> None:
         save_tensors({"scores": kernel[method](phi_query, phi_train), **ids}, job.out / f"{method}.safetensors")
 
 
+def memory(job) -> dict:
+    """The final checkpoint's features, and the float64 products of the features instead of a kernel inverse."""
+    return {**feature_memory(job, 1, job.n), "scores": 8.0 * job.queries * job.n * 2}
+
+
 register(Family(
     name="grad_similarity", variants=VARIANTS, run=run, uses=("projector", "proj_dim", "trak_timesteps"),
-    batch=lambda requested: list(VARIANTS),
+    batch=lambda requested: list(VARIANTS), memory=memory,
     cost=lambda cfg, variants: {"train": cfg.attribution.trak_timesteps, "query": cfg.attribution.trak_timesteps},
 ))

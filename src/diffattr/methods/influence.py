@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..memory import ENGINE_CHUNK, JobSizes, grad_chunk
 from ..settings import knob
 from . import Family, Job, register
 
@@ -174,7 +175,27 @@ def retune(job_dir, variant: str, lam: float):
     return saved[f"scores.{variant}"][i]
 
 
+def memory(job: JobSizes) -> dict:
+    """The curvature (factors, eigenbases, eigenvalues) and the query gradients, a block's mean gradients and noise,
+    a gradient chunk with its EK-FAC rotation, and every variant's scores at every saved lambda."""
+    a, prof, q, B = job.cfg.attribution, job.prof, job.queries, job.cfg.attribution.block_size
+    pixels = job.cfg.data.channels * job.cfg.data.resolution ** 2
+    return {
+        "weights": 2 * job.w,
+        # float64: the K-FAC factors and their eigenbases, the K-FAC and EK-FAC eigenvalues
+        "curvature": 8.0 * (2 * prof.factors + 2 * prof.params),
+        "query gradients": 2 * q * job.w,  # [Q, P] per layer, and their rotation into the eigenbasis
+        # a block's mean gradients [B, P], one layer's rotation; the noise of a block of measurement rows
+        "gradient rows": B * job.w + 4.0 * B * prof.largest_layer
+        + 4.0 * pixels * B * max(a.influence_train_draws, a.influence_query_timesteps * a.influence_query_noises),
+        # a chunk's forward kept for its backward passes, and the float64 rotation of its EK-FAC gradients
+        "activations": grad_chunk(prof, ENGINE_CHUNK) + ENGINE_CHUNK * 3 * 8.0 * prof.largest_layer,
+        # [L, Q, N] per variant, float64, as parts and whole; the absolute damping adds a lam per variant at most
+        "scores": 8.0 * q * job.n * 2 * 2 * (len(lambdas(a)) + len(VARIANTS)),
+    }
+
+
 register(Family(
     name="influence", variants=VARIANTS, run=run, settings=InfluenceSettings, uses=("lambda_grid",),
-    batch=lambda requested: list(VARIANTS), retune=retune, saved_lambdas=saved_lambdas, cost=cost,
+    batch=lambda requested: list(VARIANTS), retune=retune, saved_lambdas=saved_lambdas, cost=cost, memory=memory,
 ))

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from ..settings import knob
 from . import Family, Job, register
-from .trak import LAMBDA_KEYS, features, members, query_features, select_lambda
+from .trak import LAMBDA_KEYS, features, members, memory, query_features, select_lambda
 
 AGGREGATES = {"journey_trak": "raw", "journey_trak_normalized": "normalized"}  # variant -> journey_aggregates key
 
@@ -92,7 +92,7 @@ register(Family(
         "journey_trak_normalized": "the same per-step scores, each step divided by its target feature's norm before "
                                    "the mean",
     },
-    run=run, settings=JourneyTrakSettings, batch=lambda requested: list(AGGREGATES),
+    run=run, settings=JourneyTrakSettings, batch=lambda requested: list(AGGREGATES), memory=memory,
     uses=("projector", "proj_dim", "trak_checkpoints", "lambda_grid", *LAMBDA_KEYS),
     # per member: K per training image; per generated query, its steps x noises (the labelled queries that choose
     # lambda cost K each on top)

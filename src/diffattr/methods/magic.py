@@ -14,9 +14,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..memory import JobSizes, measured_queries, training_terms
 from ..settings import knob
 from . import Family, Job, register
 
+# RSS per byte of optimiser state the replay keeps, the allocator's share included: the 201 states of the digits job
+# took 2.1 GB where their tensors hold 1.7 (docs/results/2026-12-07-digits-magic.md)
+STATE_SLACK = 1.2
 VARIANTS = {"magic": "exact metagradient -dF(q)/dw_i through the whole training run (MAGIC's REPLAY)"}
 
 
@@ -48,9 +52,31 @@ def depends(cfg, variants) -> dict:
 def cost(cfg, variants) -> dict:
     """A double backward through every training step's batch (about three backward passes) per scored query: counted
     per training example, because only the measured queries are scored, not every query the run attributes."""
-    from ..memory import measured_queries
-
     return {"train": 3 * cfg.train.epochs * measured_queries(cfg), "query": 0}
+
+
+def memory(job: JobSizes) -> dict:
+    """Two phases, one after the other, and the larger counts: F's gradients at the stored checkpoint, then the
+    replay with its kept states and the reverse pass's graphs."""
+    cfg, prof, w = job.cfg, job.prof, job.w
+    a, v = cfg.attribution, cfg.validate
+    steps = cfg.train.epochs * -(-job.n // cfg.train.batch_size)
+    keep, q = a.magic_keep_every, measured_queries(cfg)
+    batch = min(a.magic_query_batch, q)
+    state = w * (3 + (1 if cfg.train.ema_decay > 0 else 0))  # parameters, Adam's two moments, the EMA weights
+    terms = {"weights": 3 * w}  # the model, its initial parameters, the stored checkpoint
+    # F's gradients, one query's graph at a time (all its draws at once)
+    outputs = {"output gradients": q * w,
+               "activations": v.output_timesteps * v.output_noises * (prof.saved_bytes + 4 * prof.outputs)}
+    # the kept states and one segment recomputed, every query's adjoint of the state before and after a step, a batch
+    # of queries' products in flight; a step's double backward keeps about three training graphs, two more per query
+    # mapped over at once
+    graphs = 3 if batch == 1 else 1 + 2 * batch
+    reverse = {"states": STATE_SLACK * (-(-steps // keep) + keep + 2 * q + batch) * state,
+               "activations": graphs * training_terms(cfg, prof, job.n)["activations"]}
+    terms.update(max(outputs, reverse, key=lambda phase: sum(phase.values())))
+    terms["scores"] = 8.0 * q * job.n
+    return terms
 
 
 def replay_of(cfg, train_set, scheduler, device, use_ema: bool):
@@ -151,4 +177,4 @@ def run(job: Job) -> None:
 
 
 register(Family(name="magic", variants=VARIANTS, run=run, settings=MagicSettings, reads=READS, depends=depends,
-                cost=cost))
+                cost=cost, memory=memory))

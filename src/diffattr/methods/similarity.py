@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..memory import JobSizes
 from ..settings import knob
 from . import Family, Job, register
 
@@ -50,7 +51,14 @@ def run(job: Job) -> None:
         save_tensors({"scores": scores[method](), **ids}, job.out / f"{method}.safetensors")
 
 
+def memory(job: JobSizes) -> dict:
+    """Forwards without a graph in blocks, no gradient; a variant's float64 scores and the product's copy."""
+    return {"weights": 2 * job.w, "activations": min(job.cfg.attribution.block_size, job.n) * float(job.prof.outputs),
+            "scores": 8.0 * job.queries * job.n * 2}
+
+
 register(Family(
     name="similarity", variants=VARIANTS, run=run, settings=SimilaritySettings, depends=depends,
     batch=lambda requested: list(VARIANTS), cost=lambda cfg, variants: {"train": 0, "query": 0},  # forwards only
+    memory=memory,
 ))

@@ -6,12 +6,16 @@ docs/METHODS.md §2-3."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from ..memory import ENGINE_CHUNK, JobSizes, grad_chunk
 from ..settings import knob
 from . import COMMON_KEYS, Family, Job, checkpoint_count, register
+
+QUERY_ROWS = 256  # the query side's rows per call by default, its timesteps summed in 256 // R (kernels SUM_ROWS)
 
 # variant -> (train side, normalisation of diffattr.kernels.tracin)
 VARIANTS = {
@@ -130,6 +134,39 @@ def merge(job: Job, shard_dirs: Sequence[Path], method: str, target: Path) -> No
                   "train_timesteps": merged.train_timesteps, **own}, target)
 
 
+def memory(job: JobSizes) -> dict:
+    """The query gradients [Q, P] (raw and normalised), the larger of a query call's rows and a training block's,
+    a gradient chunk and the scores; the query side runs in calls of ``rows_per_call`` rows (whole timesteps)."""
+    a, w, q, R = job.cfg.attribution, job.w, job.queries, job.cfg.attribution.test_noises
+    train_sides = sides([m for m in a.methods if m in VARIANTS])
+    group = min(max(1, QUERY_ROWS // R), a.test_timesteps)  # timesteps summed together (kernels.tracin.SUM_ROWS)
+    per_call = min(group, max(1, (job.rows_per_call or QUERY_ROWS) // R))
+    rows = per_call * R
+    terms = {"weights": 2 * w,  # the model and the checkpoint it was loaded from
+             "query gradients": 2 * q * w}  # raw and ReTrac-normalised, [Q, P] each, float32
+    # a call's rows [rows, P], their float64 copy and noise averages; then the group's averages and unit rows in
+    # float64; the query's running sums
+    query_side = max(rows * 3 * w + per_call * 2 * w, group * 4 * w) + 4 * w
+    # a block's train gradients [B, P] and the float64 copy that takes their norms
+    train_side = a.block_size * 3 * w
+    if "expectation" in train_sides:  # float64 sums of raw and unit rows, one timestep's
+        train_side += a.block_size * 8 * w
+    if a.self_influence:  # a block's rows as their own queries: R' gradients each, their float64 average
+        train_side += a.block_size * (a.self_influence_noises + 2) * w
+    terms["gradient rows"] = max(query_side, train_side)
+    terms["activations"] = grad_chunk(job.prof, min(ENGINE_CHUNK, max(rows, a.block_size)))
+    terms["scores"] = 8.0 * q * job.n * 4 * len(train_sides)  # four normalisations per train side, float64
+    job.sizes["rows_per_call"] = rows
+    return terms
+
+
+def call_sizes(cfg, sizes) -> range:
+    """Smaller query calls: multiples of ``lcm(ENGINE_CHUNK, R)``, whole timesteps in the same engine chunks (the
+    same gradients, bit for bit)."""
+    step = math.lcm(ENGINE_CHUNK, cfg.attribution.test_noises)
+    return range(sizes["rows_per_call"] - step, 0, -step)
+
+
 register(Family(
     name="tracin",
     variants={
@@ -142,6 +179,6 @@ register(Family(
         "retrac_train_only_expectation": "train-side-only normalisation, expectation train side",
         "retrac_test_only_expectation": "test-side-only normalisation, expectation train side",
     },
-    run=run, merge=merge, depends=depends, batch=batch, cost=cost, settings=TracInSettings, uses=("self_influence",),
-    sharded=True, self_influence=True, grad_norms=True,
+    run=run, merge=merge, depends=depends, batch=batch, cost=cost, memory=memory, call_sizes=call_sizes,
+    settings=TracInSettings, uses=("self_influence",), sharded=True, self_influence=True, grad_norms=True,
 ))

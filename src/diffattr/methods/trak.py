@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List
 
+from ..memory import ENGINE_CHUNK, JobSizes, grad_chunk
 from ..settings import knob
 from . import Family, Job, register
 
@@ -144,6 +145,30 @@ def cost(cfg, variants) -> dict:
     return {"train": a.trak_checkpoints * (a.trak_timesteps + own), "query": a.trak_checkpoints * query_gradients(a)}
 
 
+def feature_memory(job: JobSizes, members: int, train_rows: int) -> dict:
+    """What every job of the TRAK families holds: the model and its checkpoint, the projector, a gradient chunk, and
+    the projected features [rows, k] of ``train_rows`` training rows and the queries at each of ``members``
+    checkpoints (no [rows, P] matrix)."""
+    a, P = job.cfg.attribution, job.prof.params
+    return {"weights": 2 * job.w,
+            "projector": 8.0 * P * 3 if a.projector == "countsketch" else min(4.0 * P * a.proj_dim, 2 ** 30),
+            "activations": grad_chunk(job.prof, min(ENGINE_CHUNK, a.block_size)),
+            "features": 4.0 * (members * train_rows + members * job.queries) * a.proj_dim}
+
+
+def kernel_memory(job: JobSizes) -> float:
+    """The Gram matrix, its Cholesky factor and a solve, float64."""
+    return 3 * 8.0 * min(job.n, job.cfg.attribution.proj_dim) ** 2
+
+
+def memory(job: JobSizes) -> dict:
+    """The features of the ensemble (with self-influence, the training rows' own query-side features too) and the
+    kernel inverse."""
+    a = job.cfg.attribution
+    rows = 2 * job.n if a.self_influence else job.n
+    return {**feature_memory(job, a.trak_checkpoints, rows), "kernel": kernel_memory(job)}
+
+
 def run(job: Job) -> None:
     from ..kernels.trak import trak_spec
     from ..outputs import LOSS_OUTPUTS
@@ -157,5 +182,5 @@ register(Family(
     name="trak",
     variants={"trak": "phi(q)^T (Phi^T Phi + lambda I)^-1 phi(i), projected loss gradients at K timesteps"},
     run=run, settings=TrakSettings, uses=(*LAMBDA_KEYS, "self_influence"), self_influence=True, retune=retune,
-    cost=cost,
+    cost=cost, memory=memory,
 ))
