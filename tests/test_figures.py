@@ -16,7 +16,7 @@ from PIL import Image
 
 from diffattr import metrics
 from diffattr.data import ImageSet
-from diffattr.figures import influence as figs
+from diffattr.figures import attribution as figs
 from diffattr.figures import style
 from diffattr.figures.lds import lds_cost_figure, lds_figure
 from diffattr.figures.norms import norm_at_recorded_timestep_figure, norm_vs_timestep_figure

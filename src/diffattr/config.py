@@ -72,7 +72,7 @@ def run_name(overrides: Sequence[str], source: str | None = None) -> str:
     return slug
 
 
-def validate(cfg: DictConfig) -> DictConfig:
+def check(cfg: DictConfig) -> DictConfig:
     """Check keys, types, choices and ranges against ``diffattr.settings``; return the typed, resolved config."""
     schema = OmegaConf.structured(settings_class())
     OmegaConf.set_struct(schema, True)  # `+group.key=...` must not add keys the code would ignore
@@ -153,7 +153,7 @@ def _check_relations(cfg: DictConfig) -> None:
 @functools.lru_cache(maxsize=1)
 def _unet_arguments() -> set[str]:
     """The keyword arguments of ``diffusers.UNet2DModel``, read from its source: importing diffusers takes seconds,
-    and every job validates its config (the import is the fallback where the source is not where it used to be)."""
+    and every job checks its config (the import is the fallback where the source is not where it used to be)."""
     import ast
     import importlib.util
 
@@ -239,7 +239,7 @@ def compose(experiment: str, overrides: Sequence[str] = (), conf_dir: Path = CON
 def make_run(cfg: DictConfig, overrides: Sequence[str]) -> Run:
     from .data import source_identity
 
-    cfg = validate(cfg)
+    cfg = check(cfg)
     name = run_name(overrides, source_identity(cfg.data))
     return Run(cfg=cfg, name=name, overrides=tuple(overrides), layout=Layout.of(cfg, name))
 

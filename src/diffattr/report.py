@@ -18,7 +18,7 @@ from .atomic import write_csv, write_parquet
 from .layout import SCORE_VS_NORM, Layout
 from .queries import load_queries
 from .data import ImageSet
-from .figures import influence as figs
+from .figures import attribution as figs
 from .figures.style import save
 
 TOPK_FIGURE = 6  # the papers' layout: each query with its top-6 training images

@@ -2,7 +2,7 @@
 
 The YAML files in ``conf/`` give the values; these dataclasses give the keys, types, help and valid values, so a
 typo, a wrong type, an unknown choice or a value out of range is rejected before any work starts
-(``diffattr.config.validate``). Every field declares its valid values with :func:`knob`: bounds, ``choices`` (a
+(``diffattr.config.check``). Every field declares its valid values with :func:`knob`: bounds, ``choices`` (a
 function that returns the names of a registry, so the valid values are never listed twice), a ``pattern``, or why
 any value is ``free``. Values that clash with each other, or with the data and the model, are checked by
 ``diffattr.config`` too.
