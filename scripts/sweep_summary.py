@@ -4,7 +4,10 @@ sweep_lds rules)."""
 import argparse
 from pathlib import Path
 
-from diffattr.sweep import write_summary
+from diffattr.atomic import write_csv
+from diffattr.figures.style import save
+from diffattr.figures.sweep import lds_summary_figure, summary_figure
+from diffattr.sweep import lds_summary_table, summary_table
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
@@ -14,4 +17,8 @@ if __name__ == "__main__":
     parser.add_argument("--lds", action="store_true", help="summarise the runs' LDS tables instead")
     parser.add_argument("runs", nargs="+", type=Path)
     args = parser.parse_args()
-    write_summary(args.runs, [k for k in args.keys.split(",") if k], args.table, args.figure, lds=args.lds)
+    keys = [k for k in args.keys.split(",") if k]
+    make_table, make_figure = (lds_summary_table, lds_summary_figure) if args.lds else (summary_table, summary_figure)
+    table = make_table(args.runs, keys)
+    write_csv(table, args.table)
+    save(make_figure(table, keys), args.figure)

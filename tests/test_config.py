@@ -1,6 +1,6 @@
 import pytest
 
-from diffattr.config import ConfigError, compose, run_name, sweep_from_config, sweep_points
+from diffattr.config import ConfigError, compose, run_name
 
 
 def test_every_experiment_composes_and_validates():
@@ -64,25 +64,6 @@ def test_unknown_experiment_lists_experiments():
 def test_model_unet_accepts_any_diffusers_argument():
     run = compose("digits", ["model.unet.dropout=0.1"])
     assert run.cfg.model.unet.dropout == 0.1
-
-
-def test_comma_separated_values_sweep_every_combination():
-    points = sweep_points(["attribution.test_noises=1,2,4", "train.seed=0,1", "norm_study.losses=[l2,l1]"])
-    assert len(points) == 6 and ["attribution.test_noises=4", "train.seed=1", "norm_study.losses=[l2,l1]"] in points
-    assert sweep_points(["train.epochs=3"]) == [["train.epochs=3"]]
-    single = sweep_from_config({"overrides": ["train.epochs=3"]})
-    assert single.name is None and single.points == [["train.epochs=3"]]
-    swept = sweep_from_config({"overrides": ["train.seed=0,1"]})
-    assert swept.name == "train.seed=0,1" and swept.keys == ["train.seed"]
-
-
-def test_a_sweep_file_holds_hydra_sweeper_params():
-    sweep = sweep_from_config({"sweep": "test_noises"})
-    assert sweep.name == "test_noises" and sweep.keys == ["attribution.test_noises"]
-    assert [p[-1] for p in sweep.points] == ["attribution.test_noises=1", "attribution.test_noises=2",
-                                             "attribution.test_noises=4"]
-    with pytest.raises(ConfigError, match="test_noises"):
-        sweep_from_config({"sweep": "no_such_sweep"})
 
 
 def _leaves(schema: type, prefix: str = ""):

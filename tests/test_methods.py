@@ -43,6 +43,44 @@ def test_every_family_setting_is_an_attribution_key_with_help():
             assert f.metadata["help"], (family.name, f.name)
 
 
+def test_families_declare_the_default_list_the_colours_and_the_comparisons():
+    before = methods.default_methods()
+    assert before == [m for f in methods.ordered() for m in f.defaults] and "kfac" not in before
+    toy = register(Family(name="a_toy", variants={"toy_x": "x", "toy_y": "y"}, run=print, defaults=("toy_x",),
+                          colours={"toy_x": "#123456"}, comparisons=(("toy_x", "tracin"), ("toy_x", "toy_y"))))
+    try:
+        assert methods.default_methods() == before + ["toy_x"]  # after the built-ins (order 100)
+        assert methods.colours()["toy_x"] == "#123456" and "toy_y" not in methods.colours()
+        pairs = methods.comparisons(["toy_x", "tracin", "retrac", "magic", "dtrak"])
+        assert pairs[:3] == [("retrac", "tracin"), ("dtrak", "tracin"), ("dtrak", "retrac")]  # family order
+        assert pairs[3:] == [("toy_x", "tracin"),  # (toy_x, toy_y) needs both methods in the run
+                             ("magic", "toy_x"), ("magic", "tracin"), ("magic", "retrac"), ("magic", "dtrak")]
+        assert methods.general_influence_reference() == "tracin"
+    finally:
+        methods._REGISTRY.pop("a_toy")
+
+
+def test_only_the_families_name_their_methods():
+    """Outside methods/ and kernels/ no module holds a built-in family's or variant's name as a string: what a method
+    is, its place, colour and comparisons live in its family. The one exception is a different thing with the same
+    name: D-TRAK's timestep grid (timesteps.GRIDS)."""
+    import ast
+    from pathlib import Path
+
+    names = set(families()) | set(variants())
+    allowed = {("timesteps.py", "dtrak")}
+    root = Path(methods.__file__).parent.parent
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if rel.parts[0] in ("methods", "kernels"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and node.value in names and (rel.as_posix(), node.value) not in allowed:
+                found.append(f"{rel}:{node.lineno} {node.value!r}")
+    assert not found
+
+
 @dataclasses.dataclass
 class ToySettings:
     toy_k: int = settings.knob(3, "how many", min=1)

@@ -44,7 +44,7 @@ def test_general_influence_table_pools_all_queries_and_compares_with_tracin():
     retrac[:, 0] = -2.0  # example 0, in 3 of 4 TracIn lists, leaves every list
     scores = {"tracin": {"train": HAND[:2], "generated": HAND[2:]}, "retrac": {"train": retrac[:2],
                                                                                  "generated": retrac[2:]}}
-    table = metrics.general_influence_table(scores, ks=[2], thresholds=[0.5])
+    table = metrics.general_influence_table(scores, ks=[2], thresholds=[0.5], reference="tracin")
     assert set(table.query_kind) == {"train", "generated", "all"}
     row = table[(table.method == "tracin") & (table.query_kind == "all")].iloc[0]
     assert (row.n_general, row.n_distinct, row.n_queries, row.ratio_to_tracin) == (2, 5, 4, 1.0)

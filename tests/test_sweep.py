@@ -5,8 +5,30 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from diffattr.config import ConfigError, sweep_from_config
-from diffattr.sweep import _slice, lds_summary_table, write_summary
+from diffattr.atomic import write_csv
+from diffattr.config import ConfigError
+from diffattr.figures.style import save
+from diffattr.figures.sweep import _slice, lds_summary_figure
+from diffattr.sweep import lds_summary_table, sweep_from_config, sweep_points
+
+
+def test_comma_separated_values_sweep_every_combination():
+    points = sweep_points(["attribution.test_noises=1,2,4", "train.seed=0,1", "norm_study.losses=[l2,l1]"])
+    assert len(points) == 6 and ["attribution.test_noises=4", "train.seed=1", "norm_study.losses=[l2,l1]"] in points
+    assert sweep_points(["train.epochs=3"]) == [["train.epochs=3"]]
+    single = sweep_from_config({"overrides": ["train.epochs=3"]})
+    assert single.name is None and single.points == [["train.epochs=3"]]
+    swept = sweep_from_config({"overrides": ["train.seed=0,1"]})
+    assert swept.name == "train.seed=0,1" and swept.keys == ["train.seed"]
+
+
+def test_a_sweep_file_holds_hydra_sweeper_params():
+    sweep = sweep_from_config({"sweep": "test_noises"})
+    assert sweep.name == "test_noises" and sweep.keys == ["attribution.test_noises"]
+    assert [p[-1] for p in sweep.points] == ["attribution.test_noises=1", "attribution.test_noises=2",
+                                             "attribution.test_noises=4"]
+    with pytest.raises(ConfigError, match="test_noises"):
+        sweep_from_config({"sweep": "no_such_sweep"})
 
 
 def test_a_one_at_a_time_sweep_file_varies_each_key_from_a_base_run():
@@ -23,11 +45,11 @@ def test_a_one_at_a_time_sweep_file_varies_each_key_from_a_base_run():
 
 
 def test_a_one_at_a_time_sweep_crosses_with_swept_overrides(tmp_path, monkeypatch):
-    import diffattr.config as config
+    import diffattr.sweep as sweep_module
 
     (tmp_path / "sweep").mkdir()
     (tmp_path / "sweep" / "two.yaml").write_text("vary: one_at_a_time\nparams:\n  a.x: 1,2\n  a.y: 3\n")
-    monkeypatch.setattr(config, "CONF_DIR", tmp_path)
+    monkeypatch.setattr(sweep_module, "CONF_DIR", tmp_path)
     sweep = sweep_from_config({"sweep": "two", "overrides": ["train.seed=0,1"]})
     assert sweep.keys == ["train.seed", "a.x", "a.y"]
     assert sweep.points == [[f"train.seed={s}", *alt] for s in (0, 1)
@@ -65,6 +87,7 @@ def test_the_lds_summary_slices_each_key_through_the_base_run(tmp_path):
     assert list(s_slice.run) == ["s5", "base", "s40"]  # ordered by the value, k held at the base's
     assert np.allclose(s_slice.lds_mean, [0.05, 0.1, 0.3])
     assert list(_slice(tracin, "attribution.proj_dim", keys).run) == ["k512", "base"]
-    write_summary(runs, keys, tmp_path / "lds.csv", tmp_path / "lds.png", lds=True)
+    write_csv(table, tmp_path / "lds.csv")
+    save(lds_summary_figure(table, keys), tmp_path / "lds.png")
     assert pd.read_csv(tmp_path / "lds.csv").shape == table.shape
     assert (tmp_path / "lds.png").stat().st_size > 10_000

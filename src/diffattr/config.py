@@ -1,9 +1,9 @@
-"""Composing, validating, naming and sweeping runs.
+"""Composing, validating and naming runs.
 
 A run is named by its experiment plus its overrides: ``<results_dir>/<experiment>/<run>/`` holds what a user reads,
 while the stages it computes live in keyed directories shared between runs (``diffattr.layout``). The Snakefile and
 every script go through :func:`compose`, so a wrong key, type, choice or range fails before any work starts, with
-the same message. An override with comma-separated values (Hydra's sweep syntax) makes a sweep: :func:`sweep_points`.
+the same message. An override with comma-separated values (Hydra's sweep syntax) makes a sweep (``diffattr.sweep``).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import itertools
 import os
 import re
 from dataclasses import dataclass
@@ -227,10 +226,10 @@ def compose(experiment: str, overrides: Sequence[str] = (), conf_dir: Path = CON
         with initialize_config_dir(config_dir=str(Path(conf_dir).resolve()), version_base=None):
             cfg = hydra_compose("config", overrides=[f"experiment={experiment}", *overrides])
     except (HydraException, OmegaConfBaseException) as e:
-        wrong_type = re.match(r"Error merging override ([\w.]+)=.*? \((.*)\)$", _explain(e))
+        wrong_type = re.match(r"Error merging override ([\w.]+)=.*? \((.*)\)$", explain(e))
         if wrong_type:  # the key and why its value does not fit, as every other invalid value is reported
             raise ConfigError(f"invalid configuration at '{wrong_type[1]}': {wrong_type[2]}") from None
-        raise ConfigError(f"bad override for experiment '{experiment}': {_explain(e)}") from None
+        raise ConfigError(f"bad override for experiment '{experiment}': {explain(e)}") from None
     finally:
         GlobalHydra.instance().clear()
     return make_run(cfg, overrides)
@@ -242,72 +241,6 @@ def make_run(cfg: DictConfig, overrides: Sequence[str]) -> Run:
     cfg = check(cfg)
     name = run_name(overrides, source_identity(cfg.data))
     return Run(cfg=cfg, name=name, overrides=tuple(overrides), layout=Layout.of(cfg, name))
-
-
-def sweep_points(overrides: Sequence[str]) -> list[list[str]]:
-    """The override lists of a sweep: every combination of the comma-separated values (Hydra's basic sweeper
-    syntax, e.g. ``attribution.test_noises=1,2,4``); one list, the overrides themselves, when nothing is swept."""
-    choices = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override()
-               else [o.input_line] for o in _parse(overrides)]
-    return [list(point) for point in itertools.product(*choices)]
-
-
-def _parse(overrides: Sequence[str]):
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
-    try:
-        return OverridesParser.create().parse_overrides([str(o) for o in overrides])
-    except HydraException as e:
-        raise ConfigError(f"bad override: {_explain(e)}") from None
-
-
-@dataclass(frozen=True)
-class Sweep:
-    name: str | None  # None for a single run
-    points: list[list[str]]  # the override list of each run
-    keys: list[str]  # the swept keys
-
-
-def sweep_from_config(config) -> Sweep:
-    """The runs that Snakemake's ``--config`` asks for: ``overrides=[...]`` (comma-separated values sweep, as in
-    Hydra) plus, with ``sweep=NAME``, the ``params`` of ``conf/sweep/NAME.yaml`` (Hydra's sweeper format). The file's
-    ``vary`` says how its params combine: ``grid`` (Hydra's: every combination) or ``one_at_a_time`` (a base run
-    without them, then one run per value of one key, the others left at the experiment's values)."""
-    overrides = [str(o) for o in config.get("overrides", [])]
-    name, alternatives, file_keys = config.get("sweep"), [[]], []
-    if name:
-        file = CONF_DIR / "sweep" / f"{name}.yaml"
-        if not file.is_file():
-            known = sorted(p.stem for p in file.parent.glob("*.yaml"))
-            raise ConfigError(f"no sweep file {file}; choose sweep= from {', '.join(known) or '(none)'}")
-        spec = OmegaConf.load(file)
-        vary = spec.get("vary", "grid")
-        if vary not in ("grid", "one_at_a_time"):
-            raise ConfigError(f"{file}: vary must be grid or one_at_a_time, not {vary!r}")
-        params = []
-        for key, values in (spec.get("params") or {}).items():
-            if not isinstance(values, (str, int, float, bool)):
-                raise ConfigError(f"{file}: params.{key} must be a string such as '1,2,4', not {values!r}")
-            params.append(f"{key}={values}")
-        if vary == "grid":
-            overrides += params
-        else:
-            alternatives += [point for param in params for point in sweep_points([param])]
-            file_keys = [o.get_key_element() for o in _parse(params)]
-    points = [point + alt for point in sweep_points(overrides) for alt in alternatives]
-    keys = swept_keys(overrides)
-    keys += [k for k in file_keys if k not in keys]
-    if name and config.get("overrides"):  # the same sweep file over other settings must not share the summary
-        name = f"{name},{run_name([str(o) for o in config['overrides']])}"
-    elif name is None and len(points) > 1:
-        name = run_name(overrides)
-    return Sweep(str(name) if name else None, points, keys)
-
-
-def swept_keys(overrides: Sequence[str]) -> list[str]:
-    """The keys that take several values in ``overrides``."""
-    return [o.get_key_element() for o in _parse(overrides) if o.is_sweep_override()]
 
 
 def from_hydra(cfg: DictConfig) -> Run:
@@ -324,7 +257,7 @@ def resolved_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.create(data))
 
 
-def _explain(e: BaseException) -> str:
+def explain(e: BaseException) -> str:
     """Hydra's message in one paragraph, plus the underlying cause and, for an unknown key, the valid keys."""
     text = str(e).split("Config search path")[0]
     text = " ".join(line.strip() for line in text.splitlines() if line.strip() and "To append" not in line)

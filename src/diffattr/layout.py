@@ -9,15 +9,9 @@ Under ``<results_dir>/<experiment>/``:
   naming the stage directories it used, its tables and figures.
 - ``sweeps/<name>/`` compares the runs of a sweep.
 
-What each stage depends on (:func:`stage_dependencies`):
-data <- ``data.*`` (a CIFAR archive by its md5, never by its path); train <- data + ``model.*`` + ``train.*``;
-samples <- train + ``sample.*``; norm_study <- train + ``norm_study.*``; queries <- samples + the query keys of
-``attribution.*``; each method family <- queries + the keys the family declares (``diffattr.methods``); the
-validation's subset models: subsets <- train + ``validate.alpha``, ``validate.seed``; their measured outputs:
-outputs <- subsets + queries + the other ``validate.*`` keys that say which models and what is measured (and the
-Journey-TRAK steps and noises of the per-step targets measured beside F); the
-counterfactual removal: removal <- train + queries + the families of the methods it removes for + ``removal.*``
-(its retrained models are named by the hash of the ids they lack, under the train key).
+What each stage's key hashes is declared once, in :data:`UPSTREAM`, :data:`OWN_CONFIG` and :data:`EXTRA_INPUTS`;
+:func:`stage_dependencies` computes it and :func:`dependency_lines` writes it out (``results/README.md``); a test
+holds the three together.
 The shard count and ``job.*`` never enter a key: merged results do not depend on them.
 """
 
@@ -128,9 +122,17 @@ OWN_CONFIG = {"data": ("data",), "train": ("model", "train"), "samples": ("sampl
               "subsets": tuple(f"validate.{k}" for k in SUBSET_KEYS),
               "outputs": (*(f"validate.{k}" for k in OUTPUT_KEYS), *(f"attribution.{k}" for k in STEP_TARGET_KEYS)),
               "removal": ("removal", *(f"validate.{k}" for k in MEASURE_KEYS))}
+# How the config enters a key, as when the keys were made: these groups key by key, not under the group's name; these
+# single keys under one name (Journey-TRAK's per-step targets, measured beside F)
+FLAT_GROUPS = ("data", "removal")
+NESTED = {"outputs": {"step_targets": STEP_TARGET_KEYS}}
+# What a stage's key hashes beyond its upstream stages and its config, in words (the code: stage_dependencies)
+EXTRA_INPUTS = {"data": {"source": "the data's identity (a CIFAR archive by its md5, never by its path)"},
+                "outputs": {"second_model": "whether a subset's second model is seed 0 regrouped (coupled draws)"},
+                "removal": {"attribution/<family>": "the keys of the families whose scores it removes by"}}
 # Keys of a group that say how or where to compute (or how to draw), not what: never part of a stage key.
 _NOT_KEYED = {"data": ("archive", "url", "md5", "verify_checksum", "cache_dir", "download"),
-              "sample": ("checkpoints",), "norm_study": ("timestep_axis",)}
+              "sample": ("checkpoints",), "norm_study": ("timestep_axis",), "removal": ("cases_per_job",)}
 
 
 def digest(obj: Any) -> str:
@@ -159,7 +161,6 @@ def stage_dependencies(cfg: DictConfig) -> dict[str, dict]:
     is a hash of. Upstream stages enter by their keys."""
     from .data import source_identity
     from .methods import family_of, requested_families
-    from .settings import ValidateSettings, keyed
     from .subsets import subset_models
 
     deps: dict[str, dict] = {}
@@ -169,24 +170,34 @@ def stage_dependencies(cfg: DictConfig) -> dict[str, dict]:
         deps[stage] = value
         keys[stage] = digest(value)
 
-    add("data", {**_group(cfg, "data"), "source": source_identity(cfg.data)})
-    for stage in ("train", "samples", "norm_study"):
-        (upstream,) = UPSTREAM[stage]
-        add(stage, {upstream: keys[upstream], **{group: _group(cfg, group) for group in OWN_CONFIG[stage]}})
-    add("queries", {"samples": keys["samples"], **{k: cfg.attribution[k] for k in QUERY_KEYS}})
-    v = OmegaConf.to_container(cfg.validate, resolve=True)
-    add("subsets", {"train": keys["train"], **keyed(ValidateSettings, {k: v[k] for k in SUBSET_KEYS})})
+    def upstream(stage):
+        return {u: keys[u] for u in UPSTREAM[stage]}
+
+    def own(stage):
+        """The stage's config (OWN_CONFIG): a whole group under its name (key by key for FLAT_GROUPS), a single key
+        under its own name or the one NESTED gives it. A key added after results existed is left out at its default
+        (``settings.keyed``)."""
+        out = {}
+        nest = {key: name for name, keys in NESTED.get(stage, {}).items() for key in keys}
+        for entry in OWN_CONFIG[stage]:
+            group, _, key = entry.partition(".")
+            values = _group(cfg, group)
+            if not key:
+                out.update(values if group in FLAT_GROUPS else {group: values})
+            elif key in values:
+                (out.setdefault(nest[key], {}) if key in nest else out)[key] = values[key]
+        return out
+
+    add("data", {**own("data"), "source": source_identity(cfg.data)})
+    for stage in ("train", "samples", "norm_study", "queries", "subsets"):
+        add(stage, {**upstream(stage), **own(stage)})
     # under coupled draws the second model of a subset is seed 0 regrouped, not a second seed (diffattr.subsets)
     regrouped = any(model.regrouped for model in subset_models(cfg))
-    add("outputs", {"subsets": keys["subsets"], "queries": keys["queries"], **{k: v[k] for k in OUTPUT_KEYS},
-                    "step_targets": {k: cfg.attribution[k] for k in STEP_TARGET_KEYS},
-                    **({"second_model": "regrouped"} if regrouped else {})})
+    add("outputs", {**upstream("outputs"), **own("outputs"), **({"second_model": "regrouped"} if regrouped else {})})
     for family, variants in requested_families(cfg.attribution.methods).items():
         add(f"attribution/{family.name}", {"queries": keys["queries"], "family": family.name,
                                             **family.depends_on(cfg, variants)})
-    r = OmegaConf.to_container(cfg.removal, resolve=True)
-    r.pop("cases_per_job")
-    methods = r["methods"] if r["methods"] is not None else list(cfg.attribution.methods)
+    methods = cfg.removal.methods if cfg.removal.methods is not None else cfg.attribution.methods
     unscored = sorted(set(methods) - set(cfg.attribution.methods))
     if unscored:
         from .exceptions import ConfigError
@@ -194,8 +205,7 @@ def stage_dependencies(cfg: DictConfig) -> dict[str, dict]:
         raise ConfigError(f"invalid configuration at 'removal.methods': {unscored} are not in attribution.methods; "
                           "removal reads their scores")
     scored = {s: keys[s] for s in sorted({f"attribution/{family_of(m).name}" for m in methods})}
-    add("removal", {"train": keys["train"], "queries": keys["queries"], **scored, **r,
-                    **{k: v[k] for k in MEASURE_KEYS}})
+    add("removal", {**upstream("removal"), **scored, **own("removal")})
     return deps
 
 
@@ -255,6 +265,26 @@ def pattern(artifact: str, root: str | Path, /, **fixed: Any) -> str:
     return f"{root}/{template}"
 
 
+def dependency_lines() -> list[str]:
+    """What each stage's key hashes, a markdown list item per stage, from :data:`UPSTREAM`, :data:`OWN_CONFIG`,
+    :data:`EXTRA_INPUTS` and the method registry."""
+    from .methods import COMMON_KEYS
+
+    lines = []
+    for stage in STAGES:
+        parts = list(UPSTREAM[stage])
+        for entry in OWN_CONFIG[stage]:
+            group, _, key = entry.partition(".")
+            less = _NOT_KEYED.get(group, ()) if not key else ()
+            parts.append(f"`{entry if key else group + '.*'}`" + (f" (less {', '.join(less)})" if less else ""))
+        parts += EXTRA_INPUTS.get(stage, {}).values()
+        lines.append(f"- {stage} <- " + " + ".join(parts))
+        if stage == "queries":
+            lines.append("- attribution/<family> <- queries + " + " + ".join(f"`attribution.{k}`" for k in COMMON_KEYS)
+                         + " + the keys the family declares (`diffattr.methods`)")
+    return lines
+
+
 def results_readme() -> str:
     """``results/README.md``, generated from :data:`ARTIFACTS` (a test keeps the file equal to it)."""
     lines = ["# results/", "",
@@ -263,7 +293,10 @@ def results_readme() -> str:
              "Stage artifacts live under `stages/<stage>/<key>/`, where `<key>` hashes the config that stage depends",
              "on, so runs that agree on it share them; each run directory names the stages it used in its",
              "`manifest.yaml`. Placeholders: `{data}`, `{train}`, ... are stage keys; `{run}` is `default` or the sorted",
-             "overrides (+ a hash when needed).", "", "```", "results/<experiment>/"]
+             "overrides (+ a hash when needed).", "",
+             "What each stage's key hashes (`<-`; a key added after results existed enters none at its default, and",
+             "neither the shard count nor `job.*` enters any):", "", *dependency_lines(), "",
+             "```", "results/<experiment>/"]
     width = max(len(t) for _, t, _ in ARTIFACTS) + 2
     for _, template, what in ARTIFACTS:
         lines.append(f"  {template:<{width}}{what}")

@@ -63,12 +63,13 @@ def general_influence(scores, k: int, threshold: float) -> dict:
 
 
 def general_influence_table(scores: Mapping[str, Mapping[str, object]], ks: Sequence[int] = (10,),
-                            thresholds: Sequence[float] = (0.1,), reference: str = "tracin") -> pd.DataFrame:
+                            thresholds: Sequence[float] = (0.1,), reference: str | None = None) -> pd.DataFrame:
     """Rows ``method, query_kind, k, threshold, n_general, n_distinct, n_queries, ratio_to_tracin``.
 
     ``scores[method][query_kind]`` is [Q_kind, N] over the same training set; the kind ``"all"`` (pooling every
     query of the method) is added. ``ratio_to_tracin`` divides ``n_general`` by that of method ``reference`` for the
-    same kind, k and threshold (NaN when the reference is absent or has none; the paper: ReTrac ~ 1/3).
+    same kind, k and threshold (NaN when the reference is None, absent or has none; the report passes the variant a
+    family declares, ``Family.reference``: TracIn, as Diffusion-ReTrac's claim is ReTrac ~ 1/3 of it).
     """
     rows = []
     for method, kinds in scores.items():

@@ -16,6 +16,7 @@ from . import metrics
 from .artifacts import read_scores
 from .atomic import write_csv, write_parquet
 from .layout import SCORE_VS_NORM, Layout
+from .methods import general_influence_reference
 from .queries import load_queries
 from .data import ImageSet
 from .figures import attribution as figs
@@ -55,7 +56,8 @@ def write_report(cfg: DictConfig, layout: Layout) -> None:
 
     write_parquet(pd.concat(topk, ignore_index=True)[["method", "query_id", "query_kind", "rank", "train_id",
                                                        "score"]], layout.path("table", name="topk.parquet"))
-    general = metrics.general_influence_table(grouped, ks=[a.topk], thresholds=list(a.thresholds))
+    general = metrics.general_influence_table(grouped, ks=[a.topk], thresholds=list(a.thresholds),
+                                              reference=general_influence_reference())
     write_csv(general, layout.path("table", name="general_influence.csv"))
     write_csv(pd.DataFrame(tracing, columns=["method", "n_queries", "top1", "top5"]),
               layout.path("table", name="tracing.csv"))

@@ -134,10 +134,8 @@ class NormStudySettings:
 class QuerySettings:
     """The attribution keys every method shares: the queries and the report (docs/METHODS.md §2-4, §7, §10)."""
 
-    methods: List[str] = knob(help="methods to run (any registered variant)", factory=lambda: [
-        "tracin", "retrac", "retrac_train_only", "retrac_test_only", "trak", "dtrak", "journey_trak",
-        "journey_trak_normalized", "das", "das_r1", "pixel_cosine", "feature_cosine", "grad_dot", "grad_cosine"],
-        choices=lambda: _methods())
+    methods: List[str] = knob(help="methods to run (any registered variant; the default: every family's `defaults`)",
+                              factory=lambda: _default_methods(), choices=lambda: _methods())
     n_train_queries: int = knob(64, "training images as queries (image tracing)", min=0)
     n_test_queries: int = knob(64, "held-out images of the same classes", min=0)
     n_generated_queries: int = knob(16, "the run's samples at its last checkpoint", min=0)
@@ -167,6 +165,12 @@ def _methods():
     from .methods import variants
 
     return variants()
+
+
+def _default_methods():
+    from .methods import default_methods
+
+    return default_methods()
 
 
 def _grids():

@@ -1,27 +1,94 @@
-"""A sweep's comparison: one row per run x method with the swept keys and every headline metric of the run's tables.
+"""A sweep: the runs one command asks for (``overrides`` with comma-separated values, a ``conf/sweep/`` file), and
+its comparison over them, one row per run x method with the swept keys and every headline metric of the run's tables.
 
 Headline metrics: from ``general_influence.csv`` (all queries pooled) ``n_general`` and ``ratio_to_tracin`` at each
 k and threshold; from ``tracing.csv`` ``top1`` and ``top5``; from ``outliers.csv`` (when the run has one)
-``outlier_fraction_top10`` and ``self_influence_auroc``. After ``snakemake validate`` a second table and figure
-give every run's LDS against the swept values.
+``outlier_fraction_top10`` and ``self_influence_auroc``. After ``snakemake validate`` a second table gives every
+run's LDS against the swept values. Their figures: ``diffattr.figures.sweep`` (the DAG reads this module when it
+parses, and matplotlib stays out of that).
 """
 
 from __future__ import annotations
 
+import itertools
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
-from .atomic import write_csv
-from .figures.lds import REFERENCES
-from .lds import CONTROL, REFERENCES as REFERENCE_METHODS
-from .figures.style import REFERENCE_COLOURS, method_colour, panel_grid, save
+from .config import CONF_DIR, explain, run_name
+from .exceptions import ConfigError
 
 OUTLIER_METRICS = ("outlier_fraction_top10", "self_influence_auroc")
+
+
+def sweep_points(overrides: Sequence[str]) -> list[list[str]]:
+    """The override lists of a sweep: every combination of the comma-separated values (Hydra's basic sweeper
+    syntax, e.g. ``attribution.test_noises=1,2,4``); one list, the overrides themselves, when nothing is swept."""
+    choices = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override()
+               else [o.input_line] for o in _parse(overrides)]
+    return [list(point) for point in itertools.product(*choices)]
+
+
+def _parse(overrides: Sequence[str]):
+    try:
+        return OverridesParser.create().parse_overrides([str(o) for o in overrides])
+    except HydraException as e:
+        raise ConfigError(f"bad override: {explain(e)}") from None
+
+
+@dataclass(frozen=True)
+
+
+class Sweep:
+    name: str | None  # None for a single run
+    points: list[list[str]]  # the override list of each run
+    keys: list[str]  # the swept keys
+
+
+def sweep_from_config(config) -> Sweep:
+    """The runs that Snakemake's ``--config`` asks for: ``overrides=[...]`` (comma-separated values sweep, as in
+    Hydra) plus, with ``sweep=NAME``, the ``params`` of ``conf/sweep/NAME.yaml`` (Hydra's sweeper format). The file's
+    ``vary`` says how its params combine: ``grid`` (Hydra's: every combination) or ``one_at_a_time`` (a base run
+    without them, then one run per value of one key, the others left at the experiment's values)."""
+    overrides = [str(o) for o in config.get("overrides", [])]
+    name, alternatives, file_keys = config.get("sweep"), [[]], []
+    if name:
+        file = CONF_DIR / "sweep" / f"{name}.yaml"
+        if not file.is_file():
+            known = sorted(p.stem for p in file.parent.glob("*.yaml"))
+            raise ConfigError(f"no sweep file {file}; choose sweep= from {', '.join(known) or '(none)'}")
+        spec = OmegaConf.load(file)
+        vary = spec.get("vary", "grid")
+        if vary not in ("grid", "one_at_a_time"):
+            raise ConfigError(f"{file}: vary must be grid or one_at_a_time, not {vary!r}")
+        params = []
+        for key, values in (spec.get("params") or {}).items():
+            if not isinstance(values, (str, int, float, bool)):
+                raise ConfigError(f"{file}: params.{key} must be a string such as '1,2,4', not {values!r}")
+            params.append(f"{key}={values}")
+        if vary == "grid":
+            overrides += params
+        else:
+            alternatives += [point for param in params for point in sweep_points([param])]
+            file_keys = [o.get_key_element() for o in _parse(params)]
+    points = [point + alt for point in sweep_points(overrides) for alt in alternatives]
+    keys = swept_keys(overrides)
+    keys += [k for k in file_keys if k not in keys]
+    if name and config.get("overrides"):  # the same sweep file over other settings must not share the summary
+        name = f"{name},{run_name([str(o) for o in config['overrides']])}"
+    elif name is None and len(points) > 1:
+        name = run_name(overrides)
+    return Sweep(str(name) if name else None, points, keys)
+
+
+def swept_keys(overrides: Sequence[str]) -> list[str]:
+    """The keys that take several values in ``overrides``."""
+    return [o.get_key_element() for o in _parse(overrides) if o.is_sweep_override()]
 
 
 def summary_table(run_dirs: Sequence[Path], keys: Sequence[str]) -> pd.DataFrame:
@@ -43,30 +110,6 @@ def summary_table(run_dirs: Sequence[Path], keys: Sequence[str]) -> pd.DataFrame
     return pd.DataFrame(rows)
 
 
-def summary_figure(table: pd.DataFrame, keys: Sequence[str]) -> Figure:
-    """One panel per headline metric: its value for every run (x, labelled by the swept values), a line per method."""
-    metrics = [c for c in table.columns if c not in ("run", "method", *keys) and not c.startswith("ratio_to")]
-    runs, labels = _runs(table, keys)
-    fig, axes = panel_grid(len(metrics), 3.6, 3.0, columns=3)
-    for ax, metric in zip(axes, metrics):
-        for method, part in table.groupby("method", sort=False):
-            values = part.set_index("run")[metric].reindex(runs)
-            ax.plot(range(len(runs)), values.to_numpy(dtype=float), marker="o", label=method,
-                    color=method_colour(method))
-        _run_ticks(ax, runs, labels)
-        ax.set_title(metric, fontsize=9)
-    return _finish(fig, keys)
-
-
-def write_summary(run_dirs: Sequence[Path], keys: Sequence[str], table_path: Path, figure_path: Path,
-                  lds: bool = False) -> None:
-    """The summary table and figure of a sweep: its headline metrics, or (``lds``) its LDS tables."""
-    make_table, make_figure = (lds_summary_table, lds_summary_figure) if lds else (summary_table, summary_figure)
-    table = make_table(run_dirs, keys)
-    write_csv(table, table_path)
-    save(make_figure(table, keys), figure_path)
-
-
 def lds_summary_table(run_dirs: Sequence[Path], keys: Sequence[str]) -> pd.DataFrame:
     """Every run's ``tables/lds.csv`` (``snakemake validate``) with the run and its swept values in front."""
     frames = []
@@ -77,101 +120,10 @@ def lds_summary_table(run_dirs: Sequence[Path], keys: Sequence[str]) -> pd.DataF
     return pd.concat(frames, ignore_index=True)
 
 
-def lds_summary_figure(table: pd.DataFrame, keys: Sequence[str]) -> Figure:
-    """LDS against each swept key, the other keys held at the first run's values: a row per key (a sweep has more
-    keys than kinds, and the rows keep it page-wide), a column per query kind, a line per method the key moves, with
-    its 95% interval. A method the key leaves alone has the same scores
-    in every run of the column (its stage is shared), so its flat line is left out; the random control and the
-    attainable LDS are grey, horizontal where the key leaves them alone (any attribution key does)."""
-    kinds, columns = list(pd.unique(table.query_kind)), list(keys) or [None]
-    fig = Figure(figsize=(3.8 * len(kinds) + 1.8, 2.6 * len(columns) + 0.4), layout="constrained")
-    axes = np.asarray(fig.subplots(len(columns), len(kinds), sharey=True, squeeze=False))
-    for col, kind in enumerate(kinds):
-        for row, key in enumerate(columns):
-            ax, part = axes[row, col], _slice(table[table.query_kind == kind], key, keys)
-            x, ticks = _positions(part, key)
-            if min(ticks[0]) > 0 and max(ticks[0]) >= 8 * min(ticks[0]) and key is not None:
-                ax.set_xscale("log")
-                ax.minorticks_off()
-            for variant, line in part.groupby("variant", sort=False):
-                mean = line.lds_mean.to_numpy()
-                reference = line.method.iloc[0] in REFERENCE_METHODS
-                if reference and variant not in REFERENCES:
-                    continue  # the seed reliability is not an LDS
-                style = dict(color=REFERENCE_COLOURS[variant], ls=":" if variant == CONTROL else "--") \
-                    if reference else dict(color=method_colour(variant))
-                if np.ptp(mean) == 0 and (reference or len(mean) > 1):
-                    if reference:
-                        ax.axhline(mean[0], lw=0.8, label=REFERENCES[variant], **style)
-                else:
-                    ax.errorbar(x[line.index], mean, yerr=[mean - line.ci_low, line.ci_high - mean], marker="o",
-                                capsize=2, label=REFERENCES[variant] if reference else variant, **style)
-            ax.axhline(0, color="k", lw=0.5)
-            ax.set_xticks(*ticks, fontsize=8)
-            ax.set_xlabel(key or "run", fontsize=8)
-            if row == 0:
-                ax.set_title(f"{kind} queries", fontsize=9)
-    for ax in axes[:, 0]:
-        ax.set_ylabel("LDS (mean over queries)", fontsize=8)
-    return _finish(fig, keys)
-
-
-def _slice(table: pd.DataFrame, key: str | None, keys: Sequence[str]) -> pd.DataFrame:
-    """The rows of the runs whose swept values other than ``key`` are the first run's (all runs when ``key`` is
-    None), ordered by ``key``'s value."""
-    others = [k for k in keys if k != key]
-    first = table.iloc[0]
-    keep = np.ones(len(table), bool)
-    for k in others:
-        keep &= (table[k].astype(str) == str(first[k])).to_numpy()
-    part = table[keep]
-    return part if key is None else part.iloc[np.argsort(_order(part[key]), kind="stable")]
-
-
-def _order(values: pd.Series) -> np.ndarray:
-    numbers = pd.to_numeric(values, errors="coerce")
-    return numbers.to_numpy() if numbers.notna().all() else pd.factorize(values)[0]
-
-
-def _positions(part: pd.DataFrame, key: str | None) -> tuple[pd.Series, tuple[list, list]]:
-    """Each row's x position and the axis ticks: the key's values where all are numbers, else one slot per run."""
-    labels = part.run if key is None else part[key]
-    numbers = pd.to_numeric(labels, errors="coerce")
-    if key is not None and numbers.notna().all():
-        values = sorted(set(numbers))
-        return numbers, (values, [f"{v:g}" for v in values])
-    slots = {label: i for i, label in enumerate(pd.unique(labels))}
-    return labels.map(slots), (list(slots.values()), [str(label) for label in slots])
-
-
 def _swept(run_dir: Path, keys: Sequence[str]) -> dict:
     """The values of the swept ``keys`` in a run's resolved config."""
     cfg = OmegaConf.load(run_dir / "config.yaml")
     return {key: _plain(OmegaConf.select(cfg, key.lstrip("+~"))) for key in keys}
-
-
-def _runs(table: pd.DataFrame, keys: Sequence[str]) -> tuple[list[str], pd.Series]:
-    """The runs in table order and each one's label: its swept values (its name when nothing is swept)."""
-    labels = table.drop_duplicates("run").set_index("run")[list(keys)].astype(str).agg(", ".join, axis=1) \
-        if keys else pd.Series({r: r for r in table.run.unique()})
-    return list(labels.index), labels
-
-
-def _run_ticks(ax, runs: Sequence[str], labels: pd.Series) -> None:
-    ax.set_xticks(range(len(runs)), [labels[r] for r in runs], rotation=30, ha="right", fontsize=8)
-
-
-def _finish(fig: Figure, keys: Sequence[str]) -> Figure:
-    """One legend for the whole figure, under the panels (a legend inside a panel hides its lines), naming every
-    line any panel draws once."""
-    named = {}
-    for ax in fig.axes:
-        handles, labels = ax.get_legend_handles_labels()
-        named.update(zip(labels, handles))
-    fig.legend(list(named.values()), list(named), loc="outside lower center", ncols=4, fontsize=8, frameon=False)
-    if keys:
-        fig.suptitle("swept: " + ", ".join(keys), fontsize=9)
-    return fig
 
 
 def _plain(value):

@@ -156,7 +156,7 @@ def write_lds_report(cfg: DictConfig, layout: Layout) -> None:
     ``lds/``."""
     from .figures.lds import lds_cost_figure, lds_figure
     from .figures.style import save
-    from .methods import family_of
+    from .methods import comparisons, family_of
 
     v = cfg.validate
     train_ids = ImageSet.load(layout.path("data", split="train")).ids.numpy()
@@ -225,25 +225,22 @@ def write_lds_report(cfg: DictConfig, layout: Layout) -> None:
         add(family.name, variant, per_query_of[variant], n_report, v.seeds)
     step_rows = _step_lds(cfg, layout, table, arrays, per_kind, of_scores, n_report)
     power_rows = []
-    # the exact first-order answer against every other method: what it gains over each (issue 25)
-    exact = [(EXACT, other) for other in cfg.attribution.methods if EXACT in per_query_of and other != EXACT]
-    for a, b in PAIRS + exact:
-        if a in per_query_of and b in per_query_of:
-            fa, fb = per_query_of[a], per_query_of[b]
-            paired = lambda r, c: fa(r, c) - fb(r, c)  # noqa: E731
-            for kind, sel, mean, low, high in per_kind(paired, n_report):
-                pair_rows.append({"variant": a, "versus": b, "query_kind": kind, "n_subsets": n_report,
-                                  "difference": mean, "ci_low": low, "ci_high": high})
-                n_queries = int(np.isfinite(paired(np.arange(n_report), sel)).sum())
-                se_m, se_q = lds.standard_errors(lambda r, c: paired(r, sel[c]), n_report, len(sel), v.bootstrap,
-                                                 seed=v.seed)
-                power_rows.append({"variant": a, "versus": b, "query_kind": kind, "n_subsets": n_report,
-                                   "n_queries": n_queries, "difference": mean, "se_subsets": se_m, "se_queries": se_q,
-                                   "effect": POWER_EFFECT,
-                                   "subsets_needed": lds.needed(se_m, se_q, n_report, POWER_EFFECT),
-                                   "queries_needed": lds.needed(se_q, se_m, n_queries, POWER_EFFECT),
-                                   "balanced_subsets": lds.balanced(se_m, n_report, POWER_EFFECT),
-                                   "balanced_queries": lds.balanced(se_q, n_queries, POWER_EFFECT)})
+    for a, b in comparisons([m for m in cfg.attribution.methods if m in per_query_of]):
+        fa, fb = per_query_of[a], per_query_of[b]
+        paired = lambda r, c: fa(r, c) - fb(r, c)  # noqa: E731
+        for kind, sel, mean, low, high in per_kind(paired, n_report):
+            pair_rows.append({"variant": a, "versus": b, "query_kind": kind, "n_subsets": n_report,
+                              "difference": mean, "ci_low": low, "ci_high": high})
+            n_queries = int(np.isfinite(paired(np.arange(n_report), sel)).sum())
+            se_m, se_q = lds.standard_errors(lambda r, c: paired(r, sel[c]), n_report, len(sel), v.bootstrap,
+                                             seed=v.seed)
+            power_rows.append({"variant": a, "versus": b, "query_kind": kind, "n_subsets": n_report,
+                               "n_queries": n_queries, "difference": mean, "se_subsets": se_m, "se_queries": se_q,
+                               "effect": POWER_EFFECT,
+                               "subsets_needed": lds.needed(se_m, se_q, n_report, POWER_EFFECT),
+                               "queries_needed": lds.needed(se_q, se_m, n_queries, POWER_EFFECT),
+                               "balanced_subsets": lds.balanced(se_m, n_report, POWER_EFFECT),
+                               "balanced_queries": lds.balanced(se_q, n_queries, POWER_EFFECT)})
     add("control", lds.CONTROL, of_scores(lds.random_scores(len(query_ids), len(train_ids), v.seed)), n_report,
         v.seeds)
     # the reliability r of the protocol's target, from the reported subsets that have a second model (another seed;
@@ -278,45 +275,34 @@ def _step_lds(cfg, layout, table, arrays, per_kind, of_scores, n_report) -> list
     step's scores (``step_scores``, the same for both aggregates up to a positive per-step factor, which a rank
     correlation ignores) against that step's target measured on every subset model; then the mean over steps.
     Adds the per-step targets and scores to the arrays. No rows without Journey-TRAK or generated queries."""
-    from .methods import family_of
+    from .methods import requested_families
 
     v = cfg.validate
-    journey = [m for m in cfg.attribution.methods if family_of(m).name == "journey_trak"]
-    if not journey or not (table.step >= 0).any():
+    stepped = [(f, m) for f, m in requested_families(cfg.attribution.methods).items() if f.step_scores]
+    if not stepped or not (table.step >= 0).any():
         return []
+    family, chosen = stepped[0]
     query_ids, train_ids = arrays["query_ids"], arrays["train_ids"]
-    dense = read_tensors(layout.scores(journey[0]), "attribute", ("step_scores", "steps", "query_ids"))
+    dense = read_tensors(layout.scores(chosen[0]), "attribute", ("step_scores", "steps", "query_ids"))
     steps = dense["steps"].numpy()
     targets = step_arrays(table, v.n_subsets, query_ids, steps)
     target = np.nanmean(targets[:, :v.seeds], axis=1)  # [M, Q, T]
     rows_of = pd.Index(dense["query_ids"].numpy()).get_indexer(query_ids)
     scores = np.full((len(query_ids), len(steps), len(train_ids)), np.nan)
     scores[rows_of >= 0] = dense["step_scores"].double().numpy()[rows_of[rows_of >= 0]]
-    arrays.update(journey_steps=steps, step_outputs=targets, step_scores_journey_trak=scores)
+    arrays.update({"journey_steps": steps, "step_outputs": targets, f"step_scores_{family.name}": scores})
     per_step = [of_scores(scores[:, j], target[:, :, j]) for j in range(len(steps))]
     mean_over_steps = lambda r, c: np.nanmean([f(r, c) for f in per_step], axis=0)  # noqa: E731
     rows = []
     for timestep, per_query in [*zip(steps.tolist(), per_step), (None, mean_over_steps)]:
         for kind, sel, mean, low, high in per_kind(per_query, n_report):
-            rows.append({"method": "journey_trak", "timestep": timestep,
+            rows.append({"method": family.name, "timestep": timestep,
                          "target": "step" if timestep is not None else "mean over steps", "query_kind": kind,
                          "n_queries": int(np.isfinite(per_query(np.arange(n_report), sel)).sum()),
                          "n_subsets": n_report, "n_seeds": v.seeds, "lds_mean": mean, "ci_low": low, "ci_high": high})
     return rows
 
 
-# The comparisons the papers claim, as paired LDS differences on the same subsets and queries (so the training noise
-# the two share cancels): Diffusion-ReTrac's renormalisation against TracIn (Xie et al. 2024), D-TRAK's loss
-# against TRAK's output (Zheng et al. 2024), Journey-TRAK's normalisation, the TRAK family against TracIn, DAS
-# against its r = 1 case on the same features and output (what the residual weighting adds) and that r = 1 case
-# against D-TRAK (what DAS's output and normalisation do to D-TRAK's score; Lin et al. 2025), K-FAC influence
-# against D-TRAK and EK-FAC against K-FAC (Mlodozeniec et al. 2025), what TRAK's kernel inverse adds to the plain
-# gradient dot product, and what the cosine's normalisation does to it.
-PAIRS = [("retrac", "tracin"), ("retrac_train_only", "tracin"), ("retrac_test_only", "tracin"), ("dtrak", "trak"),
-         ("journey_trak_normalized", "journey_trak"), ("trak", "tracin"), ("dtrak", "tracin"), ("dtrak", "retrac"),
-         ("das", "das_r1"), ("das_r1", "dtrak"), ("kfac", "dtrak"), ("ekfac", "kfac"), ("trak", "grad_dot"),
-         ("grad_cosine", "grad_dot")]
-EXACT = "magic"  # paired against every other method
 PART_COLUMNS = ["query_id", "step", "output"]  # step -1: F; else a sampling step's Journey-TRAK target
 CHUNK_COLUMNS = ["model", "subset", "seed", "query_id", "step", "output"]
 STEP_COLUMNS = ["method", "timestep", "target", "query_kind", "n_queries", "n_subsets", "n_seeds", "lds_mean",

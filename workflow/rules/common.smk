@@ -5,7 +5,7 @@ import shlex
 import sys
 
 from diffattr.checkpoints import checkpoint_epochs, checkpoint_name
-from diffattr.config import STAGE_JOB_ENV, compose, resolved_yaml, stage_overrides, sweep_from_config
+from diffattr.config import STAGE_JOB_ENV, compose, resolved_yaml, stage_overrides
 from diffattr.layout import pattern
 from diffattr.methods import families, shard_count
 from diffattr.overview import refresh
@@ -13,6 +13,7 @@ from diffattr.resources import job_resources
 from diffattr.removal import chunks as removal_chunks, removal_methods
 from diffattr.slurm import refusals
 from diffattr.subsets import chunks
+from diffattr.sweep import sweep_from_config
 from snakemake.exceptions import WorkflowError
 
 EXPERIMENT = str(config.get("experiment", "digits"))

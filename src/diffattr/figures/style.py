@@ -1,9 +1,10 @@
 """How every figure of a run looks: one colour per method, the reference and query-kind colours, legible log axes,
 panels in rows, and the one way a figure is written (a 150 dpi PNG and a PDF beside it).
 
-A method keeps its colour in every figure, so a reader who has found TracIn once finds it again at a glance. Families
-share a hue where their variants are compared with each other (the ReTrac ablations in warm hues, the TRAK family in
-greens); a ``_expectation`` variant is the lighter shade of its base method.
+A method keeps its colour in every figure, so a reader who has found TracIn once finds it again at a glance. Each
+family declares its variants' colours (``diffattr.methods.Family.colours``); the built-in families share a hue where
+their variants are compared with each other (the ReTrac ablations in warm hues, the TRAK family in greens); a
+``_expectation`` variant is the lighter shade of its base method.
 """
 
 from __future__ import annotations
@@ -20,18 +21,6 @@ from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormat
 from ..atomic import save_figure
 
 DPI = 150
-METHOD_COLOURS = {
-    "tracin": "#1f77b4", "tracin_expectation": "#7fb2e0",
-    "retrac": "#ff7f0e", "retrac_expectation": "#ffbb78",
-    "retrac_train_only": "#d62728", "retrac_train_only_expectation": "#ff9896",
-    "retrac_test_only": "#8c564b", "retrac_test_only_expectation": "#c49c94",
-    "trak": "#2ca02c", "dtrak": "#74c476", "journey_trak": "#7f7f00", "journey_trak_normalized": "#bcbd22",
-    "das": "#17becf", "das_r1": "#9edae5",
-    "pixel_cosine": "#9467bd", "feature_cosine": "#c5b0d5",
-    "grad_dot": "#e377c2", "grad_cosine": "#f7b6d2",
-    "kfac": "#393b79", "ekfac": "#6b6ecf",
-    "magic": "#e6550d",
-}
 # Greys and black belong to what is not a method, so no method is mistaken for a reference line or an outlier.
 REFERENCE_COLOURS = {"random": "0.55", "attainable": "0.15"}  # lds.csv's reference rows, by variant
 OUTLIER_COLOUR = "black"
@@ -40,11 +29,12 @@ _FALLBACK = colormaps["Dark2"]
 
 
 def method_colour(method: str) -> str | tuple:
-    """The colour of ``method`` in every figure; an unregistered name gets a colour from its crc32, the same in
-    every process (``hash`` of a string is salted per process)."""
-    if method in METHOD_COLOURS:
-        return METHOD_COLOURS[method]
-    return _FALLBACK(zlib.crc32(method.encode()) % _FALLBACK.N)
+    """The colour of ``method`` in every figure: the one its family declares; any other name gets a colour from its
+    crc32, the same in every process (``hash`` of a string is salted per process)."""
+    from ..methods import colours
+
+    declared = colours().get(method)
+    return declared if declared is not None else _FALLBACK(zlib.crc32(method.encode()) % _FALLBACK.N)
 
 
 class LegibleLogLocator(LogLocator):

@@ -153,6 +153,23 @@ class Family:
     # call_sizes(cfg, sizes): smaller sizes the plan may run the job at when the configured ones do not fit (given
     # the sizes its memory hook chose for them), largest first; they must change no result
     call_sizes: Callable[["DictConfig", Mapping[str, int]], Sequence[int]] | None = None
+    # What the run's lists and figures say about it. `order`: where its variants stand in the default method list
+    # and in every comparison list (families by order, then name; built-ins 0-80, a plugin after them). `defaults`:
+    # its variants in the default attribution.methods. `colours`: variant -> matplotlib colour (a variant without
+    # one gets a stable palette colour, diffattr.figures.style.method_colour).
+    order: int = 100
+    defaults: tuple[str, ...] = ()
+    colours: Mapping[str, str] = field(default_factory=dict)
+    # The paired LDS comparisons it claims, (its variant, the method it is compared with), the pairs its paper makes;
+    # validate reports each whose two methods the run has. `versus_all`: each of its variants against every other
+    # method of the run (the exact answer: what it gains over each).
+    comparisons: tuple[tuple[str, str], ...] = ()
+    versus_all: bool = False
+    # `step_scores`: its score files carry step_scores [Q, T, N] and steps [T], one score per kept sampling step, which
+    # validate scores against each step's own target (the per-step LDS, lds_steps.csv). `reference`: its variant that
+    # the general-influence table divides every method's count by (ratio_to_tracin: Diffusion-ReTrac's claim).
+    step_scores: bool = False
+    reference: str | None = None
 
     def job_variants(self, requested: Sequence[str]) -> list[str]:
         return list(self.batch(requested)) if self.batch is not None else list(requested)
@@ -217,6 +234,35 @@ def family_of(method: str) -> Family:
         return families()[variants()[method]]
     except KeyError:
         raise KeyError(f"unknown method {method!r}; choose from {', '.join(variants())}") from None
+
+
+def ordered() -> list[Family]:
+    """Every family in list order: by ``order``, then name."""
+    return sorted(families().values(), key=lambda f: (f.order, f.name))
+
+
+def default_methods() -> list[str]:
+    """The default ``attribution.methods``: each family's ``defaults``, families in list order."""
+    return [m for f in ordered() for m in f.defaults]
+
+
+def colours() -> dict[str, str]:
+    """Every declared method colour, by variant."""
+    return {m: c for f in ordered() for m, c in f.colours.items()}
+
+
+def comparisons(methods: Sequence[str]) -> list[tuple[str, str]]:
+    """The paired comparisons among ``methods`` that families claim, families in list order, then every variant of a
+    ``versus_all`` family against each other method in request order."""
+    pairs = [(a, b) for f in ordered() for a, b in f.comparisons if a in methods and b in methods]
+    exact = [(a, b) for f in ordered() if f.versus_all for a in f.variants if a in methods
+             for b in methods if b != a]
+    return pairs + exact
+
+
+def general_influence_reference() -> str | None:
+    """The variant the general-influence table divides counts by (the first a family declares), or None."""
+    return next((f.reference for f in ordered() if f.reference is not None), None)
 
 
 def requested_families(methods: Sequence[str]) -> dict[Family, list[str]]:

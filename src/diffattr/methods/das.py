@@ -126,4 +126,8 @@ register(Family(
     batch=lambda requested: ["das", "das_r1"], memory=memory,
     cost=lambda cfg, variants: {"train": cfg.attribution.trak_checkpoints * cfg.attribution.trak_timesteps,
                                 "query": cfg.attribution.trak_checkpoints * query_gradients(cfg.attribution)},
+    order=40, defaults=("das", "das_r1"), colours={"das": "#17becf", "das_r1": "#9edae5"},
+    # what DAS's residual weighting adds on the same features and output, and what DAS's output and normalisation do
+    # to D-TRAK's score (Lin et al. 2025)
+    comparisons=(("das", "das_r1"), ("das_r1", "dtrak")),
 ))

@@ -33,5 +33,8 @@ register(Family(
     name="dtrak",
     variants={"dtrak": "TRAK's kernel with D-TRAK's output function on both sides (attribution.dtrak_output)"},
     run=run, settings=DTrakSettings, uses=(*(f.name for f in fields(TrakSettings)), *LAMBDA_KEYS, "self_influence"),
-    self_influence=True, retune=retune, cost=cost, memory=memory,
+    self_influence=True, retune=retune, cost=cost, memory=memory, order=20, defaults=("dtrak",),
+    colours={"dtrak": "#74c476"},
+    # D-TRAK's loss output against TRAK's (Zheng et al. 2024), and against the TracIn family
+    comparisons=(("dtrak", "trak"), ("dtrak", "tracin"), ("dtrak", "retrac")),
 ))

@@ -48,4 +48,6 @@ register(Family(
     name="grad_similarity", variants=VARIANTS, run=run, uses=("projector", "proj_dim", "trak_timesteps"),
     batch=lambda requested: list(VARIANTS), memory=memory,
     cost=lambda cfg, variants: {"train": cfg.attribution.trak_timesteps, "query": cfg.attribution.trak_timesteps},
+    order=60, defaults=tuple(VARIANTS), colours={"grad_dot": "#e377c2", "grad_cosine": "#f7b6d2"},
+    comparisons=(("grad_cosine", "grad_dot"),),  # what the cosine's normalisation does to the dot product
 ))

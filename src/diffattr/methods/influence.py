@@ -198,4 +198,7 @@ def memory(job: JobSizes) -> dict:
 register(Family(
     name="influence", variants=VARIANTS, run=run, settings=InfluenceSettings, uses=("lambda_grid",),
     batch=lambda requested: list(VARIANTS), retune=retune, saved_lambdas=saved_lambdas, cost=cost, memory=memory,
+    order=70, colours={"kfac": "#393b79", "ekfac": "#6b6ecf"},
+    # influence functions against D-TRAK, and EK-FAC's eigenbasis correction against K-FAC (Mlodozeniec et al. 2025)
+    comparisons=(("kfac", "dtrak"), ("ekfac", "kfac")),
 ))

@@ -99,4 +99,7 @@ register(Family(
     cost=lambda cfg, variants: {"train": cfg.attribution.trak_checkpoints * cfg.attribution.journey_train_timesteps,
                                 "query": cfg.attribution.trak_checkpoints * cfg.attribution.journey_steps
                                 * cfg.attribution.journey_noises},
+    order=30, defaults=tuple(AGGREGATES), colours={"journey_trak": "#7f7f00", "journey_trak_normalized": "#bcbd22"},
+    comparisons=(("journey_trak_normalized", "journey_trak"),),  # what its per-step normalisation does
+    step_scores=True,
 ))

@@ -177,4 +177,5 @@ def run(job: Job) -> None:
 
 
 register(Family(name="magic", variants=VARIANTS, run=run, settings=MagicSettings, reads=READS, depends=depends,
-                cost=cost, memory=memory))
+                cost=cost, memory=memory, order=80, colours={"magic": "#e6550d"},
+                versus_all=True))  # the exact first-order answer: what it gains over each method

@@ -60,5 +60,6 @@ def memory(job: JobSizes) -> dict:
 register(Family(
     name="similarity", variants=VARIANTS, run=run, settings=SimilaritySettings, depends=depends,
     batch=lambda requested: list(VARIANTS), cost=lambda cfg, variants: {"train": 0, "query": 0},  # forwards only
-    memory=memory,
+    memory=memory, order=50, defaults=tuple(VARIANTS),
+    colours={"pixel_cosine": "#9467bd", "feature_cosine": "#c5b0d5"},
 ))

@@ -181,4 +181,10 @@ register(Family(
     },
     run=run, merge=merge, depends=depends, batch=batch, cost=cost, memory=memory, call_sizes=call_sizes,
     settings=TracInSettings, uses=("self_influence",), sharded=True, self_influence=True, grad_norms=True,
+    order=0, defaults=("tracin", "retrac", "retrac_train_only", "retrac_test_only"), reference="tracin",
+    colours={"tracin": "#1f77b4", "tracin_expectation": "#7fb2e0", "retrac": "#ff7f0e", "retrac_expectation": "#ffbb78",
+             "retrac_train_only": "#d62728", "retrac_train_only_expectation": "#ff9896",
+             "retrac_test_only": "#8c564b", "retrac_test_only_expectation": "#c49c94"},
+    # Diffusion-ReTrac's renormalisation, and each of its two sides alone, against TracIn (Xie et al. 2024)
+    comparisons=(("retrac", "tracin"), ("retrac_train_only", "tracin"), ("retrac_test_only", "tracin")),
 ))

@@ -182,5 +182,7 @@ register(Family(
     name="trak",
     variants={"trak": "phi(q)^T (Phi^T Phi + lambda I)^-1 phi(i), projected loss gradients at K timesteps"},
     run=run, settings=TrakSettings, uses=(*LAMBDA_KEYS, "self_influence"), self_influence=True, retune=retune,
-    cost=cost, memory=memory,
+    cost=cost, memory=memory, order=10, defaults=("trak",), colours={"trak": "#2ca02c"},
+    # the TRAK family against TracIn, and what TRAK's kernel inverse adds to the plain gradient dot product
+    comparisons=(("trak", "tracin"), ("trak", "grad_dot")),
 ))
