@@ -173,6 +173,8 @@ def stage_dependencies(cfg: DictConfig) -> dict[str, dict]:
     def upstream(stage):
         return {u: keys[u] for u in UPSTREAM[stage]}
 
+    groups: dict[str, dict] = {}  # each group's keyed values, made once (attribution is large)
+
     def own(stage):
         """The stage's config (OWN_CONFIG): a whole group under its name (key by key for FLAT_GROUPS), a single key
         under its own name or the one NESTED gives it. A key added after results existed is left out at its default
@@ -181,7 +183,9 @@ def stage_dependencies(cfg: DictConfig) -> dict[str, dict]:
         nest = {key: name for name, keys in NESTED.get(stage, {}).items() for key in keys}
         for entry in OWN_CONFIG[stage]:
             group, _, key = entry.partition(".")
-            values = _group(cfg, group)
+            if group not in groups:
+                groups[group] = _group(cfg, group)
+            values = groups[group]
             if not key:
                 out.update(values if group in FLAT_GROUPS else {group: values})
             elif key in values:

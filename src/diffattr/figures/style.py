@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from ..atomic import save_figure
+from ..methods import colours
 
 DPI = 150
 # Greys and black belong to what is not a method, so no method is mistaken for a reference line or an outlier.
@@ -31,8 +32,6 @@ _FALLBACK = colormaps["Dark2"]
 def method_colour(method: str) -> str | tuple:
     """The colour of ``method`` in every figure: the one its family declares; any other name gets a colour from its
     crc32, the same in every process (``hash`` of a string is salted per process)."""
-    from ..methods import colours
-
     declared = colours().get(method)
     return declared if declared is not None else _FALLBACK(zlib.crc32(method.encode()) % _FALLBACK.N)
 
