@@ -1,7 +1,7 @@
 """One job of a method family (``job.family=NAME``, ``job.shard=i``): its shard directory, written atomically."""
 
 from diffattr.cli import entry
-from diffattr.methods import run_job
+from diffattr.methods.jobs import run_job
 
 
 @entry("attribution")

@@ -1,7 +1,7 @@
 """The dense score files of a sharded method family's job (``job.family=NAME``) from its shard directories."""
 
 from diffattr.cli import entry
-from diffattr.methods import merge_job
+from diffattr.methods.jobs import merge_job
 
 
 @entry("merge")

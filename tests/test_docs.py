@@ -120,12 +120,12 @@ def test_the_code_cites_the_repository_copy_of_the_specification():
 
 def test_configuration_reference_is_generated_from_the_schema():
     env = {k: v for k, v in os.environ.items() if k != "DIFFATTR_PLUGINS"}  # the registry as shipped
-    proc = subprocess.run([sys.executable, "-m", "diffattr.settings", "--markdown"], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "diffattr.config_reference"], capture_output=True, text=True,
                           env=env, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "| `train.draws` |" in proc.stdout and "### `attribution`: the `tracin` family" in proc.stdout
     assert (REPO / "docs" / "configuration.md").read_text() == proc.stdout, \
-        "docs/configuration.md is stale: python -m diffattr.settings --markdown > docs/configuration.md"
+        "docs/configuration.md is stale: python -m diffattr.config_reference > docs/configuration.md"
 
 
 def test_readme_is_short_and_its_tables_are_narrow():

@@ -28,6 +28,16 @@ def test_registry_and_family_modules_import_no_torch():
     assert proc.returncode == 0, proc.stderr
 
 
+def test_the_registry_loads_its_runtime_half_on_first_use_under_the_old_names():
+    code = ("import sys; import diffattr.methods as m; m.families(); assert 'diffattr.methods.jobs' not in sys.modules; "
+            "from diffattr.methods import Job, merge_job, run_job; from diffattr.methods import jobs; "
+            "assert (Job, merge_job, run_job) == (jobs.Job, jobs.merge_job, jobs.run_job)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    with pytest.raises(AttributeError, match="no attribute 'Jobs'"):
+        __import__("diffattr.methods").methods.Jobs
+
+
 def test_requested_families_and_their_variants():
     got = requested_families(["dtrak", "retrac", "trak", "tracin"])
     assert [f.name for f in got] == [f for f in families() if f in ("tracin", "trak", "dtrak")]  # registry order

@@ -11,7 +11,8 @@ from test_data import write_archive
 from diffattr.checkpoints import read_index
 from diffattr.config import compose
 from diffattr.data import ImageSet, load_dataset
-from diffattr.methods import merge_job, requested_families, run_job, shard_count
+from diffattr.methods import requested_families, shard_count
+from diffattr.methods.jobs import merge_job, run_job
 from diffattr.queries import build_queries
 from diffattr.report import write_report
 from diffattr.sampling import write_samples

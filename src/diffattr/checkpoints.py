@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pandas as pd
 
-
 from .atomic import atomic_path, write_text
 from .exceptions import CheckpointError
+from .models import load_unet
 
 
 @dataclass(frozen=True)
@@ -66,8 +66,6 @@ def read_state(directory: Path) -> CheckpointState:
 
 def load_checkpoint_unet(directory: Path, ema: bool = False):
     """The UNet of a checkpoint (the EMA weights when ``ema`` and the checkpoint has them)."""
-    from .models import load_unet  # diffusers: seconds to import, and the config checks need only the epochs
-
     directory = Path(directory)
     try:
         unet = load_unet(directory / "unet")

@@ -8,9 +8,12 @@ the same message. An override with comma-separated values (Hydra's sweep syntax)
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import functools
 import hashlib
+import importlib.util
+import inspect
 import os
 import re
 from dataclasses import dataclass
@@ -20,9 +23,13 @@ from typing import Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .checkpoints import checkpoint_epochs
+from .data import DataError, source_identity, split_size
 from .exceptions import ConfigError
-from .layout import Layout
+from .layout import ON_DEMAND, Layout, config_prefixes
+from .methods import families, requested_families
 from .settings import settings_class
+from .subsets import MIN_SUBSETS, tuning_count
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # Set by the DAG for its jobs: a stage job's command carries only the keys of its stage, so the checks between keys of
@@ -97,10 +104,6 @@ def check(cfg: DictConfig) -> DictConfig:
 def _check_relations(cfg: DictConfig) -> None:
     """Values that are valid alone but not together, and those only the data or the model can bound: before any job,
     one line naming the key, its value and what is allowed."""
-    from .checkpoints import checkpoint_epochs
-    from .data import DataError, split_size
-    from .subsets import MIN_SUBSETS, tuning_count
-
     def need(ok: bool, key: str, rule: str, shown=None) -> None:
         if not ok:
             shown = OmegaConf.select(cfg, key) if shown is None else shown
@@ -153,9 +156,6 @@ def _check_relations(cfg: DictConfig) -> None:
 def _unet_arguments() -> set[str]:
     """The keyword arguments of ``diffusers.UNet2DModel``, read from its source: importing diffusers takes seconds,
     and every job checks its config (the import is the fallback where the source is not where it used to be)."""
-    import ast
-    import importlib.util
-
     package = importlib.util.find_spec("diffusers")  # a top-level lookup runs no package code
     source = Path(package.submodule_search_locations[0]) / "models" / "unets" / "unet_2d.py"
     if source.is_file():
@@ -163,8 +163,6 @@ def _unet_arguments() -> set[str]:
             if isinstance(node, ast.ClassDef) and node.name == "UNet2DModel":
                 init = next(f for f in node.body if isinstance(f, ast.FunctionDef) and f.name == "__init__")
                 return {a.arg for a in init.args.args + init.args.kwonlyargs} - {"self"}
-    import inspect
-
     from diffusers import UNet2DModel
 
     return set(inspect.signature(UNet2DModel.__init__).parameters) - {"self"}
@@ -214,8 +212,7 @@ def field_problem(meta: dict, v) -> str | None:
 
 def compose(experiment: str, overrides: Sequence[str] = (), conf_dir: Path = CONF_DIR) -> Run:
     """Compose ``conf/`` for ``experiment`` with Hydra overrides, validate it, and name the run."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
 
@@ -236,8 +233,6 @@ def compose(experiment: str, overrides: Sequence[str] = (), conf_dir: Path = CON
 
 
 def make_run(cfg: DictConfig, overrides: Sequence[str]) -> Run:
-    from .data import source_identity
-
     cfg = check(cfg)
     name = run_name(overrides, source_identity(cfg.data))
     return Run(cfg=cfg, name=name, overrides=tuple(overrides), layout=Layout.of(cfg, name))
@@ -279,9 +274,6 @@ def explain(e: BaseException) -> str:
 def stage_overrides(run: Run, stage: str) -> list[str]:
     """The overrides of ``run`` that ``stage`` (or ``attribution/<family>``) depends on, in a canonical form: what
     a stage job is started with, so the same stage gets the same command from every run that shares it."""
-    from .layout import config_prefixes
-    from .methods import families, requested_families
-
     extra: list[str] = []
     if stage.startswith("attribution/"):
         family = families()[stage.split("/", 1)[1]]
@@ -310,8 +302,6 @@ def _override_key(override: str) -> str:
 def manifest_yaml(run: Run) -> str:
     """``<run>/manifest.yaml``: each stage directory the run uses (relative to the run), its key and what the key
     is a hash of; under ``on_demand`` the stages of ``snakemake validate`` and ``removal``, there once they ran."""
-    from .layout import ON_DEMAND
-
     keys = run.layout.keys
     stages = {stage: {"dir": f"../stages/{stage}/{keys[stage]}", "key": keys[stage], "depends_on": deps}
               for stage, deps in run.layout.depends.items()}

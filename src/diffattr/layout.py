@@ -26,6 +26,12 @@ from typing import Any, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
+from .data import source_identity
+from .exceptions import ConfigError
+from .methods import COMMON_KEYS, family_of, requested_families
+from .settings import keyed, settings_class
+from .subsets import subset_models
+
 # (name, template relative to results/<experiment>/, what it holds). Placeholders: a stage name stands for that
 # stage's key; {family} and {method_key} for a method family and its key; {run} for the run directory.
 ARTIFACTS: tuple[tuple[str, str, str], ...] = (
@@ -141,8 +147,6 @@ def digest(obj: Any) -> str:
 
 
 def _group(cfg: DictConfig, name: str) -> dict:
-    from .settings import keyed, settings_class
-
     values = OmegaConf.to_container(cfg[name], resolve=True)
     for key in _NOT_KEYED.get(name, ()):
         values.pop(key, None)
@@ -159,10 +163,6 @@ def config_prefixes(stage: str) -> tuple[str, ...]:
 def stage_dependencies(cfg: DictConfig) -> dict[str, dict]:
     """For every stage of the run (and ``attribution/<family>`` for each requested method family): what its key
     is a hash of. Upstream stages enter by their keys."""
-    from .data import source_identity
-    from .methods import family_of, requested_families
-    from .subsets import subset_models
-
     deps: dict[str, dict] = {}
     keys: dict[str, str] = {}
 
@@ -204,8 +204,6 @@ def stage_dependencies(cfg: DictConfig) -> dict[str, dict]:
     methods = cfg.removal.methods if cfg.removal.methods is not None else cfg.attribution.methods
     unscored = sorted(set(methods) - set(cfg.attribution.methods))
     if unscored:
-        from .exceptions import ConfigError
-
         raise ConfigError(f"invalid configuration at 'removal.methods': {unscored} are not in attribution.methods; "
                           "removal reads their scores")
     scored = {s: keys[s] for s in sorted({f"attribution/{family_of(m).name}" for m in methods})}
@@ -240,8 +238,6 @@ class Layout:
     def scores(self, method: str) -> Path:
         """The dense score file of a method: merged from the shards of a sharded family, else in its one job's
         directory."""
-        from .methods import family_of
-
         family = family_of(method)
         where = self.path("method_merged", family=family.name) if family.sharded else \
             self.path("method_shard", family=family.name, shard=0, shards=1)
@@ -250,8 +246,6 @@ class Layout:
 
 def report_extras(cfg: DictConfig) -> list[tuple[str, str, str, str]]:
     """Outputs of a run's report that only some runs have: (artifact, name, caption, report category)."""
-    from .methods import requested_families
-
     out = []
     if any(f.grad_norms for f in requested_families(cfg.attribution.methods)):
         out.append(("figure", SCORE_VS_NORM, "score_vs_grad_norm", "Attribution"))
@@ -272,8 +266,6 @@ def pattern(artifact: str, root: str | Path, /, **fixed: Any) -> str:
 def dependency_lines() -> list[str]:
     """What each stage's key hashes, a markdown list item per stage, from :data:`UPSTREAM`, :data:`OWN_CONFIG`,
     :data:`EXTRA_INPUTS` and the method registry."""
-    from .methods import COMMON_KEYS
-
     lines = []
     for stage in STAGES:
         parts = list(UPSTREAM[stage])

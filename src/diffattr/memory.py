@@ -27,9 +27,11 @@ memory on CUDA, where the host-side ``base`` is not counted). Nothing here impor
 from __future__ import annotations
 
 import os
+import resource
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from .data import split_size
 from .exceptions import ConfigError
 from .methods import families, requested_families
 
@@ -224,8 +226,6 @@ def generic_terms(job: JobSizes, variants: int) -> dict[str, float]:
 
 def estimate(stage: str, cfg, family: str = "", rows_per_call: int | None = None) -> Estimate:
     """The peak of one job of ``stage`` (and attribution ``family``), as in ``diffattr.resources``'s stage names."""
-    from .data import split_size
-
     prof = profile(cfg)
     n = split_size(cfg.data, "train")
     w = 4.0 * prof.params
@@ -366,8 +366,6 @@ def peak_line(est: Estimate, device) -> str:
 
         peak, what = float(torch.cuda.max_memory_allocated(device)), "GPU memory"
     else:
-        import resource
-
         peak, what = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0, "RSS"
     planned = est.device_total(device.type == "cuda")
     return f"memory: peak {what} {peak / GB:.2f} GB, estimated {planned / GB:.2f} GB (ratio {peak / planned:.2f})"

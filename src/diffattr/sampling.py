@@ -9,9 +9,11 @@ import torch
 if TYPE_CHECKING:
     from diffusers import DDPMScheduler, UNet2DModel
 
+from .atomic import save_tensors
+from .checkpoints import load_checkpoint_unet
 from .grads import dropout_off
+from .models import build_scheduler
 from .noise import SAMPLE_INITIAL, SAMPLE_STEPS, derive_seeds
-
 
 
 @torch.no_grad()
@@ -47,8 +49,6 @@ def generate(unet: UNet2DModel, scheduler: DDPMScheduler, seeds: Sequence[int], 
 
 def sampler_timesteps(cfg):
     """The timesteps the run's sampler visits, in sampling order (``sample.num_inference_steps`` of them)."""
-    from .models import build_scheduler
-
     scheduler = build_scheduler(cfg.model)
     scheduler.set_timesteps(cfg.sample.num_inference_steps or cfg.model.num_train_timesteps)
     return scheduler.timesteps.numpy()
@@ -56,10 +56,7 @@ def sampler_timesteps(cfg):
 
 def write_samples(cfg, layout, checkpoint: str, device: torch.device) -> None:
     """The run's query images at one checkpoint: ``samples`` (images, seeds) and ``samples_grid`` of the layout."""
-    from .atomic import save_tensors
-    from .checkpoints import load_checkpoint_unet
     from .figures.grid import save_grid
-    from .models import build_scheduler
 
     unet = load_checkpoint_unet(layout.path("checkpoint", checkpoint=checkpoint), ema=cfg.sample.use_ema).to(device)
     seeds = [cfg.sample.seed + j for j in range(cfg.sample.n)]

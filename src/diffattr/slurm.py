@@ -16,6 +16,7 @@ request stops the run in one line per rule, before any job.
 
 from __future__ import annotations
 
+import argparse
 import shlex
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from typing import Sequence
 
 from omegaconf import DictConfig
 
+from .config import compose
 from .methods import requested_families
 from .resources import job_resources
 
@@ -139,10 +141,6 @@ def refusals(jobs) -> list[str]:
 
 
 def main(argv: Sequence[str]) -> None:
-    import argparse
-
-    from .config import compose
-
     parser = argparse.ArgumentParser(prog="python -m diffattr.slurm", description="the sbatch line of every submitted "
                                      "rule of a run: experiment=NAME and any overrides, as on the command line")
     parser.add_argument("--account", default="")

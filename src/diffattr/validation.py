@@ -28,10 +28,15 @@ from .checkpoints import last_checkpoint, load_checkpoint_unet
 from .data import ImageSet
 from .exceptions import StageError
 from .layout import Layout
+from .methods import comparisons, family_of, requested_families, shard_count
+from .methods.journey_trak import journeys, kept_steps
 from .models import build_scheduler
+from .noise import VALIDATE_STEP_NOISE
+from .outputs import LOSS_OUTPUTS
 from .queries import load_queries
 from .subsets import (MIN_SUBSETS, chunks, masks, masks_table, model_outputs, output_timesteps, report_subsets,
                       subset_models, train_subset_model)
+
 
 def measured_queries(cfg: DictConfig, layout: Layout) -> tuple[pd.DataFrame, torch.Tensor]:
     """The queries whose outputs are measured: those of ``validate.query_kinds`` (held-out ones included: they
@@ -91,17 +96,12 @@ class StepTargets:
     generating weights, when the first model is measured; no rows when generated queries are not validated."""
 
     def __init__(self, cfg: DictConfig, queries: pd.DataFrame, generating, scheduler):
-        from .methods.journey_trak import kept_steps
-
         self.cfg, self.scheduler, self.generating, self._x0_hats = cfg, scheduler, generating, None
         self.generated = queries[queries.query_kind == "generated"]
         self.steps = kept_steps(cfg)
 
     def measure(self, unet) -> pd.DataFrame:
         from .kernels.trak import journey_step_outputs
-        from .methods.journey_trak import journeys
-        from .noise import VALIDATE_STEP_NOISE
-        from .outputs import LOSS_OUTPUTS
 
         if self.generated.empty:
             return pd.DataFrame(columns=PART_COLUMNS)
@@ -156,7 +156,6 @@ def write_lds_report(cfg: DictConfig, layout: Layout) -> None:
     ``lds/``."""
     from .figures.lds import lds_cost_figure, lds_figure
     from .figures.style import save
-    from .methods import comparisons, family_of
 
     v = cfg.validate
     train_ids = ImageSet.load(layout.path("data", split="train")).ids.numpy()
@@ -275,8 +274,6 @@ def _step_lds(cfg, layout, table, arrays, per_kind, of_scores, n_report) -> list
     step's scores (``step_scores``, the same for both aggregates up to a positive per-step factor, which a rank
     correlation ignores) against that step's target measured on every subset model; then the mean over steps.
     Adds the per-step targets and scores to the arrays. No rows without Journey-TRAK or generated queries."""
-    from .methods import requested_families
-
     v = cfg.validate
     stepped = [(f, m) for f, m in requested_families(cfg.attribution.methods).items() if f.step_scores]
     if not stepped or not (table.step >= 0).any():
@@ -328,8 +325,6 @@ def cost_table(cfg: DictConfig, layout: Layout, lds_table: pd.DataFrame, n_train
     where the job ran before benchmarks were recorded), shared by the variants one job computes (``job_variants``);
     the per-example and per-query times split it in proportion to the gradient counts. Kept out of ``lds.csv``:
     wall times differ between runs, the LDS does not."""
-    from .methods import requested_families, shard_count
-
     rows = []
     for family, variants in requested_families(cfg.attribution.methods).items():
         in_job = family.job_variants(variants)

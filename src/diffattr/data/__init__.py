@@ -7,16 +7,50 @@ default), ``cifar10`` (the official python archive) or ``cifar_mnist`` (one CIFA
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, List, Mapping, Optional
+
+from omegaconf import DictConfig, OmegaConf
 
 from diffattr.data import cifar10, cifar_mnist, digits
 from diffattr.data.imageset import DataError, ImageSet
-from diffattr.settings import DataSettings
+from diffattr.knobs import knob
 
-__all__ = ["DataError", "ImageSet", "LOADERS", "SPLITS", "data_settings", "load_dataset", "source_identity",
-           "split_size"]
+__all__ = ["DataError", "DataSettings", "ImageSet", "LOADERS", "SPLITS", "data_settings", "load_dataset",
+           "source_identity", "split_size"]
 
 SPLITS = ("train", "test")
+
+
+# the configuration's data group (diffattr.settings), declared beside the loaders its name chooses from
+@dataclass
+class DataSettings:
+    """Which images: the dataset, its classes and how many of each, the resolution, where the archive is."""
+
+    name: str = knob("digits", "dataset loader", choices=lambda: LOADERS)
+    resolution: int = knob(16, "images are area-resized to resolution x resolution", min=1)
+    channels: int = knob(1, "1 for digits, 3 for the CIFAR-based sets", min=1)
+    classes: Optional[List[str]] = knob(None, "class names to keep (None: all)",
+                                        free="names are checked against the dataset's classes")
+    per_class: Optional[int] = knob(None, "training images kept per class (None: all)", min=1)
+    test_per_class: Optional[int] = knob(None, "held-out images kept per class (None: all)", min=1)
+    test_fraction: float = knob(0.2, "digits only: the bundled set has no official split", gt=0, lt=1)
+    seed: int = knob(0, "which images a per-class limit keeps", min=0)
+    # CIFAR-10 archive (cifar10 and cifar_mnist)
+    archive: Optional[str] = knob(None, "local cifar-10-python.tar.gz; None: cache_dir, or download",
+                                   free="a path, checked (existence, md5) when the data stage reads it")
+    url: str = knob("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "where data.download fetches from",
+                    pattern=r"(https?|file)://\S+")
+    md5: str = knob("c58f30108f718f92721af3b95e74349a", "the official archive's checksum", pattern="[0-9a-f]{32}")
+    verify_checksum: bool = knob(True, "refuse an archive whose md5 is not data.md5")
+    cache_dir: str = knob("~/.cache/diffattr", "where a downloaded archive is kept",
+                          free="a directory, created when needed")
+    download: bool = knob(False, "download the archive when missing (the default run never touches the network)")
+    # cifar_mnist: planted outliers (handwritten zeros) among one CIFAR-10 class
+    n_outliers: int = knob(0, "planted handwritten digits (cifar_mnist)", min=0)
+    outlier_digit: int = knob(0, "which digit is planted", min=0, max=9)
+
+
 LOADERS: dict[str, Callable[[DataSettings, str], ImageSet]] = {
     "digits": digits.load,
     "cifar10": cifar10.load,
@@ -55,13 +89,8 @@ def data_settings(data_cfg: Mapping[str, Any] | DataSettings) -> DataSettings:
     """``DataSettings`` from a DictConfig or mapping; missing keys take their defaults, unknown keys are errors."""
     if isinstance(data_cfg, DataSettings):
         return data_cfg
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(data_cfg, DictConfig):
-            data_cfg = OmegaConf.to_container(data_cfg, resolve=True)
-    except ImportError:
-        pass
+    if isinstance(data_cfg, DictConfig):
+        data_cfg = OmegaConf.to_container(data_cfg, resolve=True)
     known = {f.name for f in dataclasses.fields(DataSettings)}
     unknown = sorted(set(data_cfg) - known)
     if unknown:

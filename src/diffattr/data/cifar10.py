@@ -21,14 +21,13 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 import numpy as np
+from tqdm import tqdm
 
 from diffattr.atomic import atomic_path
 from diffattr.data.imageset import DataError, ImageSet, class_labels, keep_per_class, resize, to_signed
-from diffattr.settings import DataSettings
 
-# torch is imported where it is used: the workflow imports this module when it parses (no torch there)
-if TYPE_CHECKING:
-    import torch
+if TYPE_CHECKING:  # for annotations only: diffattr.data imports this module
+    from diffattr.data import DataSettings
 
 PER_CLASS = {"train": 5000, "test": 1000}  # the official split
 CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -108,8 +107,6 @@ def check_md5(path: Path, expected: str) -> None:
 
 def download(url: str, dest: Path, md5: str | None) -> None:
     """Fetch ``url`` to ``dest`` atomically; with ``md5`` given, a mismatching download is discarded."""
-    from tqdm import tqdm
-
     digest = hashlib.md5()
     try:
         with atomic_path(dest) as tmp, urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as out:

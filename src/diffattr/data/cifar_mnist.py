@@ -17,11 +17,9 @@ import numpy as np
 
 from diffattr.data import cifar10, digits
 from diffattr.data.imageset import DataError, ImageSet
-from diffattr.settings import DataSettings
 
-# torch is imported where it is used: the workflow imports this module when it parses (no torch there)
-if TYPE_CHECKING:
-    import torch
+if TYPE_CHECKING:  # for annotations only: diffattr.data imports this module
+    from diffattr.data import DataSettings
 
 OUTLIER_ID_OFFSET = 100000
 DEFAULT_CLASSES = ["airplane"]

@@ -13,11 +13,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from diffattr.data.imageset import DataError, ImageSet, class_labels, keep_per_class, resize, to_signed
-from diffattr.settings import DataSettings
 
 # torch is imported where it is used: the workflow imports this module when it parses (no torch there)
 if TYPE_CHECKING:
     import torch
+
+    from diffattr.data import DataSettings
 
 CLASS_NAMES = [str(d) for d in range(10)]
 # images per class in scikit-learn's digits (a test checks them against the data): sizes are planned from these

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
+import pandas as pd
 
 from diffattr.atomic import atomic_path
 from diffattr.exceptions import DataError
@@ -16,7 +17,6 @@ from diffattr.exceptions import DataError
 # torch is imported where it is used: the workflow imports this module when it parses (no torch there)
 if TYPE_CHECKING:
     import torch
-    import torch.nn.functional as F
 
 IMAGES_FILE = "images.safetensors"
 INDEX_FILE = "index.parquet"
@@ -77,7 +77,6 @@ class ImageSet:
 
     def save(self, directory: str | os.PathLike) -> None:
         """Write ``images.safetensors`` and ``index.parquet`` into ``directory``, which appears complete or not at all."""
-        import pandas as pd
         from safetensors.torch import save_file
 
         index = pd.DataFrame({
@@ -94,7 +93,6 @@ class ImageSet:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "ImageSet":
-        import pandas as pd
         import torch
         from safetensors import safe_open
 

@@ -25,9 +25,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..grads import dropout_off
 from ..noise import (FEATURE_NOISE, FEATURE_TIMESTEPS, HELDOUT_SPLIT, JOURNEY_NOISE, QUERY_FEATURE_NOISE,
                      QUERY_FEATURE_TIMESTEPS, derive_seeds, noise_from_seeds)
-from ..grads import dropout_off
+from ..outputs import get_output
 from ..timesteps import timestep_grid
 
 
@@ -198,8 +199,6 @@ def journey_step_outputs(model, scheduler, x0_hats: Mapping[int, torch.Tensor], 
     ``journey_query_features`` projects; the validation measures it on every subset model with noises of its own
     (the per-step LDS: docs/METHODS.md §5), as it measures the image-level F.
     """
-    from ..outputs import get_output
-
     fn = get_output(output)
     steps = sorted(x0_hats) if steps is None else [int(s) for s in steps]
     query_ids = torch.as_tensor(np.asarray(query_ids)).long()

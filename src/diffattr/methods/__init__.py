@@ -5,73 +5,48 @@ comma-separated) calls :func:`register` at import with a :class:`Family`: its va
 ``attribution.methods``), its typed settings (a dataclass whose fields become ``attribution.<field>`` keys), the keys
 it reads from other families, whether its work is sharded over the training set, whether it gives self-influence,
 and its stage functions. Config validation, the Snakemake rules, the stage keys and the report all read this
-registry; nothing else lists methods. Importing the registry and the family modules imports no torch: a family's
-stage functions import their kernels when they run.
+registry; nothing else lists methods. The ``attribution`` group of the configuration is assembled here too: the keys
+every method shares (:class:`QuerySettings`) plus each family's (:func:`attribution_settings`).
+
+Importing the registry and the family modules imports no torch (the workflow reads them whenever it parses): a
+family's stage functions import torch and their kernels when they run, and a job's inputs and its running live in
+:mod:`diffattr.methods.jobs`, loaded on first use (``diffattr.methods.Job`` and ``run_job`` resolve to it).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import os
 import pkgutil
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, List, Mapping, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+from ..knobs import keyed, knob
+from ..timesteps import GRIDS
 
 if TYPE_CHECKING:
-    from omegaconf import DictConfig
+    from .jobs import Job
 
-    from ..layout import Layout
+# the runtime half of the registry (a job's inputs, running and merging it) imports the heavy modules: it loads on
+# first use, so that diffattr.methods.Job / run_job / merge_job stay importable from here
+_RUNTIME = {"Job": "jobs", "run_job": "jobs", "merge_job": "jobs"}
+
+
+def __getattr__(name: str):
+    if name in _RUNTIME:
+        return getattr(importlib.import_module(f"{__name__}.{_RUNTIME[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 PLUGINS_ENV = "DIFFATTR_PLUGINS"
 # attribution.* keys every family's scores depend on (the query keys enter through the queries stage)
 COMMON_KEYS = ("seed", "block_size", "weights", "timestep_grid")
-
-
-@dataclass
-class Job:
-    """One job of a family: shard ``shard`` of ``shards`` for the requested ``variants``; writes into ``out``."""
-
-    cfg: "DictConfig"
-    layout: "Layout"
-    family: "Family"
-    variants: list[str]
-    shard: int
-    shards: int
-    out: Path  # a fresh directory, renamed onto the shard's path when the job succeeds
-    device: Any = None  # torch.device
-    sizes: Mapping[str, int] = field(default_factory=dict)  # what the memory plan chose (diffattr.memory)
-
-    def train_set(self):
-        from ..data import ImageSet
-
-        return ImageSet.load(self.layout.path("data", split="train"))
-
-    def queries(self):
-        """``(table, images)``: queries.parquet and the query images, in the same order."""
-        from ..queries import load_queries
-
-        return load_queries(self.layout)
-
-    def checkpoints(self):
-        from ..checkpoints import read_index
-
-        return read_index(self.layout.path("checkpoint_index").parent)
-
-    def load_unet(self, state, ema: bool | None = None):
-        """A checkpoint's UNet; ``ema`` None: the attributed weights (``attribution.weights``: ``generating``, the
-        EMA weights when sampling used them, else the raw ones)."""
-        from ..checkpoints import load_checkpoint_unet
-
-        if ema is None:
-            ema = self.cfg.attribution.weights == "generating" and self.cfg.sample.use_ema
-        return load_checkpoint_unet(self.layout.path("checkpoint", checkpoint=state.name), ema=ema).to(self.device)
-
-    def scheduler(self):
-        from ..models import build_scheduler
-
-        return build_scheduler(self.cfg.model)
 
 
 def checkpoint_count(cfg: "DictConfig") -> int:
@@ -81,38 +56,6 @@ def checkpoint_count(cfg: "DictConfig") -> int:
 
 def shard_count(family: "Family", cfg: "DictConfig") -> int:
     return cfg.shards if family.sharded else 1
-
-
-def _job(run, family: "Family", shard: int, out: Path, device=None, sizes: Mapping[str, int] | None = None) -> Job:
-    variants = requested_families(run.cfg.attribution.methods)[family]
-    return Job(run.cfg, run.layout, family, variants, shard, shard_count(family, run.cfg), out, device, sizes or {})
-
-
-def run_job(run, family_name: str, shard: int, device, sizes: Mapping[str, int] | None = None) -> None:
-    """Shard ``shard`` of the run's job of a family, written atomically into its ``method_shard`` directory;
-    ``sizes`` are the memory plan's (they change no result)."""
-    from ..atomic import atomic_path
-
-    family = families()[family_name]
-    target = run.layout.path("method_shard", family=family.name, shard=shard, shards=shard_count(family, run.cfg))
-    with atomic_path(target, suffix="") as tmp:
-        tmp.mkdir()
-        family.run(_job(run, family, shard, tmp, device, sizes))
-
-
-def merge_job(run, family_name: str) -> None:
-    """The dense score file of every method of the run's job of a sharded family, from all its shard directories,
-    written atomically into its ``method_merged`` directory."""
-    from ..atomic import atomic_path
-
-    family = families()[family_name]
-    n = shard_count(family, run.cfg)
-    dirs = [run.layout.path("method_shard", family=family.name, shard=i, shards=n) for i in range(n)]
-    with atomic_path(run.layout.path("method_merged", family=family.name), suffix="") as tmp:
-        tmp.mkdir()
-        job = _job(run, family, 0, tmp)
-        for method in job.variants:
-            family.merge(job, dirs, method, tmp / f"{method}.safetensors")
 
 
 @dataclass(frozen=True, eq=False)  # identity hash: families key dicts
@@ -181,15 +124,10 @@ class Family:
     def depends_on(self, cfg: "DictConfig", variants: Sequence[str]) -> dict:
         """The part of the config the job's result depends on (the queries stage's key is added by the layout); a
         setting added after results existed leaves their key alone at its default (``settings.keyed``)."""
-        from omegaconf import OmegaConf
-
-        from ..settings import keyed, settings_class
-
         if self.depends is not None:
             return self.depends(cfg, variants)
         values = OmegaConf.to_container(cfg.attribution, resolve=True)
-        schema = {f.name: f.type for f in fields(settings_class())}["attribution"]
-        return keyed(schema, {k: values[k] for k in self.keys()})
+        return keyed(attribution_settings(), {k: values[k] for k in self.keys()})
 
 
 _REGISTRY: dict[str, Family] = {}
@@ -212,7 +150,8 @@ def register(family: Family) -> Family:
 
 @functools.lru_cache(maxsize=None)
 def _discover() -> None:
-    names = [f"{__name__}.{m.name}" for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")]
+    names = [f"{__name__}.{m.name}" for m in pkgutil.iter_modules(__path__)
+             if not m.name.startswith("_") and m.name not in _RUNTIME.values()]
     names += [n.strip() for n in os.environ.get(PLUGINS_ENV, "").split(",") if n.strip()]
     for name in names:
         importlib.import_module(name)
@@ -273,3 +212,45 @@ def requested_families(methods: Sequence[str]) -> dict[Family, list[str]]:
         if chosen:
             out[family] = chosen
     return out
+
+
+@dataclass
+class QuerySettings:
+    """The attribution keys every method shares: the queries and the report (docs/METHODS.md §2-4, §7, §10)."""
+
+    methods: List[str] = knob(help="methods to run (any registered variant; the default: every family's `defaults`)",
+                              factory=lambda: default_methods(), choices=lambda: variants())
+    n_train_queries: int = knob(64, "training images as queries (image tracing)", min=0)
+    n_test_queries: int = knob(64, "held-out images of the same classes", min=0)
+    n_generated_queries: int = knob(16, "the run's samples at its last checkpoint", min=0)
+    self_influence: bool = knob(False, "also score every training image as its own query, I(z, z) (independent draws, "
+                                "as any query), for the outlier AUROC; costs one more pass over the training set")
+    heldout_fraction: float = knob(0.25, "labelled queries kept aside to choose TRAK's lambda; never reported", min=0,
+                                    lt=1)
+    seed: int = knob(0, "query choice and every attribution noise", min=0)
+    weights: str = knob("generating", "weights whose gradients are attributed at each checkpoint: generating (the EMA "
+                        "weights when training kept them and sampling used them) | raw (the optimiser's)",
+                        choices=lambda: ("generating", "raw"))
+    timestep_grid: str = knob("ends", "the evenly spaced timestep grid of every method (diffattr.timesteps.GRIDS): "
+                              "ends | authors (Diffusion-TracIn's) | dtrak", choices=lambda: tuple(GRIDS))
+    block_size: int = knob(64, "training rows per gradient block", min=1)
+    topk: int = knob(10, "length of the rankings the report reads (at most the training set)", min=1)
+    thresholds: List[float] = knob(help="general influence: in the top-k of at least this fraction of queries",
+                                   factory=lambda: [0.1, 0.25], gt=0, max=1)
+
+
+@functools.lru_cache(maxsize=None)
+def attribution_settings() -> type:
+    """The ``attribution`` dataclass: :class:`QuerySettings` plus every registered family's settings fields."""
+    fields, owner = [], {}
+    for settings, name in [(QuerySettings, "queries")] + [(f.settings, f.name) for f in families().values()
+                                                         if f.settings is not None]:
+        types = typing.get_type_hints(settings)  # the family module may use postponed annotations
+        for f in dataclasses.fields(settings):
+            if f.name in owner:
+                raise TypeError(f"attribution.{f.name} is declared by both {owner[f.name]} and {name}")
+            owner[f.name] = name
+            default = {"default_factory": f.default_factory} if f.default_factory is not dataclasses.MISSING \
+                else {"default": f.default}
+            fields.append((f.name, types[f.name], field(metadata=f.metadata, **default)))
+    return dataclasses.make_dataclass("AttributionSettings", fields)

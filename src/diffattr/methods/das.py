@@ -12,17 +12,18 @@ the residual weighting adds, at one output function."""
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
-from ..settings import knob
-from . import Family, Job, register
+from ..artifacts import read_tensors
+from ..atomic import save_tensors
+from ..knobs import knob
+from ..outputs import OUTPUTS
+from . import Family, register
 from .trak import (LAMBDA_KEYS, TrakSettings, feature_memory, kernel_memory, members, query_features, query_gradients,
                    query_spec, select_lambda)
 
-
-def _outputs():
-    from ..outputs import OUTPUTS
-
-    return OUTPUTS
+if TYPE_CHECKING:
+    from .jobs import Job
 
 
 # attribution.das_residual -> what it is (diffattr.kernels.das computes each)
@@ -36,7 +37,7 @@ RESIDUALS = {
 @dataclass
 class DasSettings:
     das_output: str = knob("avg", "DAS's compressed output f (diffattr.outputs); the authors' code: avg, the pixel mean "
-                                  "of eps_theta", choices=_outputs)
+                                  "of eps_theta", choices=lambda: OUTPUTS)
     das_residual: str = knob("released", "residual weighting of the training features: paper (per timestep) | released "
                                       "(the authors' per-example weight) | none (= D-TRAK)", choices=lambda: RESIDUALS)
     das_normalize: bool = knob(True, "unit-normalise each timestep's gradient before the average over timesteps "
@@ -54,7 +55,6 @@ def run(job: Job) -> None:
     saved so that ``retune`` rescores at another lambda."""
     import torch
 
-    from ..atomic import save_tensors
     from ..kernels import das as kernels
     from ..kernels.trak import d_trak_spec
     from ..projectors import make_projector
@@ -97,7 +97,6 @@ def run(job: Job) -> None:
 def retune(job_dir, variant: str, lam: float):
     """The scores of every query at another lambda, from the members' saved features and residual weighting
     (``das_r1``: without the weighting)."""
-    from ..artifacts import read_tensors
     from ..kernels import das as kernels
 
     saved = read_tensors(job_dir / FEATURES, "attribute", keys=("leverage", "phi_train.0", "phi_query.0"))

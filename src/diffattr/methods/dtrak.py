@@ -5,21 +5,20 @@ docs/METHODS.md §4."""
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
-from ..settings import knob
-from . import Family, Job, register
+from ..knobs import knob
+from ..outputs import OUTPUTS
+from . import Family, register
 from .trak import LAMBDA_KEYS, TrakSettings, cost, memory, retune, run_with_spec
 
-
-def _outputs():
-    from ..outputs import OUTPUTS
-
-    return OUTPUTS
+if TYPE_CHECKING:
+    from .jobs import Job
 
 
 @dataclass
 class DTrakSettings:
-    dtrak_output: str = knob("square", "D-TRAK's output function (diffattr.outputs)", choices=_outputs)
+    dtrak_output: str = knob("square", "D-TRAK's output function (diffattr.outputs)", choices=lambda: OUTPUTS)
 
 
 def run(job: Job) -> None:

@@ -6,8 +6,15 @@ docs/METHODS.md §9."""
 
 from __future__ import annotations
 
-from . import Family, Job, register
-from .trak import feature_memory
+from typing import TYPE_CHECKING
+
+from ..atomic import save_tensors
+from ..outputs import LOSS_OUTPUTS
+from . import Family, register
+from .trak import feature_memory, features, query_features
+
+if TYPE_CHECKING:
+    from .jobs import Job
 
 VARIANTS = {
     "grad_dot": "phi(q) . phi(i): TRAK's projected loss gradients at the final checkpoint, no kernel inverse",
@@ -18,12 +25,9 @@ VARIANTS = {
 def run(job: Job) -> None:
     import torch
 
-    from ..atomic import save_tensors
     from ..kernels.similarity import cosine_scores, dot_scores
     from ..kernels.trak import trak_spec
-    from ..outputs import LOSS_OUTPUTS
     from ..projectors import make_projector
-    from .trak import features, query_features
 
     cfg, a = job.cfg, job.cfg.attribution
     train_set = job.train_set()

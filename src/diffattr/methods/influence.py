@@ -25,10 +25,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
+import pandas as pd
+
+from ..artifacts import read_tensors
+from ..atomic import save_tensors, write_csv
+from ..exceptions import StageError
+from ..knobs import knob
 from ..memory import ENGINE_CHUNK, JobSizes, grad_chunk
-from ..settings import knob
-from . import Family, Job, register
+from ..noise import GGN_VECTORS, derive_seeds, noise_from_seeds
+from ..outputs import LOSS_OUTPUTS
+from ..timesteps import timestep_grid
+from . import Family, register
+
+if TYPE_CHECKING:
+    from .jobs import Job
 
 VARIANTS = {
     "kfac": "influence function, K-FAC (expand) Gauss-Newton of the model output, per Linear/Conv2d layer",
@@ -73,8 +86,6 @@ def lambdas(a, mean_eigenvalues=()) -> list[float]:
 
 def saved_lambdas(job_dir) -> list[float]:
     """The lambdas the job saved scores at: what ``retune`` can give."""
-    from ..artifacts import read_tensors
-
     return read_tensors(Path(job_dir) / SCORES, "attribute", ("lambdas",))["lambdas"].tolist()
 
 
@@ -87,16 +98,10 @@ def cost(cfg, variants) -> dict:
 
 
 def run(job: Job) -> None:
-    import pandas as pd
     import torch
 
-    from ..atomic import save_tensors, write_csv
-    from ..exceptions import StageError
     from ..kernels import influence as kernels
     from ..kernels.trak import FeatureSpec, feature_draws
-    from ..noise import GGN_VECTORS, derive_seeds, noise_from_seeds
-    from ..outputs import LOSS_OUTPUTS
-    from ..timesteps import timestep_grid
 
     cfg, a = job.cfg, job.cfg.attribution
     model = job.load_unet(job.checkpoints()[-1])
@@ -155,12 +160,6 @@ def run(job: Job) -> None:
 def retune(job_dir, variant: str, lam: float):
     """The variant's scores at ``lam``, read from the grid its job saved; a lam outside that grid is refused (a
     ``StageError``), one the job refused raises ``LinAlgError`` with its reason."""
-    import numpy as np
-    import pandas as pd
-
-    from ..artifacts import read_tensors
-    from ..exceptions import StageError
-
     job_dir = Path(job_dir)
     saved = read_tensors(job_dir / SCORES, "attribute", ("lambdas", f"scores.{variant}"))
     grid = saved["lambdas"].tolist()

@@ -7,10 +7,18 @@ projection, ensemble and lambda grid. Specification: docs/METHODS.md §4."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from ..settings import knob
-from . import Family, Job, register
+import numpy as np
+
+from ..atomic import save_tensors
+from ..knobs import knob
+from ..outputs import LOSS_OUTPUTS
+from . import Family, register
 from .trak import LAMBDA_KEYS, features, members, memory, query_features, select_lambda
+
+if TYPE_CHECKING:
+    from .jobs import Job
 
 AGGREGATES = {"journey_trak": "raw", "journey_trak_normalized": "normalized"}  # variant -> journey_aggregates key
 
@@ -24,8 +32,6 @@ class JourneyTrakSettings:
 
 def kept_steps(cfg) -> list[int]:
     """The ``attribution.journey_steps`` sampling steps attributed, evenly spaced over the sampler's own."""
-    import numpy as np
-
     from ..sampling import sampler_timesteps
 
     steps = sampler_timesteps(cfg)
@@ -47,9 +53,7 @@ def journeys(cfg, generating, scheduler, source_ids) -> dict:
 def run(job: Job) -> None:
     import torch
 
-    from ..atomic import save_tensors
     from ..kernels import trak as kernels
-    from ..outputs import LOSS_OUTPUTS
     from ..projectors import make_projector
 
     cfg, a = job.cfg, job.cfg.attribution

@@ -13,10 +13,22 @@ Journey-TRAK scores only generated queries).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from omegaconf import OmegaConf
+
+from ..atomic import save_tensors
+from ..checkpoints import load_checkpoint_unet
+from ..exceptions import StageError
+from ..knobs import knob
 from ..memory import JobSizes, measured_queries, training_terms
-from ..settings import knob
-from . import Family, Job, register
+from ..models import build_unet
+from ..noise import TRAIN_DROPOUT, derive_seeds, noise_from_seeds
+from ..subsets import output_timesteps, query_output
+from . import Family, register
+
+if TYPE_CHECKING:
+    from .jobs import Job
 
 # RSS per byte of optimiser state the replay keeps, the allocator's share included: the 201 states of the digits job
 # took 2.1 GB where their tensors hold 1.7 (docs/results/2026-12-07-digits-magic.md)
@@ -41,8 +53,6 @@ READS = ("validate.seed", "validate.output_timesteps", "validate.output_noises",
 
 def depends(cfg, variants) -> dict:
     # the training (through the queries' key), the attributed weights and F's grid and noise decide the scores
-    from omegaconf import OmegaConf
-
     validate = OmegaConf.to_container(cfg.validate, resolve=True)
     batch = cfg.attribution.magic_query_batch  # mapped queries round differently (keep_every changes no bit)
     return {"weights": cfg.attribution.weights, **{key: validate[key.split(".", 1)[1]] for key in READS},
@@ -87,8 +97,6 @@ def replay_of(cfg, train_set, scheduler, device, use_ema: bool):
     from torch.func import functional_call
 
     from ..kernels.metagrad import Adam, Replay
-    from ..models import build_unet
-    from ..noise import TRAIN_DROPOUT, derive_seeds, noise_from_seeds
     from ..train import DRAWS, batch_loss, diffusion_loss, epoch_steps, learning_rate
 
     t = cfg.train
@@ -122,8 +130,6 @@ def query_outputs(cfg, unet, scheduler, images, query_ids, device) -> list:
     (a dict name -> tensor), evaluated without dropout."""
     from torch.func import functional_call
 
-    from ..subsets import output_timesteps, query_output
-
     t, v, timesteps = cfg.train, cfg.validate, output_timesteps(cfg)
 
     def output(image, query_id: int):
@@ -142,10 +148,6 @@ def query_outputs(cfg, unet, scheduler, images, query_ids, device) -> list:
 
 def run(job: Job) -> None:
     import torch
-
-    from ..atomic import save_tensors
-    from ..checkpoints import load_checkpoint_unet
-    from ..exceptions import StageError
 
     cfg, t = job.cfg, job.cfg.train
     train_set = job.train_set()

@@ -6,10 +6,15 @@ computes both: no gradient is taken. Kernels: ``diffattr.kernels.similarity``. S
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from ..atomic import save_tensors
+from ..knobs import knob
 from ..memory import JobSizes
-from ..settings import knob
-from . import Family, Job, register
+from . import Family, register
+
+if TYPE_CHECKING:
+    from .jobs import Job
 
 VARIANTS = {
     "pixel_cosine": "cosine similarity of the query and training images in pixel space",
@@ -32,7 +37,6 @@ def depends(cfg, variants) -> dict:
 def run(job: Job) -> None:
     import torch
 
-    from ..atomic import save_tensors
     from ..kernels.similarity import cosine_scores, hspace_features
 
     a = job.cfg.attribution

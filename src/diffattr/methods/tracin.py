@@ -9,11 +9,19 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
+from ..artifacts import read_table, read_tensors
+from ..atomic import save_tensors
+from ..knobs import knob
 from ..memory import ENGINE_CHUNK, JobSizes, grad_chunk
-from ..settings import knob
-from . import COMMON_KEYS, Family, Job, checkpoint_count, register
+from ..outputs import LOSS_OUTPUTS
+from ..replay import recorded_draws
+from ..timesteps import timestep_grid
+from . import COMMON_KEYS, Family, checkpoint_count, register
+
+if TYPE_CHECKING:
+    from .jobs import Job
 
 QUERY_ROWS = 256  # the query side's rows per call by default, its timesteps summed in 256 // R (kernels SUM_ROWS)
 
@@ -73,12 +81,7 @@ def run(job: Job) -> None:
     """Every requested train side of one shard, all four normalisations at once."""
     import torch
 
-    from ..artifacts import read_table
-    from ..atomic import save_tensors
     from ..kernels import tracin as kernels
-    from ..outputs import LOSS_OUTPUTS
-    from ..replay import recorded_draws
-    from ..timesteps import timestep_grid
 
     cfg, a, device = job.cfg, job.cfg.attribution, job.device
     states, train_set = job.checkpoints(), job.train_set()
@@ -121,8 +124,6 @@ def merge(job: Job, shard_dirs: Sequence[Path], method: str, target: Path) -> No
     """The dense score file of one variant: its train side's shards merged, its normalisation picked."""
     import torch
 
-    from ..artifacts import read_tensors
-    from ..atomic import save_tensors
     from ..kernels import tracin as kernels
 
     side, norm = VARIANTS[method]

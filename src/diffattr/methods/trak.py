@@ -5,12 +5,21 @@ Specification: docs/METHODS.md §4 (the method), §10 (queries and lambda)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import List
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, List
 
+import numpy as np
+
+from ..artifacts import read_tensors
+from ..atomic import save_tensors, write_csv
+from ..exceptions import StageError
+from ..knobs import knob
 from ..memory import ENGINE_CHUNK, JobSizes, grad_chunk
-from ..settings import knob
-from . import Family, Job, register
+from ..outputs import LOSS_OUTPUTS
+from . import Family, register
+
+if TYPE_CHECKING:
+    from .jobs import Job
 
 
 # attribution.projector: the kinds diffattr.projectors.make_projector builds
@@ -59,17 +68,12 @@ def query_spec(a, spec):
     """The query side's spec: ``spec`` at ``attribution.trak_query_timesteps`` timesteps (0: the training side's K)
     with ``trak_query_noises`` noises each. The papers feature both sides alike (the default); a larger query budget
     compares the TRAK family with the influence family's query side like for like (docs/METHODS.md §4)."""
-    from dataclasses import replace
-
     return replace(spec, n_timesteps=a.trak_query_timesteps or spec.n_timesteps, n_noises=a.trak_query_noises)
 
 
 def select_lambda(job: Job, queries, phi_queries, phi_trains, check=None):
     """lambda minimising the held-out queries' cross-validated feature reconstruction error; written to lambda.csv.
     ``check``: see ``kernels.trak.select_lambda``."""
-    import numpy as np
-
-    from ..atomic import write_csv
     from ..kernels import trak as kernels
 
     a = job.cfg.attribution
@@ -88,7 +92,6 @@ def run_with_spec(job: Job, spec) -> None:
     """Features of the training set and of the image queries, lambda on held-out queries, scores."""
     import torch
 
-    from ..atomic import save_tensors
     from ..kernels import trak as kernels
     from ..projectors import make_projector
     from ..queries import KIND_OFFSET
@@ -120,8 +123,6 @@ def run_with_spec(job: Job, spec) -> None:
 
 def retune(job_dir, variant: str, lam: float):
     """The scores of every query at another lambda, from the members' saved training and query features."""
-    from ..artifacts import read_tensors
-    from ..exceptions import StageError
     from ..kernels import trak as kernels
 
     saved = read_tensors(job_dir / "features.safetensors", "attribute")
@@ -171,7 +172,6 @@ def memory(job: JobSizes) -> dict:
 
 def run(job: Job) -> None:
     from ..kernels.trak import trak_spec
-    from ..outputs import LOSS_OUTPUTS
 
     a = job.cfg.attribution
     run_with_spec(job, trak_spec(a.trak_timesteps, output=LOSS_OUTPUTS[job.cfg.train.loss], seed=a.seed,
