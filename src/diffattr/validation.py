@@ -15,6 +15,8 @@ actually used (``validate.seeds`` averaged: docs/METHODS.md §5).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 import torch
@@ -150,153 +152,209 @@ def chunk_files(cfg: DictConfig, layout: Layout) -> list:
     return [layout.path("output_chunk", first=first, last=last) for first, last in chunks(cfg)]
 
 
-def write_lds_report(cfg: DictConfig, layout: Layout) -> None:
-    """``tables/lds.csv``, ``lds_pairs.csv``, ``lds_power.csv``, ``lds_steps.csv``, ``lds_outputs.csv``,
-    ``lds_lambda.csv`` and ``lds_cost.csv``, ``figures/lds.png`` and ``lds_cost.png``, and the plain arrays of
-    ``lds/``."""
-    from .figures.lds import lds_cost_figure, lds_figure
-    from .figures.style import save
+@dataclass
+class Evaluation:
+    """What every number of the LDS report is computed from: the training ids, the measured queries (``reported``:
+    not held out), the subsets' masks [M, N] and which subsets are reported, the measured outputs [M, S, Q] of every
+    subset's models and the full model's [Q], and the target [M, Q] (the mean over ``validate.seeds``); and how one
+    method's LDS is bootstrapped from them."""
 
-    v = cfg.validate
-    train_ids = ImageSet.load(layout.path("data", split="train")).ids.numpy()
-    queries, _ = measured_queries(cfg, layout)
-    query_ids, kinds = queries.query_id.to_numpy(), queries.query_kind.to_numpy()
-    table = pd.concat([read_table(f, "validate_chunk", CHUNK_COLUMNS) for f in chunk_files(cfg, layout)],
-                      ignore_index=True)
-    outputs, full_outputs = output_arrays(table, v.n_subsets, query_ids)
-    target = np.nanmean(outputs[:, :v.seeds], axis=1)  # the seeds every subset has: what the LDS predicts
-    m = masks(len(train_ids), v)
-    report = report_subsets(v)  # every reported number; the others only choose lambda
-    n_report = int(report.sum())
-    reported = ~queries.heldout.to_numpy()
+    cfg: DictConfig
+    table: pd.DataFrame  # every chunk's measured outputs (CHUNK_COLUMNS)
+    train_ids: np.ndarray
+    query_ids: np.ndarray
+    kinds: np.ndarray
+    reported: np.ndarray
+    masks: np.ndarray
+    report: np.ndarray
+    outputs: np.ndarray
+    full_outputs: np.ndarray
+    target: np.ndarray
 
-    regrouped = any(model.regrouped for model in subset_models(cfg))
-    slots = [f"seed {s}" for s in range(outputs.shape[1])] if not regrouped else ["seed 0", "seed 0 regrouped"]
-    arrays = {"masks": m, "train_ids": train_ids, "query_ids": query_ids, "query_kinds": kinds.astype(str),
-              "query_heldout": ~reported, "report_subsets": report, "outputs": outputs, "slots": np.array(slots),
-              "full_outputs": full_outputs}
-    rows, pair_rows, per_query_of = [], [], {}
+    @classmethod
+    def load(cls, cfg: DictConfig, layout: Layout) -> "Evaluation":
+        v = cfg.validate
+        train_ids = ImageSet.load(layout.path("data", split="train")).ids.numpy()
+        queries, _ = measured_queries(cfg, layout)
+        query_ids = queries.query_id.to_numpy()
+        table = pd.concat([read_table(f, "validate_chunk", CHUNK_COLUMNS) for f in chunk_files(cfg, layout)],
+                          ignore_index=True)
+        outputs, full_outputs = output_arrays(table, v.n_subsets, query_ids)
+        return cls(cfg, table, train_ids, query_ids, queries.query_kind.to_numpy(), ~queries.heldout.to_numpy(),
+                   masks(len(train_ids), v), report_subsets(v), outputs, full_outputs,
+                   np.nanmean(outputs[:, :v.seeds], axis=1))  # the seeds every subset has: what the LDS predicts
 
-    def per_kind(per_query, n_subsets, of_mean=float):
-        """``per_query(rows, cols)``: the LDS of the queries ``cols`` on the subsets ``rows``. Yields each reported
-        kind a method scores, its queries and the mean with its interval."""
-        for kind in pd.unique(kinds[reported]):
-            sel = np.flatnonzero(reported & (kinds == kind))
+    @property
+    def n_report(self) -> int:
+        return int(self.report.sum())
+
+    def arrays(self) -> dict:
+        """The plain arrays of ``lds/arrays.npz`` that do not depend on a method."""
+        regrouped = any(model.regrouped for model in subset_models(self.cfg))
+        slots = [f"seed {s}" for s in range(self.outputs.shape[1])] if not regrouped else ["seed 0", "seed 0 regrouped"]
+        return {"masks": self.masks, "train_ids": self.train_ids, "query_ids": self.query_ids,
+                "query_kinds": self.kinds.astype(str), "query_heldout": ~self.reported, "report_subsets": self.report,
+                "outputs": self.outputs, "slots": np.array(slots), "full_outputs": self.full_outputs}
+
+    def of_scores(self, scores: np.ndarray, measured: np.ndarray | None = None):
+        """``per_query(rows, cols)`` of scores [Q, N]: the LDS of the queries ``cols`` on the reported subsets
+        ``rows`` against ``measured`` [M, Q] (default: the target)."""
+        measured = self.target if measured is None else measured
+        predicted = lds.predicted_outputs(scores, self.masks[self.report])
+        effect = lds.measured_effect(measured[self.report])
+        return lambda r, c: lds.spearman_columns(predicted[r][:, c], effect[r][:, c])
+
+    def per_kind(self, per_query, n_subsets: int, of_mean=float):
+        """Each reported kind that ``per_query(rows, cols)`` scores: its queries and the mean with its interval."""
+        v = self.cfg.validate
+        for kind in pd.unique(self.kinds[self.reported]):
+            sel = np.flatnonzero(self.reported & (self.kinds == kind))
             mean, low, high = lds.bootstrap_ci(lambda r, c: per_query(r, sel[c]), n_subsets, len(sel), v.bootstrap,
                                                seed=v.seed, of_mean=of_mean)
             if np.isfinite(mean):  # else the method does not score this kind of query
                 yield kind, sel, mean, low, high
 
-    def add(method, variant, per_query, n_subsets, n_seeds, of_mean=float):
-        for kind, sel, mean, low, high in per_kind(per_query, n_subsets, of_mean):
-            rows.append({"method": method, "variant": variant, "query_kind": kind,
-                         "n_queries": int(np.isfinite(per_query(np.arange(n_subsets), sel)).sum()),
-                         "n_subsets": n_subsets, "n_seeds": n_seeds, "lds_mean": mean, "ci_low": low, "ci_high": high})
+    def rows(self, method: str, variant: str, per_query, n_subsets: int, n_seeds: int, of_mean=float) -> list[dict]:
+        """``lds.csv`` rows of one variant (or control, or the target's reliability), one per kind."""
+        return [{"method": method, "variant": variant, "query_kind": kind,
+                 "n_queries": int(np.isfinite(per_query(np.arange(n_subsets), sel)).sum()), "n_subsets": n_subsets,
+                 "n_seeds": n_seeds, "lds_mean": mean, "ci_low": low, "ci_high": high}
+                for kind, sel, mean, low, high in self.per_kind(per_query, n_subsets, of_mean)]
 
-    def of_scores(scores, measured=target):
-        predicted, effect = lds.predicted_outputs(scores, m[report]), lds.measured_effect(measured[report])
-        return lambda r, c: lds.spearman_columns(predicted[r][:, c], effect[r][:, c])
 
-    tuned = []
-    for variant in cfg.attribution.methods:
-        family, path = family_of(variant), layout.scores(variant)
-        dense = read_scores(path, train_ids)
-        # a method scores the query kinds it defines (Journey-TRAK: generated images); the others stay NaN
-        rows_of = pd.Index(dense["query_ids"].numpy()).get_indexer(query_ids)
-        has = rows_of >= 0
+def write_lds_report(cfg: DictConfig, layout: Layout) -> None:
+    """``tables/lds.csv``, ``lds_pairs.csv``, ``lds_power.csv``, ``lds_steps.csv``, ``lds_outputs.csv``,
+    ``lds_lambda.csv`` and ``lds_cost.csv``, ``figures/lds.png`` and ``lds_cost.png``, and the plain arrays of
+    ``lds/``: load what was measured, score every method (lambda chosen on the tuning subsets), then the LDS of
+    each, Journey-TRAK's per step, the paired differences, the control and the target's reliability."""
+    from .figures.lds import lds_cost_figure, lds_figure
+    from .figures.style import save
 
-        def at(matrix):
-            out = np.full((len(query_ids), len(train_ids)), np.nan)
-            out[has] = np.asarray(matrix)[rows_of[has]]
-            return out
+    v = cfg.validate
+    ev = Evaluation.load(cfg, layout)
+    arrays = ev.arrays()
+    scores, tuned = method_scores(cfg, layout, ev)
+    arrays.update({f"scores_{variant}": s for variant, s in scores.items()})
+    per_query_of = {variant: ev.of_scores(s) for variant, s in scores.items()}
+    rows = [row for variant, per_query in per_query_of.items()
+            for row in ev.rows(family_of(variant).name, variant, per_query, ev.n_report, v.seeds)]
+    step_rows = _step_lds(cfg, layout, ev, arrays)
+    pair_rows, power_rows = paired_differences(ev, per_query_of)
+    control = lds.random_scores(len(ev.query_ids), len(ev.train_ids), v.seed)
+    rows += ev.rows("control", lds.CONTROL, ev.of_scores(control), ev.n_report, v.seeds) + reliability_rows(ev)
 
-        scores = at(dense["scores"].numpy())
-        if family.retune is not None:
-            grid = family.saved_lambdas(path.parent) if family.saved_lambdas is not None \
-                else cfg.attribution.lambda_grid
-            scores, lambdas = lambda_by_lds(lambda lam: at(family.retune(path.parent, variant, lam).numpy()),
-                                            [float(lam) for lam in grid], ~reported & has, m[~report],
-                                            target[~report], scores, reported_lds=lambda scores: np.nanmean(
-                                                lds.lds(scores[reported], m[report], target[report][:, reported])))
-            tuned.append(lambdas.assign(method=family.name, variant=variant))
-        arrays[f"scores_{variant}"] = scores
-        per_query_of[variant] = of_scores(scores)
-        add(family.name, variant, per_query_of[variant], n_report, v.seeds)
-    step_rows = _step_lds(cfg, layout, table, arrays, per_kind, of_scores, n_report)
-    power_rows = []
-    for a, b in comparisons([m for m in cfg.attribution.methods if m in per_query_of]):
-        fa, fb = per_query_of[a], per_query_of[b]
-        paired = lambda r, c: fa(r, c) - fb(r, c)  # noqa: E731
-        for kind, sel, mean, low, high in per_kind(paired, n_report):
-            pair_rows.append({"variant": a, "versus": b, "query_kind": kind, "n_subsets": n_report,
-                              "difference": mean, "ci_low": low, "ci_high": high})
-            n_queries = int(np.isfinite(paired(np.arange(n_report), sel)).sum())
-            se_m, se_q = lds.standard_errors(lambda r, c: paired(r, sel[c]), n_report, len(sel), v.bootstrap,
-                                             seed=v.seed)
-            power_rows.append({"variant": a, "versus": b, "query_kind": kind, "n_subsets": n_report,
-                               "n_queries": n_queries, "difference": mean, "se_subsets": se_m, "se_queries": se_q,
-                               "effect": POWER_EFFECT,
-                               "subsets_needed": lds.needed(se_m, se_q, n_report, POWER_EFFECT),
-                               "queries_needed": lds.needed(se_q, se_m, n_queries, POWER_EFFECT),
-                               "balanced_subsets": lds.balanced(se_m, n_report, POWER_EFFECT),
-                               "balanced_queries": lds.balanced(se_q, n_queries, POWER_EFFECT)})
-    add("control", lds.CONTROL, of_scores(lds.random_scores(len(query_ids), len(train_ids), v.seed)), n_report,
-        v.seeds)
-    # the reliability r of the protocol's target, from the reported subsets that have a second model (another seed;
-    # under coupled draws seed 0 regrouped, so r is the coupled protocol's own noise floor), and what r allows
-    seeded = outputs[report][np.isfinite(outputs[report]).all(axis=(1, 2))]
-    if outputs.shape[1] >= 2 and len(seeded) >= MIN_SUBSETS:
-        r_of = lambda r, c: lds.seed_reliability(seeded[r][:, :, c])
-        add("seeds", lds.RELIABILITY, r_of, len(seeded), outputs.shape[1])
-        add("seeds", lds.ATTAINABLE, r_of, len(seeded), v.seeds, of_mean=lambda r: lds.attainable(r, v.seeds))
     result = pd.DataFrame(rows)
     write_csv(result, layout.path("table", name="lds.csv"))
     write_csv(pd.DataFrame(pair_rows, columns=PAIR_COLUMNS), layout.path("table", name="lds_pairs.csv"))
     write_csv(pd.DataFrame(power_rows, columns=POWER_COLUMNS), layout.path("table", name="lds_power.csv"))
     write_csv(pd.DataFrame(step_rows, columns=STEP_COLUMNS), layout.path("table", name="lds_steps.csv"))
-    write_csv(_outputs_summary(outputs[report], full_outputs, kinds, reported),
+    write_csv(_outputs_summary(ev.outputs[ev.report], ev.full_outputs, ev.kinds, ev.reported),
               layout.path("table", name="lds_outputs.csv"))
     write_csv(pd.concat(tuned, ignore_index=True)[LAMBDA_COLUMNS] if tuned else pd.DataFrame(columns=LAMBDA_COLUMNS),
               layout.path("table", name="lds_lambda.csv"))
-    cost = cost_table(cfg, layout, result, n_train=len(train_ids),
+    cost = cost_table(cfg, layout, result, n_train=len(ev.train_ids),
                       n_queries=len(read_table(layout.path("query_table"), "queries")))
     write_csv(cost, layout.path("table", name="lds_cost.csv"))
     save(lds_cost_figure(cost), layout.path("figure", name="lds_cost"))
-    write_parquet(masks_table(train_ids, v), layout.path("lds_masks"))
+    write_parquet(masks_table(ev.train_ids, v), layout.path("lds_masks"))
     with atomic_path(layout.path("lds_arrays")) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
     save(lds_figure(result), layout.path("figure", name="lds"))
 
 
-def _step_lds(cfg, layout, table, arrays, per_kind, of_scores, n_report) -> list[dict]:
+def method_scores(cfg: DictConfig, layout: Layout, ev: Evaluation) -> tuple[dict[str, np.ndarray], list]:
+    """Every method's scores [Q, N] on the measured queries, in ``attribution.methods`` order (NaN rows: the query
+    kinds it does not score; Journey-TRAK scores generated images only), each family that can be rescored
+    (``Family.retune``) at the lambda its held-out queries choose on the tuning subsets; and those choices' tables."""
+    scores, tuned = {}, []
+    for variant in cfg.attribution.methods:
+        family, path = family_of(variant), layout.scores(variant)
+        dense = read_scores(path, ev.train_ids)
+        rows_of = pd.Index(dense["query_ids"].numpy()).get_indexer(ev.query_ids)
+        has = rows_of >= 0
+
+        def at(matrix):
+            out = np.full((len(ev.query_ids), len(ev.train_ids)), np.nan)
+            out[has] = np.asarray(matrix)[rows_of[has]]
+            return out
+
+        scores[variant] = at(dense["scores"].numpy())
+        if family.retune is not None:
+            grid = family.saved_lambdas(path.parent) if family.saved_lambdas is not None \
+                else cfg.attribution.lambda_grid
+            q, m = ev.reported, ev.report  # the reported queries and subsets
+            scores[variant], lambdas = lambda_by_lds(
+                lambda lam: at(family.retune(path.parent, variant, lam).numpy()), [float(lam) for lam in grid],
+                ~q & has, ev.masks[~m], ev.target[~m], scores[variant],
+                reported_lds=lambda s: np.nanmean(lds.lds(s[q], ev.masks[m], ev.target[m][:, q])))
+            tuned.append(lambdas.assign(method=family.name, variant=variant))
+    return scores, tuned
+
+
+def paired_differences(ev: Evaluation, per_query_of: dict) -> tuple[list[dict], list[dict]]:
+    """``lds_pairs.csv`` and ``lds_power.csv`` rows: every comparison the families claim among the run's methods, its
+    paired difference on the same subsets and queries, and what resolving :data:`POWER_EFFECT` would take."""
+    v, n = ev.cfg.validate, ev.n_report
+    pair_rows, power_rows = [], []
+    for a, b in comparisons(list(per_query_of)):
+        fa, fb = per_query_of[a], per_query_of[b]
+        paired = lambda r, c: fa(r, c) - fb(r, c)  # noqa: E731
+        for kind, sel, mean, low, high in ev.per_kind(paired, n):
+            pair_rows.append({"variant": a, "versus": b, "query_kind": kind, "n_subsets": n,
+                              "difference": mean, "ci_low": low, "ci_high": high})
+            n_queries = int(np.isfinite(paired(np.arange(n), sel)).sum())
+            se_m, se_q = lds.standard_errors(lambda r, c: paired(r, sel[c]), n, len(sel), v.bootstrap, seed=v.seed)
+            power_rows.append({"variant": a, "versus": b, "query_kind": kind, "n_subsets": n,
+                               "n_queries": n_queries, "difference": mean, "se_subsets": se_m, "se_queries": se_q,
+                               "effect": POWER_EFFECT,
+                               "subsets_needed": lds.needed(se_m, se_q, n, POWER_EFFECT),
+                               "queries_needed": lds.needed(se_q, se_m, n_queries, POWER_EFFECT),
+                               "balanced_subsets": lds.balanced(se_m, n, POWER_EFFECT),
+                               "balanced_queries": lds.balanced(se_q, n_queries, POWER_EFFECT)})
+    return pair_rows, power_rows
+
+
+def reliability_rows(ev: Evaluation) -> list[dict]:
+    """The reliability r of the protocol's target, from the reported subsets that have a second model (another seed;
+    under coupled draws seed 0 regrouped, so r is the coupled protocol's own noise floor), and the LDS it allows."""
+    seeded = ev.outputs[ev.report][np.isfinite(ev.outputs[ev.report]).all(axis=(1, 2))]
+    if ev.outputs.shape[1] < 2 or len(seeded) < MIN_SUBSETS:
+        return []
+    seeds = ev.cfg.validate.seeds
+    r_of = lambda r, c: lds.seed_reliability(seeded[r][:, :, c])  # noqa: E731
+    return (ev.rows("seeds", lds.RELIABILITY, r_of, len(seeded), ev.outputs.shape[1])
+            + ev.rows("seeds", lds.ATTAINABLE, r_of, len(seeded), seeds, of_mean=lambda r: lds.attainable(r, seeds)))
+
+
+def _step_lds(cfg: DictConfig, layout: Layout, ev: Evaluation, arrays: dict) -> list[dict]:
     """Journey-TRAK's per-step LDS (``lds_steps.csv``), as its paper evaluates it: at each kept sampling step, the
     step's scores (``step_scores``, the same for both aggregates up to a positive per-step factor, which a rank
     correlation ignores) against that step's target measured on every subset model; then the mean over steps.
     Adds the per-step targets and scores to the arrays. No rows without Journey-TRAK or generated queries."""
     v = cfg.validate
     stepped = [(f, m) for f, m in requested_families(cfg.attribution.methods).items() if f.step_scores]
-    if not stepped or not (table.step >= 0).any():
+    if not stepped or not (ev.table.step >= 0).any():
         return []
     family, chosen = stepped[0]
-    query_ids, train_ids = arrays["query_ids"], arrays["train_ids"]
     dense = read_tensors(layout.scores(chosen[0]), "attribute", ("step_scores", "steps", "query_ids"))
     steps = dense["steps"].numpy()
-    targets = step_arrays(table, v.n_subsets, query_ids, steps)
+    targets = step_arrays(ev.table, v.n_subsets, ev.query_ids, steps)
     target = np.nanmean(targets[:, :v.seeds], axis=1)  # [M, Q, T]
-    rows_of = pd.Index(dense["query_ids"].numpy()).get_indexer(query_ids)
-    scores = np.full((len(query_ids), len(steps), len(train_ids)), np.nan)
+    rows_of = pd.Index(dense["query_ids"].numpy()).get_indexer(ev.query_ids)
+    scores = np.full((len(ev.query_ids), len(steps), len(ev.train_ids)), np.nan)
     scores[rows_of >= 0] = dense["step_scores"].double().numpy()[rows_of[rows_of >= 0]]
     arrays.update({"journey_steps": steps, "step_outputs": targets, f"step_scores_{family.name}": scores})
-    per_step = [of_scores(scores[:, j], target[:, :, j]) for j in range(len(steps))]
+    per_step = [ev.of_scores(scores[:, j], target[:, :, j]) for j in range(len(steps))]
     mean_over_steps = lambda r, c: np.nanmean([f(r, c) for f in per_step], axis=0)  # noqa: E731
     rows = []
     for timestep, per_query in [*zip(steps.tolist(), per_step), (None, mean_over_steps)]:
-        for kind, sel, mean, low, high in per_kind(per_query, n_report):
+        for kind, sel, mean, low, high in ev.per_kind(per_query, ev.n_report):
             rows.append({"method": family.name, "timestep": timestep,
                          "target": "step" if timestep is not None else "mean over steps", "query_kind": kind,
-                         "n_queries": int(np.isfinite(per_query(np.arange(n_report), sel)).sum()),
-                         "n_subsets": n_report, "n_seeds": v.seeds, "lds_mean": mean, "ci_low": low, "ci_high": high})
+                         "n_queries": int(np.isfinite(per_query(np.arange(ev.n_report), sel)).sum()),
+                         "n_subsets": ev.n_report, "n_seeds": v.seeds, "lds_mean": mean, "ci_low": low,
+                         "ci_high": high})
     return rows
 
 
