@@ -13,7 +13,9 @@ import hashlib
 import math
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -22,10 +24,10 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from .atomic import write_parquet
-from .exceptions import TrainingError
 from .checkpoints import (CheckpointState, checkpoint_epochs, checkpoint_name, load_checkpoint_unet, read_state,
                           save_checkpoint, write_index)
 from .data import ImageSet
+from .exceptions import TrainingError
 from .models import build_scheduler, build_unet
 from .noise import TRAIN_DROPOUT, TRAIN_NOISE, TRAIN_ORDER, TRAIN_TIMESTEP, derive_seeds, noise_from_seeds
 from .outputs import LOSS_OUTPUTS, OUTPUTS
@@ -113,6 +115,56 @@ def epoch_steps(draws: StepDraws, ids: torch.Tensor, batch_size: int, epoch: int
         yield step, rows, draws.timesteps(step, epoch, sample_ids), draws.noise_seeds(step, epoch, sample_ids)
 
 
+@dataclass
+class Training:
+    """What a training run updates: the UNet, its optimiser and (``train.ema_decay`` > 0) its EMA weights, with the
+    noise scheduler it trains against."""
+
+    unet: Any
+    scheduler: Any
+    optimizer: torch.optim.Optimizer
+    ema: Any = None
+
+    @classmethod
+    def start(cls, cfg: DictConfig, device: torch.device) -> "Training":
+        """Fresh weights drawn from ``train.seed`` (before anything else draws from torch's generator)."""
+        t = cfg.train
+        torch.manual_seed(t.seed)
+        unet = build_unet(cfg.model, cfg.data.resolution, cfg.data.channels).to(device)
+        opt_cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
+        optimizer = opt_cls(unet.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        ema = None
+        if t.ema_decay > 0:
+            from diffusers.training_utils import EMAModel
+
+            ema = EMAModel(unet.parameters(), decay=t.ema_decay)
+        return cls(unet, build_scheduler(cfg.model), optimizer, ema)
+
+    def loss(self, t: DictConfig, images: torch.Tensor, rows: torch.Tensor, timesteps: torch.Tensor,
+             seeds: torch.Tensor, step: int, weights: torch.Tensor | None):
+        """The step's per-example losses on the examples at ``rows`` (with their drawn timesteps and noise seeds),
+        the batch loss and the learning rate the step runs at (already set on the optimiser)."""
+        device = images.device
+        noise = noise_from_seeds(seeds, images.shape[1:]).to(device)
+        x_t = self.scheduler.add_noise(images[rows.to(device)], noise, timesteps.to(device))
+        lr = learning_rate(t, step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        torch.manual_seed(int(derive_seeds(t.seed, TRAIN_DROPOUT, step)))
+        per_example = diffusion_loss(self.unet(x_t, timesteps.to(device)).sample, noise, t.loss)
+        return per_example, batch_loss(per_example, None if weights is None else weights[rows].to(device)), lr
+
+    def update(self, t: DictConfig, loss: torch.Tensor) -> None:
+        """One optimiser step down ``loss`` (clipped by ``train.grad_clip``), then the EMA weights."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.unet.parameters(), t.grad_clip)
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.step(self.unet.parameters())
+
+
 def train(cfg: DictConfig, run_dir: Path, train_set: ImageSet, device: torch.device,
           order_shift: int = 0, weights: torch.Tensor | None = None) -> list[CheckpointState]:
     """Train (or resume) the run's model; write checkpoints, ``train_log.parquet`` and ``checkpoints/index.json``.
@@ -126,21 +178,11 @@ def train(cfg: DictConfig, run_dir: Path, train_set: ImageSet, device: torch.dev
     chash = config_hash(cfg)
     steps_per_epoch = math.ceil(n / t.batch_size)
 
-    torch.manual_seed(t.seed)
-    unet = build_unet(cfg.model, cfg.data.resolution, cfg.data.channels).to(device)
-    scheduler = build_scheduler(cfg.model)
-    opt_cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
-    optimizer = opt_cls(unet.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    ema = None
-    if t.ema_decay > 0:
-        from diffusers.training_utils import EMAModel
-
-        ema = EMAModel(unet.parameters(), decay=t.ema_decay)
-
-    states, start_epoch = _resume(ckpt_dir, schedule, chash, unet, optimizer, ema, device)
+    run = Training.start(cfg, device)
+    states, start_epoch = _resume(ckpt_dir, schedule, chash, run.unet, run.optimizer, run.ema, device)
     images = train_set.images.to(device)
     ids = train_set.ids
-    draws = DRAWS[t.draws](t.seed, scheduler.config.num_train_timesteps, order_shift)
+    draws = DRAWS[t.draws](t.seed, run.scheduler.config.num_train_timesteps, order_shift)
 
     replay_rows: list[pd.DataFrame] = []
     losses: list[float] = []
@@ -148,28 +190,14 @@ def train(cfg: DictConfig, run_dir: Path, train_set: ImageSet, device: torch.dev
                total=t.epochs)
     for epoch in bar:
         tic, seen = time.perf_counter(), 0
-        unet.train()
+        run.unet.train()
         for step, rows, timesteps, seeds in epoch_steps(draws, ids, t.batch_size, epoch):
-            noise = noise_from_seeds(seeds, images.shape[1:]).to(device)
-            x0 = images[rows.to(device)]
-            x_t = scheduler.add_noise(x0, noise, timesteps.to(device))
-            lr = learning_rate(t, step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            torch.manual_seed(int(derive_seeds(t.seed, TRAIN_DROPOUT, step)))
-            per_example = diffusion_loss(unet(x_t, timesteps.to(device)).sample, noise, t.loss)
-            loss = batch_loss(per_example, None if weights is None else weights[rows].to(device))
+            per_example, loss, lr = run.loss(t, images, rows, timesteps, seeds, step, weights)
             if not torch.isfinite(loss):
                 last = states[-1].name if states else "none (no checkpoint saved yet)"
                 raise TrainingError(f"non-finite loss ({loss.item()}) at step {step}, epoch {epoch}; last good "
                                     f"checkpoint: {last}. Lower train.lr or enable train.grad_clip, then rerun.")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if t.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(unet.parameters(), t.grad_clip)
-            optimizer.step()
-            if ema is not None:
-                ema.step(unet.parameters())
+            run.update(t, loss)
             losses.append(loss.item())
             seen += len(rows)
             replay_rows.append(pd.DataFrame({
@@ -180,11 +208,11 @@ def train(cfg: DictConfig, run_dir: Path, train_set: ImageSet, device: torch.dev
         bar.set_postfix(loss=f"{np.mean(losses[-steps_per_epoch:]):.4f}",
                         samples_per_s=f"{seen / (time.perf_counter() - tic):.1f}")
         if epoch in schedule:
-            replay = pd.concat(replay_rows, ignore_index=True)
             state = CheckpointState(name=checkpoint_name(epoch), epoch=epoch, step=step, lr=lr,
                                     batch_size=t.batch_size, n_train=n,
                                     config_hash=chash, mean_loss=float(np.mean(losses)))
-            save_checkpoint(ckpt_dir / state.name, state, unet, optimizer, ema, replay)
+            save_checkpoint(ckpt_dir / state.name, state, run.unet, run.optimizer, run.ema,
+                            pd.concat(replay_rows, ignore_index=True))
             states.append(state)
             replay_rows, losses = [], []
 
