@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from .data import DataSettings
-from .knobs import keyed, knob  # noqa: F401 (diffattr.settings.knob / keyed: what family modules and plugins import)
+from .knobs import keyed, knob  # noqa: F401 (also diffattr.settings.knob / keyed, as plugins import them)
 from .methods import attribution_settings, families, variants
 from .outputs import LOSS_OUTPUTS
 
