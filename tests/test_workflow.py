@@ -573,8 +573,9 @@ def test_magic_replays_the_training_and_is_validated(validated, monkeypatch):
     import numpy as np
     import torch
 
-    from diffattr import checkpoints, methods
+    from diffattr import methods
     from diffattr.exceptions import StageError
+    from diffattr.methods import magic as magic_family
 
     work, _ = validated
     overrides = ["attribution.methods=[magic,pixel_cosine]"]  # the subset models' outputs are the validated run's
@@ -596,7 +597,7 @@ def test_magic_replays_the_training_and_is_validated(validated, monkeypatch):
     assert set(kinds.loc[scored["query_ids"].numpy()]) == set(cfg.validate.query_kinds)
     assert np.isfinite(scored["scores"].numpy()).all() and (scored["scores"] != 0).all(dim=1).any()
 
-    real = checkpoints.load_checkpoint_unet
+    real = magic_family.load_checkpoint_unet
 
     def nudged(directory, ema=False):  # the stored final weights one rounding step away from the replay's
         unet = real(directory, ema)
@@ -605,7 +606,8 @@ def test_magic_replays_the_training_and_is_validated(validated, monkeypatch):
             first.copy_(torch.nextafter(first, first + 1))
         return unet
 
-    monkeypatch.setattr(checkpoints, "load_checkpoint_unet", nudged)
+    # where the family reads the stored checkpoint (the replay itself starts from the initial weights)
+    monkeypatch.setattr(magic_family, "load_checkpoint_unet", nudged)
     monkeypatch.chdir(work)
     with pytest.raises(StageError, match="bit for bit"):
         methods.run_job(path.run, "magic", 0, torch.device("cpu"))
