@@ -5,8 +5,8 @@ import shutil
 from pathlib import Path
 
 from diffattr.config import compose, stage_overrides
-from diffattr.layout import (ARTIFACTS, EXTRA_INPUTS, FLAT_GROUPS, NESTED, OWN_CONFIG, STAGES, TEMPLATES, UPSTREAM,
-                             _NOT_KEYED, results_readme)
+from diffattr.layout import (ARTIFACTS, EXTRA_INPUTS, FLAT_GROUPS, STAGES, TEMPLATES, UPSTREAM, _NOT_KEYED, nested,
+                             own_config, results_readme)
 from diffattr.methods.tracin import VARIANTS as tracin_variants
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,16 +31,16 @@ def test_what_a_stage_key_hashes_is_what_the_layout_declares():
         cfg = compose("smoke", overrides).cfg
         depends = compose("smoke", overrides).layout.depends
         for stage in STAGES:
-            declared = set(UPSTREAM[stage]) | set(EXTRA_INPUTS.get(stage, ())) | set(NESTED.get(stage, ()))
-            for entry in OWN_CONFIG[stage]:
+            declared = set(UPSTREAM[stage]) | set(EXTRA_INPUTS.get(stage, ())) | set(nested(stage))
+            for entry in own_config(stage):
                 group, _, key = entry.partition(".")
                 flat = set(cfg[group]) - set(_NOT_KEYED.get(group, ()))
                 declared |= {key} if key else flat if group in FLAT_GROUPS else {group}
             hashed = set(depends[stage])
             hashed = {"attribution/<family>" if name.startswith("attribution/") else name for name in hashed}
-            nested = _names(depends[stage]) - hashed
+            inner = _names(depends[stage]) - hashed
             assert hashed <= declared, (stage, hashed - declared)
-            missing = {d for d in declared - hashed if d not in nested}
+            missing = {d for d in declared - hashed if d not in inner}
             # absent: only a key added after results existed, at its default, and the extras that are conditional
             assert missing <= {"removal", "second_model", "attribution/<family>"}, (stage, missing)
 

@@ -123,6 +123,12 @@ def test_registry_refuses_clashes(toy_family):
         register(Family(name="other", variants={"toy_a": "again"}, run=print))
     with pytest.raises(ValueError, match="merge"):
         register(Family(name="sharded_toy", variants={"st": "x"}, run=print, sharded=True))
+    # the validation measures one family's per-step targets, under one name in the outputs stage's key
+    assert methods.step_target_family() is families()["journey_trak"]
+    with pytest.raises(ValueError, match="per-step targets, and so does 'journey_trak'"):
+        register(Family(name="stepped_toy", variants={"sx": "x"}, run=print,
+                        step_targets=methods.StepTargets(keys=("toy_k",), evaluations=len, measurer=print)))
+    assert "stepped_toy" not in families()
 
 
 @pytest.mark.parametrize("weights, use_ema, expect_ema", [("generating", True, True), ("generating", False, False),

@@ -9,8 +9,9 @@ Under ``<results_dir>/<experiment>/``:
   naming the stage directories it used, its tables and figures.
 - ``sweeps/<name>/`` compares the runs of a sweep.
 
-What each stage's key hashes is declared once, in :data:`UPSTREAM`, :data:`OWN_CONFIG` and :data:`EXTRA_INPUTS`;
-:func:`stage_dependencies` computes it and :func:`dependency_lines` writes it out (``results/README.md``); a test
+What each stage's key hashes is declared once, in :data:`UPSTREAM`, :data:`OWN_CONFIG` and :data:`EXTRA_INPUTS` (and
+by a method family: its keys, and those of per-step targets, ``Family.step_targets``); :func:`stage_dependencies`
+computes it and :func:`dependency_lines` writes it out (``results/README.md``); a test
 holds the three together.
 The shard count and ``job.*`` never enter a key: merged results do not depend on them.
 """
@@ -28,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .data import source_identity
 from .exceptions import ConfigError
-from .methods import COMMON_KEYS, family_of, requested_families
+from .methods import COMMON_KEYS, family_of, requested_families, step_target_family
 from .settings import keyed, settings_class
 from .subsets import subset_models
 
@@ -118,20 +119,17 @@ QUERY_KEYS = ("n_train_queries", "n_test_queries", "n_generated_queries", "heldo
 SUBSET_KEYS = ("alpha", "seed", "removal")
 OUTPUT_KEYS = ("n_subsets", "seeds", "ceiling_subsets", "output_timesteps", "output_noises", "query_kinds")
 MEASURE_KEYS = ("output_timesteps", "output_noises", "seed")  # the measured output F that removal reuses
-# Journey-TRAK's per-step targets, measured beside F on every validation model (the per-step LDS)
-STEP_TARGET_KEYS = ("journey_steps", "journey_noises")
 # Each stage's upstream stages and the config it adds to that stage's key: whole groups, or single keys.
 UPSTREAM = {"data": (), "train": ("data",), "samples": ("train",), "norm_study": ("train",), "queries": ("samples",),
             "subsets": ("train",), "outputs": ("subsets", "queries"), "removal": ("train", "queries")}
 OWN_CONFIG = {"data": ("data",), "train": ("model", "train"), "samples": ("sample",), "norm_study": ("norm_study",),
               "queries": tuple(f"attribution.{k}" for k in QUERY_KEYS),
               "subsets": tuple(f"validate.{k}" for k in SUBSET_KEYS),
-              "outputs": (*(f"validate.{k}" for k in OUTPUT_KEYS), *(f"attribution.{k}" for k in STEP_TARGET_KEYS)),
+              "outputs": tuple(f"validate.{k}" for k in OUTPUT_KEYS),
               "removal": ("removal", *(f"validate.{k}" for k in MEASURE_KEYS))}
-# How the config enters a key, as when the keys were made: these groups key by key, not under the group's name; these
-# single keys under one name (Journey-TRAK's per-step targets, measured beside F)
+# How the config enters a key, as when the keys were made: these groups key by key, not under the group's name
 FLAT_GROUPS = ("data", "removal")
-NESTED = {"outputs": {"step_targets": STEP_TARGET_KEYS}}
+STEP_TARGETS = "step_targets"  # the name the outputs stage's key holds the per-step targets' keys under
 # What a stage's key hashes beyond its upstream stages and its config, in words (the code: stage_dependencies)
 EXTRA_INPUTS = {"data": {"source": "the data's identity (a CIFAR archive by its md5, never by its path)"},
                 "outputs": {"second_model": "whether a subset's second model is seed 0 regrouped (coupled draws)"},
@@ -154,10 +152,24 @@ def _group(cfg: DictConfig, name: str) -> dict:
     return keyed(schema, values) if dataclasses.is_dataclass(schema) else values
 
 
+def own_config(stage: str) -> tuple[str, ...]:
+    """The config a stage adds to its key: :data:`OWN_CONFIG`, and for the outputs stage the attribution keys of the
+    per-step targets measured beside F (``Family.step_targets``)."""
+    stepped = step_target_family() if stage == "outputs" else None
+    extra = tuple(f"attribution.{k}" for k in stepped.step_targets.keys) if stepped else ()
+    return (*OWN_CONFIG[stage], *extra)
+
+
+def nested(stage: str) -> dict[str, tuple[str, ...]]:
+    """Single keys a stage's key holds under one name, as when the keys were made: the per-step targets' keys."""
+    stepped = step_target_family() if stage == "outputs" else None
+    return {STEP_TARGETS: stepped.step_targets.keys} if stepped else {}
+
+
 def config_prefixes(stage: str) -> tuple[str, ...]:
     """Every group or key a stage depends on, its upstream stages' included."""
     upstream = (p for u in UPSTREAM[stage] for p in config_prefixes(u))
-    return tuple(dict.fromkeys((*upstream, *OWN_CONFIG[stage])))
+    return tuple(dict.fromkeys((*upstream, *own_config(stage))))
 
 
 def stage_dependencies(cfg: DictConfig) -> dict[str, dict]:
@@ -176,12 +188,12 @@ def stage_dependencies(cfg: DictConfig) -> dict[str, dict]:
     groups: dict[str, dict] = {}  # each group's keyed values, made once (attribution is large)
 
     def own(stage):
-        """The stage's config (OWN_CONFIG): a whole group under its name (key by key for FLAT_GROUPS), a single key
-        under its own name or the one NESTED gives it. A key added after results existed is left out at its default
-        (``settings.keyed``)."""
+        """The stage's config (:func:`own_config`): a whole group under its name (key by key for FLAT_GROUPS), a
+        single key under its own name or the one :func:`nested` gives it. A key added after results existed is left
+        out at its default (``settings.keyed``)."""
         out = {}
-        nest = {key: name for name, keys in NESTED.get(stage, {}).items() for key in keys}
-        for entry in OWN_CONFIG[stage]:
+        nest = {key: name for name, keys in nested(stage).items() for key in keys}
+        for entry in own_config(stage):
             group, _, key = entry.partition(".")
             if group not in groups:
                 groups[group] = _group(cfg, group)
@@ -269,7 +281,7 @@ def dependency_lines() -> list[str]:
     lines = []
     for stage in STAGES:
         parts = list(UPSTREAM[stage])
-        for entry in OWN_CONFIG[stage]:
+        for entry in own_config(stage):
             group, _, key = entry.partition(".")
             less = _NOT_KEYED.get(group, ()) if not key else ()
             parts.append(f"`{entry if key else group + '.*'}`" + (f" (less {', '.join(less)})" if less else ""))

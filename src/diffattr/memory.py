@@ -33,7 +33,7 @@ from typing import Any, Mapping
 
 from .data import split_size
 from .exceptions import ConfigError
-from .methods import families, requested_families
+from .methods import families, requested_families, step_target_family
 
 GB = 1e9
 BASE = 0.55 * GB  # RSS of a stage process before its first tensor (CPU, torch 2.13, diffusers imported)
@@ -179,10 +179,10 @@ def measured_queries(cfg) -> int:
 
 
 def measured_triples(cfg) -> int:
-    """(query, timestep, noise) triples a validation model is measured on (``validate.query_kinds``): F's, and
-    Journey-TRAK's per-step targets of the generated queries."""
-    a, v = cfg.attribution, cfg.validate
-    steps = a.n_generated_queries * a.journey_steps * a.journey_noises if "generated" in v.query_kinds else 0
+    """(query, timestep, noise) triples a validation model is measured on (``validate.query_kinds``): F's, and the
+    per-step targets of ``Family.step_targets``."""
+    v, stepped = cfg.validate, step_target_family()
+    steps = stepped.step_targets.evaluations(cfg) if stepped else 0
     return measured_queries(cfg) * v.output_timesteps * v.output_noises + steps
 
 

@@ -30,11 +30,8 @@ from .checkpoints import last_checkpoint, load_checkpoint_unet
 from .data import ImageSet
 from .exceptions import StageError
 from .layout import Layout
-from .methods import comparisons, family_of, requested_families, shard_count
-from .methods.journey_trak import journeys, kept_steps
+from .methods import comparisons, family_of, requested_families, shard_count, step_target_family
 from .models import build_scheduler
-from .noise import VALIDATE_STEP_NOISE
-from .outputs import LOSS_OUTPUTS
 from .queries import load_queries
 from .subsets import (MIN_SUBSETS, chunks, masks, masks_table, model_outputs, output_timesteps, report_subsets,
                       subset_models, train_subset_model)
@@ -50,7 +47,7 @@ def measured_queries(cfg: DictConfig, layout: Layout) -> tuple[pd.DataFrame, tor
 
 def run_chunk(cfg: DictConfig, layout: Layout, first: int, last: int, device: torch.device) -> None:
     """Train (or reuse) the models at positions ``first..last`` of the validation's list, measure F on the queries
-    (and, for generated queries, Journey-TRAK's per-step targets), and write their ``output_chunk``. Each model's
+    (and the per-step targets of ``Family.step_targets``), and write their ``output_chunk``. Each model's
     outputs are kept as a part, so an interrupted job resumes."""
     models = subset_models(cfg)[first:last + 1]
     if not models:
@@ -62,8 +59,9 @@ def run_chunk(cfg: DictConfig, layout: Layout, first: int, last: int, device: to
     timesteps = output_timesteps(cfg)
     use_ema = cfg.sample.use_ema  # the generating weights: what sampled the queries
     full_directory = layout.path("checkpoint_index").parent
-    steps = StepTargets(cfg, queries, lambda: load_checkpoint_unet(last_checkpoint(full_directory), ema=use_ema)
-                        .to(device), scheduler)
+    generating = lambda: load_checkpoint_unet(last_checkpoint(full_directory), ema=use_ema).to(device)  # noqa: E731
+    stepped = step_target_family()
+    steps = stepped.step_targets.measurer(cfg, queries, generating, scheduler) if stepped else None
     frames = []
     for model in tqdm(models, desc="validate", unit="model"):
         part = layout.path("output_parts", model=model.name)
@@ -79,7 +77,9 @@ def run_chunk(cfg: DictConfig, layout: Layout, first: int, last: int, device: to
             unet = load_checkpoint_unet(last_ckpt, ema=use_ema).to(device)
             out = model_outputs(unet, scheduler, images, ids, timesteps, cfg.validate.output_noises,
                                 cfg.validate.seed, cfg.train.loss, cfg.validate.batch_size)
-            measured = pd.concat([pd.DataFrame({"query_id": ids, "step": -1, "output": out}), steps.measure(unet)],
+            targets = steps.measure(unet) if steps else None
+            measured = pd.concat([pd.DataFrame({"query_id": ids, "step": -1, "output": out}),
+                                  pd.DataFrame(columns=PART_COLUMNS) if targets is None else targets],
                                  ignore_index=True)
             if not np.isfinite(measured.output).all():
                 raise StageError(f"non-finite measured output of {model.name} ({last_ckpt}); its training diverged: "
@@ -89,33 +89,6 @@ def run_chunk(cfg: DictConfig, layout: Layout, first: int, last: int, device: to
                       .assign(model=model.name, subset=model.subset, seed=model.slot))
     table = pd.concat(frames, ignore_index=True)[CHUNK_COLUMNS]
     write_parquet(table, layout.path("output_chunk", first=first, last=last))
-
-
-class StepTargets:
-    """Journey-TRAK's per-step targets of the generated queries (``kernels.trak.journey_step_outputs``) at its kept
-    sampling steps, with ``attribution.journey_noises`` noises of the validation's own per (query, step): the
-    target of the per-step LDS. The journeys (x0_hat of each kept step) are replayed once, by the full model's
-    generating weights, when the first model is measured; no rows when generated queries are not validated."""
-
-    def __init__(self, cfg: DictConfig, queries: pd.DataFrame, generating, scheduler):
-        self.cfg, self.scheduler, self.generating, self._x0_hats = cfg, scheduler, generating, None
-        self.generated = queries[queries.query_kind == "generated"]
-        self.steps = kept_steps(cfg)
-
-    def measure(self, unet) -> pd.DataFrame:
-        from .kernels.trak import journey_step_outputs
-
-        if self.generated.empty:
-            return pd.DataFrame(columns=PART_COLUMNS)
-        cfg, steps = self.cfg, self.steps
-        if self._x0_hats is None:
-            self._x0_hats = journeys(cfg, self.generating(), self.scheduler, self.generated.source_id.tolist())
-        out = journey_step_outputs(unet, self.scheduler, self._x0_hats, self.generated.query_id.to_numpy(),
-                                   steps=steps, n_noise=cfg.attribution.journey_noises, seed=cfg.validate.seed,
-                                   stream=VALIDATE_STEP_NOISE, output=LOSS_OUTPUTS[cfg.train.loss],
-                                   batch_size=cfg.validate.batch_size)
-        return pd.DataFrame({"query_id": np.repeat(self.generated.query_id.to_numpy(), len(steps)),
-                             "step": np.tile(steps, len(self.generated)), "output": out.reshape(-1)})
 
 
 def output_arrays(table: pd.DataFrame, n_subsets: int, query_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -333,7 +306,7 @@ def _step_lds(cfg: DictConfig, layout: Layout, ev: Evaluation, arrays: dict) -> 
     correlation ignores) against that step's target measured on every subset model; then the mean over steps.
     Adds the per-step targets and scores to the arrays. No rows without Journey-TRAK or generated queries."""
     v = cfg.validate
-    stepped = [(f, m) for f, m in requested_families(cfg.attribution.methods).items() if f.step_scores]
+    stepped = [(f, m) for f, m in requested_families(cfg.attribution.methods).items() if f.step_targets is not None]
     if not stepped or not (ev.table.step >= 0).any():
         return []
     family, chosen = stepped[0]

@@ -58,6 +58,19 @@ def shard_count(family: "Family", cfg: "DictConfig") -> int:
     return cfg.shards if family.sharded else 1
 
 
+@dataclass(frozen=True)
+class StepTargets:
+    """What the validation measures beside F on every model for a family whose scores are per sampling step: each
+    step's own target, the ground truth of its per-step LDS (``lds_steps.csv``)."""
+
+    keys: tuple[str, ...]  # its attribution.* keys the targets depend on: the outputs stage's key hashes them
+    evaluations: Callable[["DictConfig"], int]  # (query, step, noise) evaluations per model, for the memory plan
+    # measurer(cfg, queries, generating, scheduler): an object whose measure(unet) gives the targets of one model as a
+    # DataFrame (query_id, step, output), or None when the run validates no query it has targets for; `generating`
+    # loads the full model's generating weights, called when first needed
+    measurer: Callable[..., Any]
+
+
 @dataclass(frozen=True, eq=False)  # identity hash: families key dicts
 class Family:
     """A method family: the variants one kind of job computes, and how."""
@@ -108,10 +121,11 @@ class Family:
     # method of the run (the exact answer: what it gains over each).
     comparisons: tuple[tuple[str, str], ...] = ()
     versus_all: bool = False
-    # `step_scores`: its score files carry step_scores [Q, T, N] and steps [T], one score per kept sampling step, which
-    # validate scores against each step's own target (the per-step LDS, lds_steps.csv). `reference`: its variant that
-    # the general-influence table divides every method's count by (ratio_to_tracin: Diffusion-ReTrac's claim).
-    step_scores: bool = False
+    # `step_targets`: its score files carry step_scores [Q, T, N] and steps [T], one score per kept sampling step,
+    # which validate scores against each step's own target, measured as these say (one family at most). `reference`:
+    # its variant that the general-influence table divides every method's count by (ratio_to_tracin:
+    # Diffusion-ReTrac's claim).
+    step_targets: StepTargets | None = None
     reference: str | None = None
 
     def job_variants(self, requested: Sequence[str]) -> list[str]:
@@ -144,6 +158,10 @@ def register(family: Family) -> Family:
     clash = [v for v in family.variants if known.get(v, family.name) != family.name]
     if clash:
         raise ValueError(f"variants {clash} of {family.name!r} are already registered by another family")
+    stepped = [f.name for f in _REGISTRY.values() if f.step_targets is not None and f.name != family.name]
+    if family.step_targets is not None and stepped:
+        raise ValueError(f"method family {family.name!r} declares per-step targets, and so does {stepped[0]!r}: the "
+                         "validation measures one family's")
     _REGISTRY[family.name] = family
     return family
 
@@ -202,6 +220,11 @@ def comparisons(methods: Sequence[str]) -> list[tuple[str, str]]:
 def general_influence_reference() -> str | None:
     """The variant the general-influence table divides counts by (the first a family declares), or None."""
     return next((f.reference for f in ordered() if f.reference is not None), None)
+
+
+def step_target_family() -> Family | None:
+    """The family whose per-step targets the validation measures beside F (``Family.step_targets``), if any."""
+    return next((f for f in families().values() if f.step_targets is not None), None)
 
 
 def requested_families(methods: Sequence[str]) -> dict[Family, list[str]]:

@@ -10,11 +10,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pandas as pd
 
 from ..atomic import save_tensors
 from ..knobs import knob
+from ..noise import VALIDATE_STEP_NOISE
 from ..outputs import LOSS_OUTPUTS
-from . import Family, register
+from . import Family, StepTargets, register
 from .trak import LAMBDA_KEYS, features, members, memory, query_features, select_lambda
 
 if TYPE_CHECKING:
@@ -48,6 +50,39 @@ def journeys(cfg, generating, scheduler, source_ids) -> dict:
     _, trajectory = generate(generating, scheduler, list(source_ids), cfg.sample.num_inference_steps,
                              cfg.sample.batch_size, keep_steps=kept_steps(cfg))
     return predicted_x0_path(generating, scheduler, trajectory)
+
+
+class StepTargetMeasurer:
+    """The per-step targets of the generated queries (``kernels.trak.journey_step_outputs``) at the kept sampling
+    steps, with ``attribution.journey_noises`` noises of the validation's own per (query, step): what the validation
+    measures on every model for the per-step LDS. The journeys (x0_hat of each kept step) are replayed once, by the
+    full model's generating weights, when the first model is measured."""
+
+    def __init__(self, cfg, queries: pd.DataFrame, generating, scheduler):
+        self.cfg, self.scheduler, self.generating, self._x0_hats = cfg, scheduler, generating, None
+        self.generated = queries[queries.query_kind == "generated"]
+        self.steps = kept_steps(cfg)
+
+    def measure(self, unet) -> pd.DataFrame | None:
+        from ..kernels.trak import journey_step_outputs
+
+        if self.generated.empty:
+            return None
+        cfg, steps = self.cfg, self.steps
+        if self._x0_hats is None:
+            self._x0_hats = journeys(cfg, self.generating(), self.scheduler, self.generated.source_id.tolist())
+        out = journey_step_outputs(unet, self.scheduler, self._x0_hats, self.generated.query_id.to_numpy(),
+                                   steps=steps, n_noise=cfg.attribution.journey_noises, seed=cfg.validate.seed,
+                                   stream=VALIDATE_STEP_NOISE, output=LOSS_OUTPUTS[cfg.train.loss],
+                                   batch_size=cfg.validate.batch_size)
+        return pd.DataFrame({"query_id": np.repeat(self.generated.query_id.to_numpy(), len(steps)),
+                             "step": np.tile(steps, len(self.generated)), "output": out.reshape(-1)})
+
+
+def step_evaluations(cfg) -> int:
+    """(query, step, noise) evaluations of the per-step targets on one validation model."""
+    a = cfg.attribution
+    return a.n_generated_queries * a.journey_steps * a.journey_noises if "generated" in cfg.validate.query_kinds else 0
 
 
 def run(job: Job) -> None:
@@ -105,5 +140,6 @@ register(Family(
                                 * cfg.attribution.journey_noises},
     order=30, defaults=tuple(AGGREGATES), colours={"journey_trak": "#7f7f00", "journey_trak_normalized": "#bcbd22"},
     comparisons=(("journey_trak_normalized", "journey_trak"),),  # what its per-step normalisation does
-    step_scores=True,
+    step_targets=StepTargets(keys=("journey_steps", "journey_noises"), evaluations=step_evaluations,
+                             measurer=StepTargetMeasurer),
 ))
