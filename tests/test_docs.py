@@ -179,6 +179,7 @@ def test_readme_commands_are_found():
     assert any(c.startswith("snakemake validate ") for c in commands)
 
 
+@pytest.mark.dag
 @pytest.mark.parametrize("command", [c for c in readme_commands() if "data.archive=" not in c])
 def test_every_readme_snakemake_command_plans_its_jobs(command, tmp_path):
     """A dry run of each command (those that need a CIFAR archive excepted) in an empty directory: the workflow

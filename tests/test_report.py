@@ -38,6 +38,7 @@ def run_stages(run, device):
     write_report(cfg, layout)
 
 
+# the tests that read it are marked dag: it trains the smoke model and runs two families' jobs
 @pytest.fixture(scope="module")
 def outlier_run(tmp_path_factory):
     """8 airplanes + 4 planted zeros; the self-influence grid equals the queries' (S=3, R=2)."""
@@ -56,6 +57,7 @@ def outlier_run(tmp_path_factory):
     return run
 
 
+@pytest.mark.dag
 def test_outlier_table_scores_self_influence_over_the_whole_training_set(outlier_run):
     table = pd.read_csv(outlier_run.dir / "tables" / "outliers.csv").set_index("method")
     outlier = ImageSet.load(outlier_run.layout.path("data", split="train")).is_outlier.numpy()
@@ -73,6 +75,7 @@ def test_outlier_table_scores_self_influence_over_the_whole_training_set(outlier
         assert table.loc[method, "self_influence_auroc"] == pytest.approx(roc_auc_score(outlier, own))
 
 
+@pytest.mark.dag
 @pytest.mark.parametrize("method", WITH_SELF_INFLUENCE)
 def test_self_influence_of_a_training_query_is_its_own_score(outlier_run, method):
     """The stage wires ids and seeds so that a training image's self-influence is its tracing diagonal."""

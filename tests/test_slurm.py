@@ -63,6 +63,7 @@ def local_rules(cwd: Path, experiment: str) -> set[str]:
         os.chdir(here)
 
 
+@pytest.mark.dag
 def test_light_rules_run_inside_snakemake_and_compute_rules_ask_for_what_the_run_needs(tmp_path):
     assert local_rules(tmp_path, "smoke") == {"queries", "merge_scores", "resolve_config_0", "norm_report_0",
                                               "attribution_report_0", "lds_report_0", "removal_report_0"}
@@ -78,6 +79,7 @@ def test_light_rules_run_inside_snakemake_and_compute_rules_ask_for_what_the_run
             cfg.shards if r.family == "tracin" else 1))
 
 
+@pytest.mark.dag  # the requests come from a dry run of the workflow
 def test_a_job_asks_for_a_gpu_only_when_it_runs_on_cuda():
     cpu, auto, cuda = (compose("smoke", [f"job.device={d}"]).cfg for d in ("cpu", "auto", "cuda"))
     for stage in ("train", "sample", "norm_study", "validate", "removal"):
@@ -98,6 +100,7 @@ def test_every_job_asks_for_at_least_the_floor_and_the_snakemake_process_inside_
         assert mem >= FLOOR_MB and mem * 1e6 >= least(stage, cfg).total * MARGIN + JOBSTEP, stage
 
 
+@pytest.mark.dag
 def test_the_paper_scale_sbatch_lines_in_the_docs_are_what_the_plugin_builds():
     env = {k: v for k, v in os.environ.items() if k != "DIFFATTR_PLUGINS"}  # the families as shipped
     proc = subprocess.run([sys.executable, "-m", "diffattr.slurm", "experiment=cifar10_paper", "job.device=cuda",
@@ -114,6 +117,7 @@ def test_the_paper_scale_sbatch_lines_in_the_docs_are_what_the_plugin_builds():
         "stale: python -m diffattr.slurm experiment=cifar10_paper job.device=cuda --account ACCOUNT --partition gpu"
 
 
+@pytest.mark.dag
 @on_slurm
 def test_smoke_dag_through_the_shipped_profile_on_a_real_slurm_equals_the_local_run(tmp_path):
     local, slurm = slurm_smoke.local_and_slurm(tmp_path)
@@ -125,6 +129,7 @@ def test_smoke_dag_through_the_shipped_profile_on_a_real_slurm_equals_the_local_
     assert all(j["state"] == "COMPLETED" and j["command_mb"] > 0 and j["peak_mb"] < j["asked_mb"] for j in jobs), jobs
 
 
+@pytest.mark.dag
 @on_slurm
 def test_a_request_no_node_can_run_stops_the_run_before_any_job_with_one_line_per_rule(tmp_path):
     """More memory than the node has is refused by sbatch itself; more CPUs than it has would pend forever (no

@@ -17,6 +17,8 @@ from diffattr.config import compose, run_name
 from diffattr.exceptions import ConfigError
 from diffattr.subsets import chunks
 
+pytestmark = pytest.mark.dag  # every test here runs Snakemake or reads what its smoke run left
+
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ["digits", "cifar2", "cifar_mnist", "cifar10_paper"]  # smoke: the module's fixture runs it
 
