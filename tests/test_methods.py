@@ -99,7 +99,11 @@ class ToySettings:
 @pytest.fixture
 def toy_family():
     """A family registered for one test; the schema is rebuilt with it, and without it afterwards."""
-    family = register(Family(name="toy", variants={"toy_a": "a toy"}, run=lambda job: None, settings=ToySettings))
+    # a bound another group sets: toy_k at most the model's timesteps
+    relations = lambda cfg: [(cfg.attribution.toy_k <= cfg.model.num_train_timesteps, "attribution.toy_k",  # noqa: E731
+                              f"must be <= model.num_train_timesteps ({cfg.model.num_train_timesteps})")]
+    family = register(Family(name="toy", variants={"toy_a": "a toy"}, run=lambda job: None, settings=ToySettings,
+                             relations=relations))
     settings.attribution_settings.cache_clear()
     settings.settings_class.cache_clear()
     yield family
@@ -116,6 +120,10 @@ def test_a_registered_family_is_a_method_with_settings_and_a_stage_key(toy_famil
     assert run.layout.keys["attribution/tracin"] == other.layout.keys["attribution/tracin"]
     with pytest.raises(ConfigError, match="attribution.toy_k"):
         compose("smoke", ["attribution.methods=[toy_a]", "attribution.toy_k=0"])
+    T = run.cfg.model.num_train_timesteps
+    compose("smoke", ["attribution.methods=[toy_a]", f"attribution.toy_k={T}"])
+    with pytest.raises(ConfigError, match=rf"'attribution.toy_k': {T + 1} must be <= model.num_train_timesteps"):
+        compose("smoke", ["attribution.methods=[toy_a]", f"attribution.toy_k={T + 1}"])
 
 
 def test_registry_refuses_clashes(toy_family):

@@ -23,11 +23,10 @@ from typing import Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .checkpoints import checkpoint_epochs
 from .data import DataError, source_identity, split_size
 from .exceptions import ConfigError
 from .layout import ON_DEMAND, Layout, config_prefixes
-from .methods import families, requested_families
+from .methods import families, ordered, requested_families
 from .settings import settings_class
 from .subsets import MIN_SUBSETS, tuning_count
 
@@ -116,13 +115,9 @@ def _check_relations(cfg: DictConfig) -> None:
                 *(f"attribution.{k}" for k in a if k.endswith("_timesteps"))):
         n = OmegaConf.select(cfg, key)
         need(n is None or n <= T, key, f"must be <= model.num_train_timesteps ({T}): a grid of distinct timesteps")
-    if "journey_steps" in a:
-        need(a.journey_steps <= (cfg.sample.num_inference_steps or T), "attribution.journey_steps",
-             "must be <= the sampling steps (sample.num_inference_steps)")
-    if "trak_checkpoints" in a:
-        n = len(checkpoint_epochs(cfg.train.epochs, cfg.train.checkpoint_every))
-        need(a.trak_checkpoints <= n, "attribution.trak_checkpoints",
-             f"must be <= the {n} checkpoints that train.epochs and train.checkpoint_every give")
+    for family in ordered():
+        for holds, key, rule in family.relations(cfg) if family.relations is not None else ():
+            need(holds, key, rule)
     n_report = v.n_subsets - tuning_count(v)
     need(n_report >= MIN_SUBSETS, "validate.tune_subsets", f"sets aside {tuning_count(v)} of the {v.n_subsets} "
          f"subsets (validate.n_subsets) to choose lambda, leaving {n_report} to report; at least {MIN_SUBSETS} are "

@@ -106,6 +106,9 @@ class Family:
     # from diffattr.memory.JobSizes), what its memory plan and its cluster request count; without it the plan uses
     # diffattr.memory.generic_terms (two copies of the model, a chunk of per-example gradients, dense scores)
     memory: Callable[[Any], Mapping[str, float]] | None = None
+    # relations(cfg): its settings' bounds that other groups set, [(holds, key, rule)]: the configuration check
+    # refuses the first that does not hold, before any job, as "invalid configuration at '<key>': <value> <rule>"
+    relations: Callable[["DictConfig"], Sequence[tuple[bool, str, str]]] | None = None
     # call_sizes(cfg, sizes): smaller sizes the plan may run the job at when the configured ones do not fit (given
     # the sizes its memory hook chose for them), largest first; they must change no result
     call_sizes: Callable[["DictConfig", Mapping[str, int]], Sequence[int]] | None = None

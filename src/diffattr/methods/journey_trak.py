@@ -85,6 +85,12 @@ def step_evaluations(cfg) -> int:
     return a.n_generated_queries * a.journey_steps * a.journey_noises if "generated" in cfg.validate.query_kinds else 0
 
 
+def relations(cfg) -> list[tuple[bool, str, str]]:
+    steps = cfg.sample.num_inference_steps or cfg.model.num_train_timesteps
+    return [(cfg.attribution.journey_steps <= steps, "attribution.journey_steps",
+             "must be <= the sampling steps (sample.num_inference_steps)")]
+
+
 def run(job: Job) -> None:
     import torch
 
@@ -131,7 +137,7 @@ register(Family(
         "journey_trak_normalized": "the same per-step scores, each step divided by its target feature's norm before "
                                    "the mean",
     },
-    run=run, settings=JourneyTrakSettings, batch=lambda requested: list(AGGREGATES), memory=memory,
+    run=run, settings=JourneyTrakSettings, batch=lambda requested: list(AGGREGATES), memory=memory, relations=relations,
     uses=("projector", "proj_dim", "trak_checkpoints", "lambda_grid", *LAMBDA_KEYS),
     # per member: K per training image; per generated query, its steps x noises (the labelled queries that choose
     # lambda cost K each on top)

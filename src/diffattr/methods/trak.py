@@ -12,6 +12,7 @@ import numpy as np
 
 from ..artifacts import read_tensors
 from ..atomic import save_tensors, write_csv
+from ..checkpoints import checkpoint_epochs
 from ..exceptions import StageError
 from ..knobs import knob
 from ..memory import ENGINE_CHUNK, JobSizes, grad_chunk
@@ -178,11 +179,17 @@ def run(job: Job) -> None:
                                  grid=a.timestep_grid))
 
 
+def relations(cfg) -> list[tuple[bool, str, str]]:
+    n = len(checkpoint_epochs(cfg.train.epochs, cfg.train.checkpoint_every))
+    return [(cfg.attribution.trak_checkpoints <= n, "attribution.trak_checkpoints",
+             f"must be <= the {n} checkpoints that train.epochs and train.checkpoint_every give")]
+
+
 register(Family(
     name="trak",
     variants={"trak": "phi(q)^T (Phi^T Phi + lambda I)^-1 phi(i), projected loss gradients at K timesteps"},
     run=run, settings=TrakSettings, uses=(*LAMBDA_KEYS, "self_influence"), self_influence=True, retune=retune,
-    cost=cost, memory=memory, order=10, defaults=("trak",), colours={"trak": "#2ca02c"},
+    cost=cost, memory=memory, relations=relations, order=10, defaults=("trak",), colours={"trak": "#2ca02c"},
     # the TRAK family against TracIn, and what TRAK's kernel inverse adds to the plain gradient dot product
     comparisons=(("trak", "tracin"), ("trak", "grad_dot")),
 ))
